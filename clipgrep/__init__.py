@@ -1,0 +1,37 @@
+"""clipgrep: semantic image search from the command line.
+
+The Python API (everything the CLI does is one of these calls)::
+
+    import clipgrep
+    bundle = clipgrep.load_model()                 # the default model, converted on first use
+    vectors = bundle.text_encoder().encode(["a red bicycle at night"])
+
+Names are imported lazily so that ``import clipgrep`` (and ``clipgrep --help``)
+stays fast and never loads onnxruntime, lancedb or torch.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {
+    "Bundle": "clipgrep.bundle",
+    "load_bundle": "clipgrep.bundle",
+    "ClipgrepError": "clipgrep.errors",
+    "load_model": "clipgrep.models",
+    "add_model": "clipgrep.models",
+    "list_models": "clipgrep.models",
+    "remove_model": "clipgrep.models",
+    "DEFAULT_MODEL": "clipgrep.models",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'clipgrep' has no attribute {name!r}")
