@@ -93,8 +93,8 @@ def models_add(
     checkpoint: Annotated[Optional[Path], typer.Option(
         help="Local weights file (.safetensors, .pt/.bin), a local open_clip dir, or a bundle dir to copy.")] = None,
     precision: Annotated[Precision, typer.Option(help="int8 is ~2x faster on CPU; fp32 is exact.")] = Precision.int8,
-    random_init: Annotated[bool, typer.Option(help="Random weights (for benchmarks and tests).")] = False,
-    replace: Annotated[bool, typer.Option(help="Replace a model already installed under NAME.")] = False,
+    random_init: Annotated[bool, typer.Option("--random-init", help="Random weights (for benchmarks and tests).")] = False,
+    replace: Annotated[bool, typer.Option("--replace", help="Replace a model already installed under NAME.")] = False,
 ) -> None:
     """Convert an open_clip model into a bundle and install it as NAME.
 

@@ -22,3 +22,12 @@ def home() -> Path:
 
 def models_dir() -> Path:
     return home() / "models"
+
+
+def index_dir() -> Path:
+    """The LanceDB database (one table per bundle_id), snapshots and index state."""
+    return home() / "index"
+
+
+def snapshot_dir(bundle_id: str) -> Path:
+    return index_dir() / "snapshots" / bundle_id

@@ -40,7 +40,7 @@ def quantize_tower(src: Path, dst: Path, sample: np.ndarray, input_name: str) ->
         for label, ops in variants.items():
             path = Path(tmp) / f"{label}.onnx"
             _quantize(src, path, ops)
-            timings[label] = _time_model(path, sample, input_name)
+            timings[label] = _time_model(path, sample, input_name, give_up_ms=3 * timings["fp32"])
             built[label] = path
         chosen = min(built, key=lambda label: timings[label])
         shutil.move(str(built[chosen]), dst)
@@ -62,15 +62,22 @@ def _quantize(src: Path, dst: Path, op_types: list[str]) -> None:
         quant_logger.setLevel(level)
 
 
-def _time_model(path: Path, sample: np.ndarray, input_name: str, repeats: int = 5) -> float:
-    """Median ms per item over a few runs of ``sample`` (after one warm-up)."""
+def _time_model(path: Path, sample: np.ndarray, input_name: str, *, repeats: int = 3,
+                give_up_ms: float | None = None) -> float:
+    """Median ms per item over a few runs of ``sample``, after one warm-up.
+
+    A variant slower than ``give_up_ms`` on its first timed run (ConvInteger
+    is ~10x slower) cannot win, so it is not timed further: that saves seconds.
+    """
     from ..embed.onnx import create_session
 
     session = create_session(path)
     session.run(None, {input_name: sample})
-    runs = []
+    runs: list[float] = []
     for _ in range(repeats):
         start = time.perf_counter()
         session.run(None, {input_name: sample})
         runs.append((time.perf_counter() - start) * 1000 / len(sample))
+        if give_up_ms is not None and runs[0] > give_up_ms:
+            break
     return round(statistics.median(runs), 3)

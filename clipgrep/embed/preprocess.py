@@ -79,7 +79,9 @@ class PreprocessConfig:
                 f"unknown interpolation {self.interpolation!r}; expected one of {sorted(_FILTERS)}"
             )
         if self.resize_mode not in _RESIZE_MODES:
-            raise ValueError(f"unknown resize_mode {self.resize_mode!r}; expected one of {list(_RESIZE_MODES)}")
+            raise ValueError(
+                f"unknown resize_mode {self.resize_mode!r}; expected one of {list(_RESIZE_MODES)}"
+            )
         if not _is_pair(self.size) or not all(_is_int(v) and v > 0 for v in self.size):
             raise ValueError(f"size must be two positive integers (height, width), got {self.size!r}")
         for name in ("mean", "std"):
@@ -105,7 +107,9 @@ class PreprocessConfig:
         unknown = set(d) - _KEYS
         if unknown:
             # A key we do not know may change preprocessing; guessing would silently break parity.
-            raise ValueError(f"unknown preprocess keys {sorted(unknown)}; expected a subset of {sorted(_KEYS)}")
+            raise ValueError(
+                f"unknown preprocess keys {sorted(unknown)}; expected a subset of {sorted(_KEYS)}"
+            )
         if d.get("size") is None:  # PreprocessCfg defaults to 224, but a model's input size must be explicit
             raise ValueError("preprocess config has no size")
         if d.get("mode", "RGB") not in ("RGB", None):
@@ -284,31 +288,33 @@ def load_image(
     opened, EXIF-transposed image. PIL errors propagate to the caller.
     """
     with Image.open(source) as im:  # closes the file we opened; a caller's handle stays theirs
-        orientation = _orientation(im)
-        if draft:
-            _draft(im, cfg, orientation)
-        img: Image.Image = im
-        if orientation in range(2, 9):  # exif_transpose copies the image even when there is nothing to do
-            img = ImageOps.exif_transpose(im)
-        return preprocess(img, cfg)
+        if draft and im.format in _DRAFT_FORMATS:
+            _draft(im, cfg)
+        return preprocess(_upright(im), cfg)
 
 
 def _orientation(im: Image.Image) -> int:
-    # Reading EXIF does not decode a JPEG's pixels, so draft still applies afterwards.
     value = im.getexif().get(ExifTags.Base.Orientation, 1)
     return value if isinstance(value, int) else 1
 
 
-def _draft(im: Image.Image, cfg: PreprocessConfig, orientation: int) -> None:
+def _upright(im: Image.Image) -> Image.Image:
+    # ImageOps.exif_transpose, minus the full copy it makes of an image that needs no
+    # turning. Load first, as it does: some formats (PNG) only know their EXIF after decoding.
+    im.load()
+    if _orientation(im) in range(2, 9):
+        return ImageOps.exif_transpose(im)
+    return im
+
+
+def _draft(im: Image.Image, cfg: PreprocessConfig) -> None:
     """Ask the JPEG decoder for a 1/2, 1/4 or 1/8 scale when the resize allows it."""
-    if im.format not in _DRAFT_FORMATS:
-        return
-    width, height = im.size
-    if orientation in _TRANSPOSING_ORIENTATIONS:  # plan in display orientation, request in stored one
-        width, height = height, width
+    # A JPEG's EXIF is parsed at open, so reading it here leaves the pixels undecoded.
+    turned = _orientation(im) in _TRANSPOSING_ORIENTATIONS
+    width, height = (im.height, im.width) if turned else im.size  # plan in display orientation...
     (out_w, out_h), _ = resize_plan(width, height, cfg)
     need_w, need_h = (max(1, math.ceil(v * DRAFT_OVERSAMPLE)) for v in (out_w, out_h))
-    if orientation in _TRANSPOSING_ORIENTATIONS:
+    if turned:  # ...but request in the stored one
         need_w, need_h = need_h, need_w
     # PIL picks the largest scale s in {8, 4, 2, 1} with s <= min(W // need_w, H // need_h)
     # and decodes ceil(W / s) x ceil(H / s), never below the request. Skip it when no

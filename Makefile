@@ -1,0 +1,30 @@
+# Development tasks. `make test` works on a fresh machine: it creates .venv,
+# installs the CPU torch first (an unpinned torchvision would pull CUDA torch),
+# then everything else under constraints.txt, then runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test golden bench completions-check clean
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[convert,test]'
+	@if $(PY) -m pip list 2>/dev/null | grep -iE '^(nvidia|triton)'; then \
+		echo "CUDA packages were installed; check constraints.txt" >&2; exit 1; fi
+	touch $@
+
+# Rewrite every golden file (help texts, token ids) from the current output; review the diff.
+golden: $(VENV)/.installed
+	$(PY) -m pytest -q --update-golden -k golden
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_runtime.py
+
+clean:
+	rm -rf $(VENV) bench-out .pytest_cache

@@ -1,0 +1,1 @@
+"""Building and updating the image index: scan -> diff -> decode -> encode -> store -> snapshot."""

@@ -1,0 +1,365 @@
+"""``update_index``: scan -> plan -> reuse moved/copied vectors -> decode+encode -> store -> snapshot.
+
+Crash safety: rows are written in bounded batches, each its own LanceDB
+commit, so a killed run loses at most the batch in flight; the next run sees
+committed rows as unchanged and redoes only the rest. A DIRTY marker says the
+snapshot may lag the table; it is cleared only after a fresh snapshot is
+written, so search never trusts a snapshot older than a half-finished run
+without the next run fixing it.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from ..errors import ClipgrepError
+from ..paths import index_dir, snapshot_dir
+from .plan import Plan, fingerprint, is_racy, make_plan, under_roots
+from .scan import FileEntry, ScanOptions, scan
+from .state import Skipped, load_skipped, record_run, remembered_roots, save_roots, save_skipped
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle
+    from ..embed.preprocess import PreprocessConfig
+    from ..store import IndexStore, StoredFile
+
+DIRTY = "DIRTY"
+
+
+class PixelEncoder(Protocol):
+    """What indexing needs from a model; ``ImageEncoder`` is the real one, tests pass a fake."""
+
+    config: PreprocessConfig
+    batch_size: int
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    scan: ScanOptions = ScanOptions()
+    workers: int | None = None          # decode processes; None = one per available CPU
+    commit_rows: int = 256              # rows per LanceDB commit: the most a crash can lose
+    wait_for_lock: bool = True
+    retry_skipped: bool = False          # decode previously skipped files again even if unchanged
+    draft: bool = True                   # reduced-size JPEG decoding
+    vector_index_min_rows: int = 50_000
+
+
+@dataclass
+class IndexProgress:
+    phase: str = "scanning"              # scanning | planning | encoding | finishing
+    scanned: int = 0
+    to_encode: int = 0
+    encoded: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class IndexReport:
+    roots: list[str]
+    scanned: int = 0
+    unchanged: int = 0
+    added: int = 0
+    updated: int = 0
+    reused: int = 0                      # moved or copied files whose vectors were reused
+    removed: int = 0
+    encoded: int = 0
+    skipped: list[Skipped] = field(default_factory=list)   # skipped in this run (new reasons)
+    skipped_total: int = 0
+    scan_problems: list[tuple[str, str]] = field(default_factory=list)
+    rows: int = 0
+    seconds: float = 0.0
+    vector_index: bool = False
+
+
+Progress = Callable[[IndexProgress], None]
+
+
+def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle,
+                 options: IndexOptions = IndexOptions(), encoder: PixelEncoder | None = None,
+                 on_progress: Progress | None = None, on_wait: Callable[[], None] | None = None) -> IndexReport:
+    """Bring the index of ``bundle`` up to date with ``roots`` (default: every remembered root).
+
+    >>> report = update_index(["~/Pictures"], bundle=load_model())  # doctest: +SKIP
+    >>> report.added, report.removed, len(report.skipped)            # doctest: +SKIP
+    """
+    from .lock import index_lock
+
+    started = time.time()
+    directory = index_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    with index_lock(directory / ".lock", wait=options.wait_for_lock, on_wait=on_wait):
+        root_list = _resolve_roots(roots, directory)
+        run = _Run(bundle, directory, root_list, options, encoder, on_progress or (lambda _: None))
+        report = run.execute()
+        save_roots(directory, remembered_roots(directory) + root_list)
+        report.seconds = round(time.time() - started, 3)
+        record_run(directory, bundle.bundle_id, {
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": report.seconds, "rows": report.rows,
+            "added": report.added, "updated": report.updated, "removed": report.removed,
+            "reused": report.reused, "skipped": report.skipped_total})
+    return report
+
+
+def _resolve_roots(roots: Sequence[str | os.PathLike[str]], directory: Path) -> list[str]:
+    if roots:
+        return sorted({os.path.abspath(os.path.expanduser(os.fspath(r))) for r in roots})
+    remembered = remembered_roots(directory)
+    return remembered or [os.getcwd()]
+
+
+class _Run:
+    def __init__(self, bundle: Bundle, directory: Path, roots: list[str], options: IndexOptions,
+                 encoder: PixelEncoder | None, on_progress: Progress) -> None:
+        self.bundle = bundle
+        self.directory = directory
+        self.roots = roots
+        self.options = options
+        self.encoder = encoder
+        self.progress = IndexProgress()
+        self.on_progress = on_progress
+        self.report = IndexReport(roots=roots)
+        self.snapshot_path = snapshot_dir(bundle.bundle_id)
+        self.dirty_marker = self.snapshot_path.parent / f"{bundle.bundle_id}.{DIRTY}"
+
+    def _tick(self, **changes: object) -> None:
+        for key, value in changes.items():
+            setattr(self.progress, key, value)
+        self.on_progress(self.progress)
+
+    def execute(self) -> IndexReport:
+        result = scan(self.roots, self.options.scan, on_progress=lambda n: self._tick(scanned=n))
+        self.report.scanned = len(result.files)
+        self.report.scan_problems = [(p.path, p.reason) for p in result.problems]
+        self._tick(phase="planning", scanned=len(result.files))
+        skipped = load_skipped(self.directory, self.bundle.bundle_id)
+        if self._snapshot_is_current(result.files, skipped):
+            return self.report
+        from ..store import IndexStore
+
+        store = IndexStore(self.directory, self.bundle.bundle_id, self.bundle.embed_dim)
+        store.cleanup_orphans()
+        stored = store.files()
+        plan = make_plan(result.files, stored, self.roots)
+        self._mark_dirty()
+        self._apply(plan, store, stored, skipped)
+        self._finish(store, skipped)
+        return self.report
+
+    # -- fast path: nothing changed, so neither LanceDB nor the model is needed -------------------
+
+    def _snapshot_is_current(self, files: list[FileEntry], skipped: dict[str, Skipped]) -> bool:
+        """True when the snapshot already matches the scan (the common no-op re-index)."""
+        from ..snapshot import read_snapshot
+
+        if self.dirty_marker.exists() or self.options.retry_skipped:
+            return False
+        snapshot = read_snapshot(self.snapshot_path)
+        if snapshot is None:
+            return False
+        state = snapshot.file_state()
+        indexed = 0
+        for entry in files:
+            row = state.get(entry.path)
+            if row is None:
+                old = skipped.get(entry.path)
+                if old is None or (old.size, old.mtime_ns) != (entry.size, entry.mtime_ns):
+                    return False
+                continue
+            size, mtime_ns, indexed_ns = row
+            if size != entry.size or mtime_ns != entry.mtime_ns or mtime_ns + 2_000_000_000 >= indexed_ns:
+                return False
+            indexed += 1
+        in_roots = sum(1 for p in state if under_roots(p, self.roots))
+        if in_roots != indexed:
+            return False  # something indexed under these roots is gone
+        self.report.unchanged = indexed
+        self.report.rows = len(snapshot)
+        self.report.skipped_total = len(skipped)
+        return True
+
+    # -- the work ---------------------------------------------------------------------------------
+
+    def _apply(self, plan: Plan, store: IndexStore, stored: dict[str, StoredFile],
+               skipped: dict[str, Skipped]) -> None:
+        from ..store import StoredFile
+
+        now = time.time_ns()
+        confirmed, candidates = self._check_racy(plan, stored)
+        self.report.unchanged = len(plan.unchanged) + len(confirmed)
+        if confirmed:  # content unchanged: refresh indexed_ns so they stop being racy
+            olds = [stored[e.path] for e in confirmed]
+            vectors = store.vectors([o.path for o in olds])
+            store.upsert([StoredFile(o.path, o.size, o.mtime_ns, o.fingerprint, now) for o in olds],
+                         np.stack([vectors[o.path] for o in olds]))
+        for path in plan.removed:
+            skipped.pop(path, None)
+        to_encode, reused = self._reuse_vectors(candidates, store, stored, now)
+        if plan.removed:  # after the reuse commit, so a crash in between loses no vector
+            store.delete(plan.removed)
+        self.report.removed = len(plan.removed)
+        to_encode = [e for e in to_encode if not self._still_skipped(e, skipped)]
+        self.report.reused = reused
+        self._encode(to_encode, store, skipped, {e.path for e in plan.changed})
+
+    def _check_racy(self, plan: Plan, stored: dict[str, StoredFile]) -> tuple[list[FileEntry], list]:
+        """Racy entries whose fingerprint still matches are unchanged; the rest join new/changed."""
+        confirmed, candidates = [], [(e, None) for e in plan.new] + [(e, None) for e in plan.changed]
+        for entry in plan.racy:
+            try:
+                fp = fingerprint(entry.path, entry.size)
+            except OSError:
+                continue
+            if fp == stored[entry.path].fingerprint:
+                if is_racy(_Stamped(entry.mtime_ns, time.time_ns())):
+                    continue  # still within the window: check again next run, no write needed
+                confirmed.append(entry)
+            else:
+                candidates.append((entry, fp))
+                plan.changed.append(entry)
+        return confirmed, candidates
+
+    def _reuse_vectors(self, candidates: list, store: IndexStore, stored: dict[str, StoredFile],
+                       now: int) -> tuple[list[tuple[FileEntry, str]], int]:
+        """Give moved and copied files the vector of a stored file with the same fingerprint."""
+        from ..store import StoredFile
+
+        by_fingerprint = {s.fingerprint: s.path for s in stored.values()}
+        reuse, to_encode = [], []
+        for entry, fp in candidates:
+            try:
+                fp = fp or fingerprint(entry.path, entry.size)
+            except OSError as e:
+                to_encode.append((entry, ""))  # let the decoder report why it is unreadable
+                continue
+            source = by_fingerprint.get(fp)
+            if source is not None and stored[source].size == entry.size:
+                reuse.append((entry, fp, source))
+            else:
+                to_encode.append((entry, fp))
+        if reuse:
+            vectors = store.vectors(sorted({s for _, _, s in reuse}))
+            for start in range(0, len(reuse), self.options.commit_rows):
+                chunk = reuse[start:start + self.options.commit_rows]
+                store.upsert([StoredFile(e.path, e.size, e.mtime_ns, fp, now) for e, fp, _ in chunk],
+                             np.stack([vectors[s] for _, _, s in chunk]))
+        return to_encode, len(reuse)
+
+    def _still_skipped(self, item: tuple[FileEntry, str], skipped: dict[str, Skipped]) -> bool:
+        entry = item[0]
+        old = skipped.get(entry.path)
+        if old is None or self.options.retry_skipped:
+            return False
+        return (old.size, old.mtime_ns) == (entry.size, entry.mtime_ns)
+
+    def _encode(self, items: list[tuple[FileEntry, str]], store: IndexStore, skipped: dict[str, Skipped],
+                changed: set[str]) -> None:
+        from ..store import StoredFile
+        from .decode import decode_images
+
+        self._tick(phase="encoding", to_encode=len(items))
+        if not items:
+            return
+        encoder = self.encoder or self.bundle.image_encoder()
+        pending_files: list[StoredFile] = []
+        pending_vectors: list[np.ndarray] = []
+        batch: list[tuple[FileEntry, str, np.ndarray]] = []
+
+        def flush_batch() -> None:
+            vectors = encoder.encode_pixels(np.stack([p for _, _, p in batch]))
+            now = time.time_ns()
+            for (entry, fp, _), vector in zip(batch, vectors):
+                pending_files.append(StoredFile(entry.path, entry.size, entry.mtime_ns, fp, now))
+                pending_vectors.append(vector)
+            self.report.encoded += len(batch)
+            batch.clear()
+
+        def commit() -> None:
+            store.upsert(pending_files, np.stack(pending_vectors))
+            for f in pending_files:
+                skipped.pop(f.path, None)
+                if f.path in changed:
+                    self.report.updated += 1
+                else:
+                    self.report.added += 1
+            pending_files.clear()
+            pending_vectors.clear()
+
+        decoded = decode_images([e.path for e, _ in items], encoder.config, workers=self.options.workers,
+                                draft=self.options.draft)
+        for result in decoded:
+            entry, fp = items[result.index]
+            if result.pixels is None:
+                note = Skipped(entry.path, entry.size, entry.mtime_ns, result.skip_reason or "unknown error")
+                skipped[entry.path] = note
+                self.report.skipped.append(note)
+                self._tick(skipped=self.progress.skipped + 1)
+                continue
+            batch.append((entry, fp or _safe_fingerprint(entry), result.pixels))
+            if len(batch) >= encoder.batch_size:
+                flush_batch()
+                self._tick(encoded=self.report.encoded)
+            if len(pending_files) >= self.options.commit_rows:
+                commit()
+                save_skipped(self.directory, self.bundle.bundle_id, skipped)
+        if batch:
+            flush_batch()
+        if pending_files:
+            commit()
+        self._tick(encoded=self.report.encoded)
+
+    def _finish(self, store: IndexStore, skipped: dict[str, Skipped]) -> None:
+        from ..snapshot import write_snapshot
+
+        self._tick(phase="finishing")
+        save_skipped(self.directory, self.bundle.bundle_id, skipped)
+        store.maintain()
+        self.report.vector_index = store.ensure_vector_index(self.options.vector_index_min_rows)
+        rows = store.snapshot_rows()
+        write_snapshot(self.snapshot_path, **rows, meta={"bundle_id": self.bundle.bundle_id,
+                                                          "embed_dim": self.bundle.embed_dim,
+                                                          "table_version": store.version()})
+        self.report.rows = len(rows["paths"])
+        self.report.skipped_total = len(skipped)
+        self.dirty_marker.unlink(missing_ok=True)
+
+    def _mark_dirty(self) -> None:
+        self.dirty_marker.parent.mkdir(parents=True, exist_ok=True)
+        self.dirty_marker.touch()
+
+
+@dataclass(frozen=True)
+class _Stamped:
+    mtime_ns: int
+    indexed_ns: int
+
+
+def _safe_fingerprint(entry: FileEntry) -> str:
+    try:
+        return fingerprint(entry.path, entry.size)
+    except OSError:
+        return ""
+
+
+def forget_root(root: str) -> list[str]:
+    """Stop tracking ``root``; returns the remaining roots. Rows are dropped by ``drop_root_rows``."""
+    directory = index_dir()
+    roots = remembered_roots(directory)
+    path = os.path.abspath(os.path.expanduser(root))
+    if path not in roots:
+        raise ClipgrepError(f"{path} is not an indexed root", "see the roots with: clipgrep status")
+    remaining = [r for r in roots if r != path]
+    save_roots(directory, remaining)
+    return remaining
+
+
+def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

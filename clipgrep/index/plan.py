@@ -1,0 +1,85 @@
+"""What an index run must do: compare the scan with the stored file state.
+
+Change detection is by (size, mtime_ns), with git's answer to racy
+timestamps: a file whose mtime is within the filesystem's timestamp
+granularity of the moment it was indexed could have been rewritten in the
+same tick without changing its mtime, so its content fingerprint is checked
+again on later runs until its mtime is safely older.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# Coarse filesystems (FAT, some network mounts) store mtimes in 2-second steps.
+RACY_WINDOW_NS = 2_000_000_000
+# Fingerprint = size + first 256 KiB + last 64 KiB: enough to tell photos apart
+# (EXIF, thumbnails and the start of the entropy-coded data differ) while
+# reading a fraction of a 10 MB file; used only to find moved and copied files.
+_HEAD_BYTES = 256 * 1024
+_TAIL_BYTES = 64 * 1024
+
+
+class FileState(Protocol):
+    path: str
+    size: int
+    mtime_ns: int
+
+
+class StoredState(FileState, Protocol):
+    fingerprint: str
+    indexed_ns: int
+
+
+@dataclass
+class Plan:
+    unchanged: list[str] = field(default_factory=list)
+    new: list[FileState] = field(default_factory=list)       # not in the index
+    changed: list[FileState] = field(default_factory=list)   # in the index, different size/mtime
+    racy: list[FileState] = field(default_factory=list)      # same size/mtime but possibly rewritten in the same tick
+    removed: list[str] = field(default_factory=list)         # in the index under a scanned root, gone from disk
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return not (self.new or self.changed or self.racy or self.removed)
+
+
+def fingerprint(path: str, size: int) -> str:
+    """A content fingerprint for recognising moved and copied files; raises OSError if unreadable."""
+    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with open(path, "rb") as f:
+        digest.update(f.read(_HEAD_BYTES))
+        if size > _HEAD_BYTES:
+            f.seek(max(_HEAD_BYTES, size - _TAIL_BYTES))
+            digest.update(f.read(_TAIL_BYTES))
+    return digest.hexdigest()
+
+
+def is_racy(stored: StoredState) -> bool:
+    return stored.mtime_ns + RACY_WINDOW_NS >= stored.indexed_ns
+
+
+def under_roots(path: str, roots: Sequence[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
+def make_plan(scanned: Iterable[FileState], stored: Mapping[str, StoredState], roots: Sequence[str]) -> Plan:
+    """Sort every scanned file into unchanged/new/changed/racy; list stored files that vanished."""
+    plan = Plan()
+    seen = set()
+    for entry in scanned:
+        seen.add(entry.path)
+        old = stored.get(entry.path)
+        if old is None:
+            plan.new.append(entry)
+        elif old.size != entry.size or old.mtime_ns != entry.mtime_ns:
+            plan.changed.append(entry)
+        elif is_racy(old):
+            plan.racy.append(entry)
+        else:
+            plan.unchanged.append(entry.path)
+    plan.removed = sorted(p for p in stored if p not in seen and under_roots(p, roots))
+    return plan

@@ -1,0 +1,75 @@
+"""Small JSON state beside the LanceDB tables: remembered roots, last runs, skipped files.
+
+Written atomically (temp file + rename) and only under the index lock.
+Paths may hold surrogate escapes (non-UTF-8 names); JSON's \\u escapes keep them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "state.json"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    size: int
+    mtime_ns: int
+    reason: str
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return default
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_state(index_dir: Path) -> dict[str, Any]:
+    state = _read_json(index_dir / STATE_FILE, {})
+    return state if isinstance(state, dict) else {}
+
+
+def remembered_roots(index_dir: Path) -> list[str]:
+    return list(load_state(index_dir).get("roots", []))
+
+
+def save_roots(index_dir: Path, roots: list[str]) -> None:
+    state = load_state(index_dir)
+    state["roots"] = sorted(set(roots))
+    write_json_atomic(index_dir / STATE_FILE, state)
+
+
+def record_run(index_dir: Path, bundle_id: str, summary: dict[str, Any]) -> None:
+    state = load_state(index_dir)
+    state.setdefault("runs", {})[bundle_id] = summary
+    write_json_atomic(index_dir / STATE_FILE, state)
+
+
+def last_run(index_dir: Path, bundle_id: str) -> dict[str, Any] | None:
+    return load_state(index_dir).get("runs", {}).get(bundle_id)
+
+
+def _skipped_path(index_dir: Path, bundle_id: str) -> Path:
+    return index_dir / f"skipped-{bundle_id}.json"
+
+
+def load_skipped(index_dir: Path, bundle_id: str) -> dict[str, Skipped]:
+    raw = _read_json(_skipped_path(index_dir, bundle_id), {})
+    return {p: Skipped(p, *v) for p, v in raw.items()} if isinstance(raw, dict) else {}
+
+
+def save_skipped(index_dir: Path, bundle_id: str, skipped: dict[str, Skipped]) -> None:
+    write_json_atomic(_skipped_path(index_dir, bundle_id),
+                      {s.path: [s.size, s.mtime_ns, s.reason] for s in skipped.values()})
