@@ -21,6 +21,7 @@ from .errors import ClipgrepError
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Exit codes follow grep: 0 results, 1 no results, 2 error.
+EXIT_NO_MATCH = 1
 EXIT_ERROR = 2
 DEBUG_ENV = "CLIPGREP_DEBUG"
 
@@ -76,6 +77,124 @@ def main_options(
 
     State lives in $CLIPGREP_HOME (default: the platform data dir).
     """
+
+
+class OutputFormat(str, Enum):
+    scores = "scores"
+    paths = "paths"
+    json = "json"
+
+
+@app.command("index")
+@handle_errors
+def index(
+    roots: Annotated[Optional[list[Path]], typer.Argument(
+        help="Directories (or image files) to index. Default: every root indexed before, else the current dir.",
+        show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model name or bundle dir.",
+                                                 show_default="the default model")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help=(
+        "gitignore-style pattern to skip (repeatable); .clipgrepignore files work too."))] = None,
+    hidden: Annotated[bool, typer.Option("--hidden", help="Include hidden files and directories.")] = False,
+    follow_symlinks: Annotated[bool, typer.Option("--follow-symlinks", help="Follow symbolic links.")] = False,
+    workers: Annotated[Optional[int], typer.Option(help="Decoding processes.", show_default="one per CPU")] = None,
+    retry_skipped: Annotated[bool, typer.Option("--retry-skipped", help="Try files skipped before again.")] = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Exit if another index run holds the lock.")] = False,
+    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar on stderr.",
+                                                     show_default="on a terminal")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List skipped files and why.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the run's report as JSON on stdout.")] = False,
+) -> None:
+    """Index images under ROOTS, or update the index: only new, changed, moved and deleted files cost work.
+
+    \b
+    Examples:
+      clipgrep index ~/Pictures /mnt/photos
+      clipgrep index                       # refresh every root indexed before
+      clipgrep index . -x 'raw/' -x '*.png'
+    """
+    from .index.build import IndexOptions, update_index
+    from .index.scan import ScanOptions
+    from .models import load_model
+
+    options = IndexOptions(scan=ScanOptions(excludes=tuple(exclude or ()), include_hidden=hidden,
+                                            follow_symlinks=follow_symlinks),
+                           workers=workers, retry_skipped=retry_skipped, wait_for_lock=not no_wait)
+    show = sys.stderr.isatty() if progress is None else progress
+    with render.step_progress("adding the default model", ("load model", "export ONNX", "quantize",
+                                                             "check parity", "install")) as on_step:
+        bundle = load_model(model, on_progress=on_step)
+    with render.index_progress(show) as on_progress:
+        report = update_index([str(r) for r in roots or ()], bundle=bundle, options=options,
+                              on_progress=on_progress,
+                              on_wait=lambda: render.note("another index run holds the lock; waiting for it"))
+    if json_output:
+        render.index_report_json(report)
+    render.index_summary(report, verbose)
+
+
+@app.command("search")
+@handle_errors
+def search(
+    query: Annotated[list[str], typer.Argument(help=(
+        "Text, or an image file, to search for. 'W:term' weights a term (e.g. '2:golden retriever'); "
+        "'text:...' forces text; a leading backslash keeps a literal 'N:'."), show_default=False)],
+    add: Annotated[Optional[list[str]], typer.Option("--add", "-a", help="Add a term (text or image).")] = None,
+    sub: Annotated[Optional[list[str]], typer.Option("--sub", "-s", help="Subtract a term (text or image).")] = None,
+    top: Annotated[int, typer.Option("--top", "-k", min=1, help="How many results.")] = 10,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", "-t", help="Only scores >= this.")] = None,
+    under: Annotated[Optional[Path], typer.Option("--under", "-u", help="Only images inside this directory.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model name or bundle dir.",
+                                                 show_default="the default model")] = None,
+    paths: Annotated[bool, typer.Option("--paths", "-p", help="Print paths only.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per result.")] = False,
+    null: Annotated[bool, typer.Option("--null", "-0", help="End results with NUL instead of newline (xargs -0).")]
+    = False,
+) -> None:
+    """Search the index: prints 'score<TAB>path' lines, best first. Exit 0 with results, 1 without, 2 on error.
+
+    \b
+    Examples:
+      clipgrep search "a red bicycle at night"
+      clipgrep search "2:golden retriever" --add ./pool.jpg --sub fruit -k 20
+      clipgrep search sunset --under ~/Pictures/2024 --paths -0 | xargs -0 feh
+    """
+    from .search import search as run_search
+
+    if paths and json_output:
+        raise ClipgrepError("--paths and --json exclude each other", "pick one output format")
+    hits = run_search(query, add=add or (), sub=sub or (), model=model, k=top, threshold=threshold,
+                      under=str(under) if under else None)
+    render.hits(hits, "json" if json_output else "paths" if paths else "scores", null)
+    if not hits:
+        raise typer.Exit(EXIT_NO_MATCH)
+
+
+@app.command("status")
+@handle_errors
+def status(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model name or bundle dir.",
+                                                 show_default="the default model")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print as one JSON object.")] = False,
+) -> None:
+    """Show indexed roots, model, rows, skipped files, size on disk, last run and the vector index."""
+    from .status import index_status
+
+    info = index_status(model)
+    if json_output:
+        render.json_line(info)
+    else:
+        render.status(info)
+
+
+@app.command("forget")
+@handle_errors
+def forget(root: Annotated[Path, typer.Argument(help="A root given to 'clipgrep index' before.")]) -> None:
+    """Stop indexing ROOT and drop its images from the index (files are not touched)."""
+    from .index.build import forget_root
+
+    removed = forget_root(str(root))
+    render.note(f"forgot {os.path.abspath(root)} ({removed} rows removed)")
 
 
 class Precision(str, Enum):

@@ -5,6 +5,7 @@ Nothing outside this module (and cli.py) writes to the terminal.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -13,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .bundle import Bundle
     from .errors import ClipgrepError
+    from .index.build import IndexProgress, IndexReport
     from .models import ModelEntry
+    from .search import Hit
 
 
 def error(e: ClipgrepError) -> None:
@@ -107,22 +110,111 @@ def model_info(bundle: Bundle) -> None:
 
 @contextmanager
 def step_progress(title: str, steps: Sequence[str]) -> Iterator[Callable[[str], None]]:
-    """A progress bar over named steps on a TTY; one line per step otherwise."""
+    """A progress bar over named steps on a TTY (one line per step otherwise), shown from the first step on."""
     if not sys.stderr.isatty():
         yield lambda step: note(f"{title}: {step}")
         return
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(title, total=len(steps))
-        seen: list[str] = []
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                        console=Console(stderr=True), transient=True)
+    task = progress.add_task(title, total=len(steps))
+    seen: list[str] = []
 
-        def advance(step: str) -> None:
-            if seen:
-                progress.advance(task)
-            seen.append(step)
-            progress.update(task, description=f"{title}: {step}")
+    def advance(step: str) -> None:
+        if not seen:
+            progress.start()
+        else:
+            progress.advance(task)
+        seen.append(step)
+        progress.update(task, description=f"{title}: {step}")
 
+    try:
         yield advance
+    finally:
+        if seen:
+            progress.stop()
+
+
+def _write_path_line(prefix: str, path: str, end: bytes) -> None:
+    """Write a path exactly as the filesystem names it (non-UTF-8 bytes included)."""
+    out = sys.stdout.buffer
+    out.write(prefix.encode())
+    out.write(os.fsencode(path))
+    out.write(end)
+
+
+def hits(results: Sequence[Hit], fmt: str, null: bool) -> None:
+    """Search results on stdout: ``score<TAB>path`` (default), ``paths``, or ``json`` lines."""
+    sys.stdout.flush()
+    end = b"\0" if null else b"\n"
+    for hit in results:
+        if fmt == "json":
+            line = json.dumps({"score": round(hit.score, 6), "path": hit.path}, ensure_ascii=False)
+            # A non-UTF-8 name holds lone surrogates; backslashreplace writes them as JSON \udcXX escapes.
+            sys.stdout.buffer.write(line.encode("utf-8", "backslashreplace") + end)
+        elif fmt == "paths":
+            _write_path_line("", hit.path, end)
+        else:
+            _write_path_line(f"{hit.score:.4f}\t", hit.path, end)
+    sys.stdout.buffer.flush()
+
+
+def index_summary(report: IndexReport, verbose: bool) -> None:
+    parts = [f"{report.added} added", f"{report.updated} updated", f"{report.reused} moved/copied",
+             f"{report.removed} removed", f"{report.unchanged} unchanged"]
+    skipped = len(report.skipped)
+    if skipped:
+        parts.append(f"{skipped} skipped" + ("" if verbose else " (--verbose lists them)"))
+    note(f"{report.rows} images indexed ({', '.join(parts)}) in {report.seconds:.1f} s")
+    if verbose:
+        for item in report.skipped:
+            print(f"  skipped {os.fsdecode(os.fsencode(item.path))}: {item.reason}", file=sys.stderr)
+    for path, reason in report.scan_problems:
+        print(f"  warning: {path}: {reason}", file=sys.stderr)
+
+
+def index_report_json(report: IndexReport) -> None:
+    data = {k: v for k, v in vars(report).items() if k not in ("skipped", "scan_problems")}
+    data["skipped"] = [{"path": s.path, "reason": s.reason} for s in report.skipped]
+    data["scan_problems"] = [{"path": p, "reason": r} for p, r in report.scan_problems]
+    line = json.dumps(data, ensure_ascii=False)
+    sys.stdout.buffer.write(line.encode("utf-8", "backslashreplace") + b"\n")
+
+
+@contextmanager
+def index_progress(show: bool) -> Iterator[Callable[[IndexProgress], None]]:
+    """A live progress line on stderr: scanned, to encode, done, skipped, rate and ETA."""
+    if not show:
+        yield lambda _: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("scanning", total=None, rate="")
+
+        def update(p: IndexProgress) -> None:
+            if p.phase == "encoding" and p.to_encode:
+                speed = progress.tasks[0].speed
+                progress.update(task, total=p.to_encode, completed=p.encoded + p.skipped,
+                                description=f"scanned {p.scanned} | encoding {p.encoded}/{p.to_encode}"
+                                            f" | skipped {p.skipped}",
+                                rate=f"{speed:.1f} img/s" if speed else "")
+            else:
+                progress.update(task, description=f"{p.phase} ({p.scanned} files)")
+
+        yield update
+
+
+def status(info: dict[str, Any]) -> None:
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if key.endswith("_bytes"):
+            key, value = key[: -len("_bytes")], human_bytes(value)
+        if isinstance(value, list):
+            value = ", ".join(map(str, value)) or "-"
+        print(f"{key.ljust(width)}  {value}")

@@ -147,3 +147,44 @@ def rank(snapshot: Snapshot, query: np.ndarray, *, k: int | None = 10, threshold
 def resolve_under(directory: str) -> str:
     """A --under directory in the form the scanner stores paths (absolute, symlinks kept)."""
     return os.path.abspath(os.path.expanduser(directory))
+
+
+def search(queries: Sequence[str], *, add: Sequence[str] = (), sub: Sequence[str] = (), model: str | None = None,
+           k: int | None = 10, threshold: float | None = None, under: str | None = None,
+           encoder: QueryEncoder | None = None) -> list[Hit]:
+    """Rank indexed images against a query; best first.
+
+    >>> for hit in search(["a red bicycle at night"], k=5):  # doctest: +SKIP
+    ...     print(f"{hit.score:.3f}\\t{hit.path}")
+    """
+    from .snapshot import read_snapshot
+
+    bundle = _indexed_bundle(model)
+    snapshot = read_snapshot(_snapshot_path(bundle))
+    if snapshot is None:
+        raise ClipgrepError(f"nothing is indexed with model {bundle.name} yet",
+                            f"build the index first: clipgrep index DIR --model {bundle.name}")
+    if snapshot.vectors.shape[1] != bundle.embed_dim:
+        raise ClipgrepError("the index does not match the model", f"rebuild it: clipgrep index --model {bundle.name}")
+    terms = parse_query(queries, add, sub)
+    vector = query_vector(terms, encoder or BundleQueryEncoder(bundle), snapshot)
+    return rank(snapshot, vector, k=k, threshold=threshold, under=resolve_under(under) if under else None)
+
+
+def _indexed_bundle(model: str | None) -> Bundle:
+    from .errors import ModelNotFound
+    from .models import default_model_name, load_model
+
+    name = model or default_model_name()
+    try:
+        return load_model(name, auto_install=False)
+    except ModelNotFound:
+        raise ClipgrepError(f"nothing is indexed with model {name} yet",
+                            f"build the index first: clipgrep index DIR{'' if model is None else ' --model ' + name}"
+                            ) from None
+
+
+def _snapshot_path(bundle: Bundle) -> Path:
+    from .paths import snapshot_dir
+
+    return snapshot_dir(bundle.bundle_id)

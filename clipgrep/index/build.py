@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import ClipgrepError
 from ..paths import index_dir, snapshot_dir
-from .plan import Plan, fingerprint, is_racy, make_plan, under_roots
+from .plan import RACY_WINDOW_NS, Plan, fingerprint, is_racy, make_plan, under_roots
 from .scan import FileEntry, ScanOptions, scan
 from .state import Skipped, load_skipped, record_run, remembered_roots, save_roots, save_skipped
 
@@ -164,23 +164,24 @@ class _Run:
         snapshot = read_snapshot(self.snapshot_path)
         if snapshot is None:
             return False
-        state = snapshot.file_state()
-        indexed = 0
+        row_of = {path: i for i, path in enumerate(snapshot.paths)}
+        rows = []
         for entry in files:
-            row = state.get(entry.path)
-            if row is None:
+            i = row_of.get(entry.path)
+            if i is None:
                 old = skipped.get(entry.path)
                 if old is None or (old.size, old.mtime_ns) != (entry.size, entry.mtime_ns):
                     return False
                 continue
-            size, mtime_ns, indexed_ns = row
-            if size != entry.size or mtime_ns != entry.mtime_ns or mtime_ns + 2_000_000_000 >= indexed_ns:
+            rows.append(i)
+            if snapshot.sizes[i] != entry.size or snapshot.mtimes_ns[i] != entry.mtime_ns:
                 return False
-            indexed += 1
-        in_roots = sum(1 for p in state if under_roots(p, self.roots))
-        if in_roots != indexed:
+        picked = np.asarray(rows, dtype=np.int64)
+        if np.any(snapshot.mtimes_ns[picked] + RACY_WINDOW_NS >= snapshot.indexed_ns[picked]):
+            return False
+        if sum(1 for p in row_of if under_roots(p, self.roots)) != len(rows):
             return False  # something indexed under these roots is gone
-        self.report.unchanged = indexed
+        self.report.unchanged = len(rows)
         self.report.rows = len(snapshot)
         self.report.skipped_total = len(skipped)
         return True
@@ -219,7 +220,8 @@ class _Run:
                 continue
             if fp == stored[entry.path].fingerprint:
                 if is_racy(_Stamped(entry.mtime_ns, time.time_ns())):
-                    continue  # still within the window: check again next run, no write needed
+                    plan.unchanged.append(entry.path)  # still in the window: check again next run
+                    continue
                 confirmed.append(entry)
             else:
                 candidates.append((entry, fp))
@@ -320,13 +322,15 @@ class _Run:
 
         self._tick(phase="finishing")
         save_skipped(self.directory, self.bundle.bundle_id, skipped)
-        store.maintain()
+        # Index first: maintain() then folds the newest rows into it and prunes old versions.
         self.report.vector_index = store.ensure_vector_index(self.options.vector_index_min_rows)
+        store.maintain()
         rows = store.snapshot_rows()
-        write_snapshot(self.snapshot_path, **rows, meta={"bundle_id": self.bundle.bundle_id,
-                                                          "embed_dim": self.bundle.embed_dim,
-                                                          "table_version": store.version()})
-        self.report.rows = len(rows["paths"])
+        write_snapshot(self.snapshot_path, *rows, meta={"bundle_id": self.bundle.bundle_id,
+                                                         "embed_dim": self.bundle.embed_dim,
+                                                         "table_version": store.version(),
+                                                         "vector_index": self.report.vector_index})
+        self.report.rows = len(rows.paths)
         self.report.skipped_total = len(skipped)
         self.dirty_marker.unlink(missing_ok=True)
 
@@ -348,18 +352,38 @@ def _safe_fingerprint(entry: FileEntry) -> str:
         return ""
 
 
-def forget_root(root: str) -> list[str]:
-    """Stop tracking ``root``; returns the remaining roots. Rows are dropped by ``drop_root_rows``."""
+def forget_root(root: str) -> int:
+    """Stop tracking ``root`` and drop its rows from every model's index; returns rows removed.
+
+    Rows that another remembered root still covers (``forget /a/b`` while ``/a``
+    is indexed) stay.
+    """
+    from ..snapshot import read_snapshot, write_snapshot
+    from ..store import IndexStore, list_bundle_ids
+    from .lock import index_lock
+
     directory = index_dir()
-    roots = remembered_roots(directory)
     path = os.path.abspath(os.path.expanduser(root))
-    if path not in roots:
-        raise ClipgrepError(f"{path} is not an indexed root", "see the roots with: clipgrep status")
-    remaining = [r for r in roots if r != path]
-    save_roots(directory, remaining)
-    return remaining
-
-
-def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+    with index_lock(directory / ".lock"):
+        roots = remembered_roots(directory)
+        if path not in roots:
+            raise ClipgrepError(f"{path} is not an indexed root", "see the indexed roots with: clipgrep status")
+        remaining = [r for r in roots if r != path]
+        removed = 0
+        for bundle_id in list_bundle_ids(directory):
+            snapshot = read_snapshot(snapshot_dir(bundle_id))
+            if snapshot is None:
+                continue
+            store = IndexStore(directory, bundle_id, int(snapshot.meta["embed_dim"]))
+            gone = {p for p in store.files() if under_roots(p, [path]) and not under_roots(p, remaining)}
+            if gone:
+                store.delete(sorted(gone))
+                store.maintain()
+                write_snapshot(snapshot_dir(bundle_id), *store.snapshot_rows(),
+                               meta={**snapshot.meta, "table_version": store.version()})
+            skipped = load_skipped(directory, bundle_id)
+            save_skipped(directory, bundle_id, {p: s for p, s in skipped.items() if not under_roots(p, [path])})
+            removed += len(gone)
+        # Roots last: a crash before this point leaves the root remembered, so rerunning forget works.
+        save_roots(directory, remaining)
+    return removed

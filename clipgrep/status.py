@@ -1,0 +1,55 @@
+"""``clipgrep status``: what is indexed, with which model, and how healthy the index is."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .paths import index_dir, snapshot_dir
+
+
+def _disk_bytes(path: Path) -> int:
+    total = 0
+    for directory, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(directory, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def index_status(model: str | None = None) -> dict[str, Any]:
+    """Roots, model, row count, skipped count, size on disk, last run, vector index."""
+    from .errors import ModelNotFound
+    from .index.state import last_run, load_skipped, remembered_roots
+    from .models import default_model_name, load_model
+    from .snapshot import read_snapshot
+
+    directory = index_dir()
+    name = model or default_model_name()
+    info: dict[str, Any] = {"index": str(directory), "roots": remembered_roots(directory), "model": name}
+    try:
+        bundle = load_model(name, auto_install=False)
+    except ModelNotFound:
+        info["rows"] = 0
+        info["note"] = f"model {name} is not installed yet; clipgrep index adds it"
+        return info
+    snapshot = read_snapshot(snapshot_dir(bundle.bundle_id))
+    run = last_run(directory, bundle.bundle_id) or {}
+    info.update({
+        "bundle id": bundle.bundle_id,
+        "rows": len(snapshot) if snapshot is not None else 0,
+        "skipped": len(load_skipped(directory, bundle.bundle_id)),
+        "disk_bytes": _disk_bytes(directory) if directory.exists() else 0,
+        "last run": run.get("finished", "never"),
+        "vector index": _has_vector_index(directory, bundle) if snapshot is not None else False,
+    })
+    return info
+
+
+def _has_vector_index(directory: Path, bundle: Any) -> bool:
+    from .store import IndexStore
+
+    store = IndexStore(directory, bundle.bundle_id, bundle.embed_dim)
+    return store.exists() and store.has_vector_index()

@@ -1,0 +1,206 @@
+"""IndexStore against a real LanceDB table in a tmp dir (small tables, small vectors)."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipgrep.errors import ClipgrepError
+from clipgrep.store import IndexStore, StoredFile, _pq_sub_vectors, _trained_partitions, list_bundle_ids, path_key
+
+DIM = 8
+# Names that break naive SQL quoting, LIKE patterns, line-based formats and UTF-8 decoding.
+AWKWARD = [
+    os.fsdecode(b"/p/latin1-\xe9t\xe9.jpg"),  # not UTF-8: surrogate escapes
+    "/p/new\nline.jpg",
+    "/p/it's \"quoted\".jpg",
+    "/p/100%_done.jpg",
+    "/p/back\\slash.jpg",
+    "/p/ünïcødé 🐱.jpg",
+    "/p/a) OR 1=1 --.jpg",
+]
+
+
+def stored(path: str, n: int = 1, fingerprint: str = "ab") -> StoredFile:
+    return StoredFile(path, size=n, mtime_ns=10 * n, fingerprint=fingerprint, indexed_ns=20 * n)
+
+
+def unit_rows(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((count, DIM), dtype=np.float32)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> IndexStore:
+    return IndexStore(tmp_path / "index", "b1", DIM)
+
+
+def test_a_new_store_is_empty_and_creates_nothing(store: IndexStore) -> None:
+    assert not store.exists()
+    assert (store.files(), store.vectors(["/x"]), store.count(), store.version()) == ({}, {}, 0, 0)
+    store.delete(["/x"])
+    store.maintain()
+    assert store.snapshot_rows().vectors.shape == (0, DIM)
+    assert not store.has_vector_index() and not store.ensure_vector_index(min_rows=1)
+    assert list_bundle_ids(store.directory) == []
+
+
+def test_upsert_inserts_replaces_and_delete_removes(store: IndexStore) -> None:
+    store.upsert([stored("/p/a.jpg"), stored("/p/b.jpg")], unit_rows(2))
+    store.upsert([stored("/p/b.jpg", 5, "cd"), stored("/p/c.jpg")], unit_rows(2, seed=1))
+    assert store.exists() and store.count() == 3
+    assert store.files()["/p/b.jpg"] == stored("/p/b.jpg", 5, "cd")
+    np.testing.assert_array_equal(store.vectors(["/p/b.jpg"])["/p/b.jpg"], unit_rows(2, seed=1)[0])
+    store.delete(["/p/a.jpg", "/p/not-indexed.jpg"])
+    assert sorted(store.files()) == ["/p/b.jpg", "/p/c.jpg"]
+    assert list_bundle_ids(store.directory) == ["b1"]
+
+
+def test_a_repeated_path_in_one_upsert_keeps_the_last(store: IndexStore) -> None:
+    vectors = unit_rows(3)
+    store.upsert([stored("/p/a.jpg", 1), stored("/p/b.jpg"), stored("/p/a.jpg", 2)], vectors)
+    assert store.count() == 2
+    assert store.files()["/p/a.jpg"].size == 2
+    np.testing.assert_array_equal(store.vectors(["/p/a.jpg"])["/p/a.jpg"], vectors[2])
+
+
+def test_upsert_rejects_vectors_of_the_wrong_shape(store: IndexStore) -> None:
+    with pytest.raises(ValueError, match="shape"):
+        store.upsert([stored("/p/a.jpg")], np.zeros((1, DIM + 1), np.float32))
+
+
+def test_awkward_paths_round_trip(store: IndexStore) -> None:
+    vectors = unit_rows(len(AWKWARD))
+    store.upsert([stored(p, i) for i, p in enumerate(AWKWARD)], vectors)
+    assert store.files() == {p: stored(p, i) for i, p in enumerate(AWKWARD)}
+    found = store.vectors(AWKWARD[::-1])
+    for i, p in enumerate(AWKWARD):
+        np.testing.assert_array_equal(found[p], vectors[i])
+    assert sorted(store.snapshot_rows().paths) == sorted(os.fsencode(p) for p in AWKWARD)
+    store.delete(AWKWARD[:3])
+    assert set(store.files()) == set(AWKWARD[3:])
+
+
+def test_path_key_is_a_stable_non_negative_int64() -> None:
+    keys = {path_key(p) for p in AWKWARD}
+    assert len(keys) == len(AWKWARD) and all(0 <= k < 2**63 for k in keys)
+    assert path_key(AWKWARD[0]) == path_key(os.fsencode(AWKWARD[0]))
+
+
+def test_deleting_10k_paths_is_one_commit(tmp_path: Path) -> None:
+    store = IndexStore(tmp_path, "b1", 2)
+    paths = [f"/p/{i}.jpg" for i in range(10_500)]
+    store.upsert([stored(p) for p in paths], np.ones((len(paths), 2), np.float32))
+    version = store.version()
+    store.delete(paths[:10_000])
+    assert (store.count(), store.version()) == (500, version + 1)
+
+
+def test_snapshot_rows_are_column_wise_and_aligned(store: IndexStore) -> None:
+    vectors = unit_rows(3)
+    store.upsert([stored(f"/p/{i}.jpg", i, f"f{i}") for i in range(3)], vectors)
+    rows = store.snapshot_rows()
+    for row, raw in enumerate(rows.paths):
+        i = int(raw.decode()[3])
+        np.testing.assert_array_equal(rows.vectors[row], vectors[i])
+        assert (rows.sizes[row], rows.mtimes_ns[row], rows.indexed_ns[row], rows.fingerprints[row]) == (
+            i, 10 * i, 20 * i, f"f{i}")
+
+
+def test_maintain_prunes_versions_and_keeps_the_data(store: IndexStore) -> None:
+    for i in range(6):
+        store.upsert([stored(f"/p/{i}.jpg")], unit_rows(1, seed=i))
+    store.delete(["/p/0.jpg"])
+    assert len(store._open().list_versions()) >= 7
+    store.maintain()
+    assert len(store._open().list_versions()) == 1
+    assert sorted(store.files()) == [f"/p/{i}.jpg" for i in range(1, 6)]
+    np.testing.assert_array_equal(store.vectors(["/p/3.jpg"])["/p/3.jpg"], unit_rows(1, seed=3)[0])
+
+
+def test_cleanup_orphans_removes_temp_files_of_killed_writers(store: IndexStore) -> None:
+    store.upsert([stored("/p/a.jpg")], unit_rows(1))
+    orphan = store.table_dir / "data" / ".tmpXYZ123"
+    orphan.write_bytes(b"x" * 5000)
+    assert store.cleanup_orphans() >= 5000
+    assert not orphan.exists()
+    assert store.count() == 1 and store.cleanup_orphans() == 0
+
+
+def test_a_table_with_other_dimensions_is_refused(store: IndexStore) -> None:
+    store.upsert([stored("/p/a.jpg")], unit_rows(1))
+    other = IndexStore(store.directory, "b1", DIM * 2)
+    with pytest.raises(ClipgrepError, match="16 dims") as info:
+        other.count()
+    assert "clipgrep index" in info.value.hint
+
+
+def test_ensure_vector_index_builds_only_for_large_tables(tmp_path: Path) -> None:
+    # 2000 rows around 20 centres (roughly how CLIP embeddings cluster); 32 dims = 2 PQ sub-vectors.
+    store, dim, rng = IndexStore(tmp_path, "b1", 32), 32, np.random.default_rng(0)
+    centres = rng.normal(size=(20, dim))
+    vectors = (centres[rng.integers(0, 20, 2000)] + 0.1 * rng.normal(size=(2000, dim))).astype(np.float32)
+    store.upsert([stored(f"/p/{i}.jpg") for i in range(2000)], vectors)
+    assert not store.ensure_vector_index(min_rows=5000) and not store.has_vector_index()
+    assert store.ensure_vector_index(min_rows=1000) and store.has_vector_index()
+    [index] = store._open().list_indices()
+    assert index.index_type == "IvfPq" and index.name == "vector_ivfpq_p45"  # round(sqrt(2000))
+    # Cosine, and exact after re-ranking: what Python-API users of the table get.
+    hits = (store._open().search(vectors[7] * 3).distance_type("cosine").nprobes(10).refine_factor(10)
+            .limit(1).select(["path", "_distance"]).to_list())
+    assert hits[0]["path"] == b"/p/7.jpg"
+    store.upsert([stored("/p/new.jpg")], vectors[:1])
+    assert store.ensure_vector_index(min_rows=1000)  # small growth: kept, folded in by maintain
+    store.maintain()
+    assert store._open().index_stats(index.name).num_unindexed_rows == 0
+    assert len(store._open().list_versions()) == 1
+
+
+def test_vector_index_parameters() -> None:
+    assert [_pq_sub_vectors(d) for d in (512, 768, 8, 24, 7)] == [32, 48, 1, 3, 1]
+    # Retrained once sqrt(rows) doubles; a hand-made index (no _p<N> suffix) counts as 1 partition.
+    assert (_trained_partitions("vector_ivfpq_p316"), _trained_partitions("vector_idx")) == (316, 1)
+
+
+WRITER = """
+import sys, numpy as np
+from pathlib import Path
+from clipgrep.store import IndexStore, StoredFile
+store = IndexStore(Path(sys.argv[1]), "b1", {dim})
+for k in range(10_000):
+    store.upsert([StoredFile(f"/batch{{k:05d}}/{{i}}.jpg", i, i, "ab", i) for i in range({batch})],
+                 np.full(({batch}, {dim}), k, np.float32))
+    print(k, flush=True)
+"""
+
+
+def test_a_writer_killed_mid_upsert_leaves_an_exact_prefix_of_batches(tmp_path: Path) -> None:
+    batch = 200
+    writer = subprocess.Popen([sys.executable, "-c", WRITER.format(dim=DIM, batch=batch), str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(3):
+            assert writer.stdout.readline(), "the writer died"
+        time.sleep(random.uniform(0, 0.03))  # land anywhere inside the next upsert
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    store = IndexStore(tmp_path, "b1", DIM)
+    store.cleanup_orphans()
+    batches = store.count() // batch
+    assert store.count() == batch * batches and batches >= 3
+    assert sorted({p.split("/")[1] for p in store.files()}) == [f"batch{k:05d}" for k in range(batches)]
+    assert not list(store.table_dir.rglob(".tmp*"))
+    store.upsert([stored("/after/kill.jpg")], unit_rows(1))
+    assert store.count() == batch * batches + 1
+
+
+def test_importing_the_store_does_not_import_lancedb() -> None:
+    code = "import sys, clipgrep.store; assert 'lancedb' not in sys.modules and 'pyarrow' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
