@@ -79,10 +79,20 @@ def main_options(
     """
 
 
-class OutputFormat(str, Enum):
-    scores = "scores"
-    paths = "paths"
-    json = "json"
+def complete_model_names(incomplete: str) -> list[str]:
+    """Installed model names, for TAB completion: a directory listing, nothing heavy."""
+    from .paths import models_dir
+
+    try:
+        names = sorted(p.name for p in models_dir().iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []
+    return [n for n in names if n.startswith(incomplete)]
+
+
+ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Model name or bundle dir.",
+                                                    show_default="the default model",
+                                                    autocompletion=complete_model_names)]
 
 
 @app.command("index")
@@ -91,8 +101,7 @@ def index(
     roots: Annotated[Optional[list[Path]], typer.Argument(
         help="Directories (or image files) to index. Default: every root indexed before, else the current dir.",
         show_default=False)] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model name or bundle dir.",
-                                                 show_default="the default model")] = None,
+    model: ModelOption = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help=(
         "gitignore-style pattern to skip (repeatable); .clipgrepignore files work too."))] = None,
     hidden: Annotated[bool, typer.Option("--hidden", help="Include hidden files and directories.")] = False,
@@ -144,8 +153,7 @@ def search(
     top: Annotated[int, typer.Option("--top", "-k", min=1, help="How many results.")] = 10,
     threshold: Annotated[Optional[float], typer.Option("--threshold", "-t", help="Only scores >= this.")] = None,
     under: Annotated[Optional[Path], typer.Option("--under", "-u", help="Only images inside this directory.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model name or bundle dir.",
-                                                 show_default="the default model")] = None,
+    model: ModelOption = None,
     paths: Annotated[bool, typer.Option("--paths", "-p", help="Print paths only.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per result.")] = False,
     null: Annotated[bool, typer.Option("--null", "-0", help="End results with NUL instead of newline (xargs -0).")]
@@ -173,8 +181,7 @@ def search(
 @app.command("status")
 @handle_errors
 def status(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model name or bundle dir.",
-                                                 show_default="the default model")] = None,
+    model: ModelOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print as one JSON object.")] = False,
 ) -> None:
     """Show indexed roots, model, rows, skipped files, size on disk, last run and the vector index."""
@@ -256,7 +263,8 @@ def models_list(
 @models_app.command("info")
 @handle_errors
 def models_info(
-    name: Annotated[str, typer.Argument(help="Installed model name or bundle directory.")],
+    name: Annotated[str, typer.Argument(help="Installed model name or bundle directory.",
+                                        autocompletion=complete_model_names)],
     json_output: Annotated[bool, typer.Option("--json", help="Print the whole manifest as JSON.")] = False,
 ) -> None:
     """Show a model's architecture, sizes, precision, parity figures and provenance."""
@@ -271,7 +279,8 @@ def models_info(
 
 @models_app.command("remove")
 @handle_errors
-def models_remove(name: Annotated[str, typer.Argument(help="Installed model name.")]) -> None:
+def models_remove(name: Annotated[str, typer.Argument(help="Installed model name.",
+                                                     autocompletion=complete_model_names)]) -> None:
     """Delete an installed model."""
     from .models import remove_model
 

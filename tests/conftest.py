@@ -32,6 +32,7 @@ class Golden:
         self.update = update
 
     def check(self, name: str, actual: str) -> None:
+        """``name`` is relative to tests/golden, or an absolute path for goldens that ship (completions/)."""
         path = GOLDEN_DIR / name
         if self.update:
             path.parent.mkdir(parents=True, exist_ok=True)

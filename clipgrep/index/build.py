@@ -9,6 +9,7 @@ without the next run fixing it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -263,59 +264,42 @@ class _Run:
 
     def _encode(self, items: list[tuple[FileEntry, str]], store: IndexStore, skipped: dict[str, Skipped],
                 changed: set[str]) -> None:
-        from ..store import StoredFile
+        """Decode in worker processes, encode in batches, commit every ``commit_rows`` rows."""
         from .decode import decode_images
 
         self._tick(phase="encoding", to_encode=len(items))
         if not items:
             return
         encoder = self.encoder or self.bundle.image_encoder()
-        pending_files: list[StoredFile] = []
-        pending_vectors: list[np.ndarray] = []
-        batch: list[tuple[FileEntry, str, np.ndarray]] = []
-
-        def flush_batch() -> None:
-            vectors = encoder.encode_pixels(np.stack([p for _, _, p in batch]))
-            now = time.time_ns()
-            for (entry, fp, _), vector in zip(batch, vectors):
-                pending_files.append(StoredFile(entry.path, entry.size, entry.mtime_ns, fp, now))
-                pending_vectors.append(vector)
-            self.report.encoded += len(batch)
-            batch.clear()
-
-        def commit() -> None:
-            store.upsert(pending_files, np.stack(pending_vectors))
-            for f in pending_files:
-                skipped.pop(f.path, None)
-                if f.path in changed:
-                    self.report.updated += 1
-                else:
-                    self.report.added += 1
-            pending_files.clear()
-            pending_vectors.clear()
-
+        writer = _BatchWriter(encoder, store, self.options.commit_rows)
         decoded = decode_images([e.path for e, _ in items], encoder.config, workers=self.options.workers,
                                 draft=self.options.draft)
-        for result in decoded:
-            entry, fp = items[result.index]
-            if result.pixels is None:
-                note = Skipped(entry.path, entry.size, entry.mtime_ns, result.skip_reason or "unknown error")
-                skipped[entry.path] = note
-                self.report.skipped.append(note)
-                self._tick(skipped=self.progress.skipped + 1)
-                continue
-            batch.append((entry, fp or _safe_fingerprint(entry), result.pixels))
-            if len(batch) >= encoder.batch_size:
-                flush_batch()
-                self._tick(encoded=self.report.encoded)
-            if len(pending_files) >= self.options.commit_rows:
-                commit()
-                save_skipped(self.directory, self.bundle.bundle_id, skipped)
-        if batch:
-            flush_batch()
-        if pending_files:
-            commit()
-        self._tick(encoded=self.report.encoded)
+        with contextlib.closing(decoded):  # stops the worker processes even if encoding fails
+            for result in decoded:
+                entry, fp = items[result.index]
+                if result.pixels is None:
+                    skipped[entry.path] = Skipped(entry.path, entry.size, entry.mtime_ns,
+                                                  result.skip_reason or "unknown error")
+                    self.report.skipped.append(skipped[entry.path])
+                    self._tick(skipped=self.progress.skipped + 1)
+                    continue
+                committed = writer.add(entry, fp or _safe_fingerprint(entry), result.pixels)
+                self._count_committed(committed, skipped, changed)
+                self._tick(encoded=writer.encoded)
+        self._count_committed(writer.close(), skipped, changed)
+        self.report.encoded = writer.encoded
+        self._tick(encoded=writer.encoded)
+
+    def _count_committed(self, committed: list[str], skipped: dict[str, Skipped], changed: set[str]) -> None:
+        if not committed:
+            return
+        for path in committed:
+            skipped.pop(path, None)
+            if path in changed:
+                self.report.updated += 1
+            else:
+                self.report.added += 1
+        save_skipped(self.directory, self.bundle.bundle_id, skipped)
 
     def _finish(self, store: IndexStore, skipped: dict[str, Skipped]) -> None:
         from ..snapshot import write_snapshot
@@ -337,6 +321,49 @@ class _Run:
     def _mark_dirty(self) -> None:
         self.dirty_marker.parent.mkdir(parents=True, exist_ok=True)
         self.dirty_marker.touch()
+
+
+class _BatchWriter:
+    """Groups decoded images into encoder batches and encoded rows into bounded commits."""
+
+    def __init__(self, encoder: PixelEncoder, store: IndexStore, commit_rows: int) -> None:
+        self.encoder = encoder
+        self.store = store
+        self.commit_rows = commit_rows
+        self.batch: list[tuple[FileEntry, str, np.ndarray]] = []
+        self.files: list[StoredFile] = []
+        self.vectors: list[np.ndarray] = []
+        self.encoded = 0
+
+    def add(self, entry: FileEntry, fp: str, pixels: np.ndarray) -> list[str]:
+        """Queue one image; returns the paths committed by this call (usually none)."""
+        self.batch.append((entry, fp, pixels))
+        if len(self.batch) >= self.encoder.batch_size:
+            self._encode_batch()
+        return self._commit() if len(self.files) >= self.commit_rows else []
+
+    def close(self) -> list[str]:
+        if self.batch:
+            self._encode_batch()
+        return self._commit() if self.files else []
+
+    def _encode_batch(self) -> None:
+        from ..store import StoredFile
+
+        vectors = self.encoder.encode_pixels(np.stack([pixels for _, _, pixels in self.batch]))
+        now = time.time_ns()
+        for (entry, fp, _), vector in zip(self.batch, vectors):
+            self.files.append(StoredFile(entry.path, entry.size, entry.mtime_ns, fp, now))
+            self.vectors.append(vector)
+        self.encoded += len(self.batch)
+        self.batch.clear()
+
+    def _commit(self) -> list[str]:
+        self.store.upsert(self.files, np.stack(self.vectors))
+        committed = [f.path for f in self.files]
+        self.files.clear()
+        self.vectors.clear()
+        return committed
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,12 @@ bad file and never waits forever on one:
   after its worker is killed.
 - Results are identical with ``workers=0`` (in-process) and with workers: both run
   ``decode_file``, which applies the limits itself rather than relying on PIL's globals.
+- Workers return the float32 arrays, not uint8 for the parent to normalise: measured on
+  224x224, receiving float32 costs the parent ~0.3 ms more CPU per image than uint8, but
+  normalising there would cost it ~0.9 ms, and the parent's CPU is the encoder's. Tasks are
+  not chunked: a task's round trip (~0.3 ms) is under 1 % of a photo's decode (~40 ms).
+- HEIC/HEIF opens through pillow-heif when installed (the ``heif`` extra), registered in
+  each process the first time it meets one.
 """
 from __future__ import annotations
 

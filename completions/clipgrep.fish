@@ -1,0 +1,1 @@
+complete --command clipgrep --no-files --arguments "(env _CLIPGREP_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) clipgrep)" --condition "env _CLIPGREP_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) clipgrep"
