@@ -24,6 +24,11 @@ _API = {
     "list_models": "clipgrep.models",
     "remove_model": "clipgrep.models",
     "DEFAULT_MODEL": "clipgrep.models",
+    "update_index": "clipgrep.index.build",
+    "IndexOptions": "clipgrep.index.build",
+    "IndexReport": "clipgrep.index.build",
+    "search": "clipgrep.search",
+    "Hit": "clipgrep.search",
 }
 
 __all__ = ["__version__", *_API]

@@ -83,7 +83,7 @@ class IndexReport:
 Progress = Callable[[IndexProgress], None]
 
 
-def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle,
+def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle | None = None,
                  options: IndexOptions = IndexOptions(), encoder: PixelEncoder | None = None,
                  on_progress: Progress | None = None, on_wait: Callable[[], None] | None = None) -> IndexReport:
     """Bring the index of ``bundle`` up to date with ``roots`` (default: every remembered root).
@@ -91,15 +91,19 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
     >>> report = update_index(["~/Pictures"], bundle=load_model())  # doctest: +SKIP
     >>> report.added, report.removed, len(report.skipped)            # doctest: +SKIP
     """
+    from ..models import load_model
     from .lock import index_lock
 
+    bundle = bundle or load_model()
     started = time.time()
     directory = index_dir()
     directory.mkdir(parents=True, exist_ok=True)
     with index_lock(directory / ".lock", wait=options.wait_for_lock, on_wait=on_wait):
-        root_list = _resolve_roots(roots, directory)
+        root_list, missing = _resolve_roots(roots, directory)
         run = _Run(bundle, directory, root_list, options, encoder, on_progress or (lambda _: None))
         report = run.execute()
+        report.scan_problems += [(root, "root not found (unmounted?); its images stay indexed, "
+                                        "'clipgrep forget ROOT' drops them") for root in missing]
         save_roots(directory, remembered_roots(directory) + root_list)
         report.seconds = round(time.time() - started, 3)
         record_run(directory, bundle.bundle_id, {
@@ -109,11 +113,19 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
     return report
 
 
-def _resolve_roots(roots: Sequence[str | os.PathLike[str]], directory: Path) -> list[str]:
+def _resolve_roots(roots: Sequence[str | os.PathLike[str]], directory: Path) -> tuple[list[str], list[str]]:
+    """The roots to scan, and remembered roots that are missing now.
+
+    A remembered root that vanished (an unmounted disk) is skipped, not emptied:
+    deleting its rows because a drive is unplugged would throw away hours of work.
+    """
     if roots:
-        return sorted({os.path.abspath(os.path.expanduser(os.fspath(r))) for r in roots})
+        return sorted({os.path.abspath(os.path.expanduser(os.fspath(r))) for r in roots}), []
     remembered = remembered_roots(directory)
-    return remembered or [os.getcwd()]
+    if not remembered:
+        return [os.getcwd()], []
+    present = [r for r in remembered if os.path.exists(r)]
+    return present, [r for r in remembered if r not in present]
 
 
 class _Run:
@@ -136,13 +148,21 @@ class _Run:
         self.on_progress(self.progress)
 
     def execute(self) -> IndexReport:
+        # Taken before any file is stat'ed or read: the indexed_ns of every row this run encodes,
+        # so that a file rewritten after the decoder read it, within its mtime's tick, is racy.
+        self.started_ns = time.time_ns()
         result = scan(self.roots, self.options.scan, on_progress=lambda n: self._tick(scanned=n))
         self.report.scanned = len(result.files)
         self.report.scan_problems = [(p.path, p.reason) for p in result.problems]
         self._tick(phase="planning", scanned=len(result.files))
         skipped = load_skipped(self.directory, self.bundle.bundle_id)
-        if self._snapshot_is_current(result.files, skipped):
+        # Skip notes of files deleted or excluded since: they were never stored, so no plan removes them.
+        present = {e.path for e in result.files} if skipped else set()
+        vanished = [p for p in skipped if p not in present and under_roots(p, self.roots)]
+        if not vanished and self._snapshot_is_current(result.files, skipped):
             return self.report
+        for path in vanished:
+            del skipped[path]
         from ..store import IndexStore
 
         store = IndexStore(self.directory, self.bundle.bundle_id, self.bundle.embed_dim)
@@ -201,15 +221,14 @@ class _Run:
             vectors = store.vectors([o.path for o in olds])
             store.upsert([StoredFile(o.path, o.size, o.mtime_ns, o.fingerprint, now) for o in olds],
                          np.stack([vectors[o.path] for o in olds]))
-        for path in plan.removed:
-            skipped.pop(path, None)
-        to_encode, reused = self._reuse_vectors(candidates, store, stored, now)
+        to_encode, reused, touched = self._reuse_vectors(candidates, store, stored, skipped, now)
         if plan.removed:  # after the reuse commit, so a crash in between loses no vector
             store.delete(plan.removed)
         self.report.removed = len(plan.removed)
         to_encode = [e for e in to_encode if not self._still_skipped(e, skipped)]
         self.report.reused = reused
-        self._encode(to_encode, store, skipped, {e.path for e in plan.changed})
+        self.report.unchanged += touched
+        self._encode(to_encode, store, stored, skipped, {e.path for e in plan.changed})
 
     def _check_racy(self, plan: Plan, stored: dict[str, StoredFile]) -> tuple[list[FileEntry], list]:
         """Racy entries whose fingerprint still matches are unchanged; the rest join new/changed."""
@@ -230,8 +249,12 @@ class _Run:
         return confirmed, candidates
 
     def _reuse_vectors(self, candidates: list, store: IndexStore, stored: dict[str, StoredFile],
-                       now: int) -> tuple[list[tuple[FileEntry, str]], int]:
-        """Give moved and copied files the vector of a stored file with the same fingerprint."""
+                       skipped: dict[str, Skipped], now: int) -> tuple[list[tuple[FileEntry, str]], int, int]:
+        """Give moved and copied files the vector of a stored file with the same fingerprint.
+
+        Returns what is left to encode, the number of moved/copied files, and the number of
+        touched ones (a new mtime on the same content: they keep their own vector).
+        """
         from ..store import StoredFile
 
         by_fingerprint = {s.fingerprint: s.path for s in stored.values()}
@@ -253,7 +276,10 @@ class _Run:
                 chunk = reuse[start:start + self.options.commit_rows]
                 store.upsert([StoredFile(e.path, e.size, e.mtime_ns, fp, now) for e, fp, _ in chunk],
                              np.stack([vectors[s] for _, _, s in chunk]))
-        return to_encode, len(reuse)
+            for entry, _, _ in reuse:  # e.g. a skipped file replaced by a copy of an indexed one
+                skipped.pop(entry.path, None)
+        touched = sum(1 for entry, _, source in reuse if source == entry.path)
+        return to_encode, len(reuse) - touched, touched
 
     def _still_skipped(self, item: tuple[FileEntry, str], skipped: dict[str, Skipped]) -> bool:
         entry = item[0]
@@ -262,8 +288,8 @@ class _Run:
             return False
         return (old.size, old.mtime_ns) == (entry.size, entry.mtime_ns)
 
-    def _encode(self, items: list[tuple[FileEntry, str]], store: IndexStore, skipped: dict[str, Skipped],
-                changed: set[str]) -> None:
+    def _encode(self, items: list[tuple[FileEntry, str]], store: IndexStore, stored: dict[str, StoredFile],
+                skipped: dict[str, Skipped], changed: set[str]) -> None:
         """Decode in worker processes, encode in batches, commit every ``commit_rows`` rows."""
         from .decode import decode_images
 
@@ -271,7 +297,7 @@ class _Run:
         if not items:
             return
         encoder = self.encoder or self.bundle.image_encoder()
-        writer = _BatchWriter(encoder, store, self.options.commit_rows)
+        writer = _BatchWriter(encoder, store, self.options.commit_rows, indexed_ns=self.started_ns)
         decoded = decode_images([e.path for e, _ in items], encoder.config, workers=self.options.workers,
                                 draft=self.options.draft)
         with contextlib.closing(decoded):  # stops the worker processes even if encoding fails
@@ -282,6 +308,8 @@ class _Run:
                                                   result.skip_reason or "unknown error")
                     self.report.skipped.append(skipped[entry.path])
                     self._tick(skipped=self.progress.skipped + 1)
+                    if entry.path in stored:  # it no longer decodes: its row describes old content
+                        store.delete([entry.path])  # now, before any save_skipped records the skip
                     continue
                 committed = writer.add(entry, fp or _safe_fingerprint(entry), result.pixels)
                 self._count_committed(committed, skipped, changed)
@@ -326,10 +354,11 @@ class _Run:
 class _BatchWriter:
     """Groups decoded images into encoder batches and encoded rows into bounded commits."""
 
-    def __init__(self, encoder: PixelEncoder, store: IndexStore, commit_rows: int) -> None:
+    def __init__(self, encoder: PixelEncoder, store: IndexStore, commit_rows: int, indexed_ns: int) -> None:
         self.encoder = encoder
         self.store = store
         self.commit_rows = commit_rows
+        self.indexed_ns = indexed_ns  # a time before the files were read, not after they were encoded
         self.batch: list[tuple[FileEntry, str, np.ndarray]] = []
         self.files: list[StoredFile] = []
         self.vectors: list[np.ndarray] = []
@@ -351,9 +380,8 @@ class _BatchWriter:
         from ..store import StoredFile
 
         vectors = self.encoder.encode_pixels(np.stack([pixels for _, _, pixels in self.batch]))
-        now = time.time_ns()
         for (entry, fp, _), vector in zip(self.batch, vectors):
-            self.files.append(StoredFile(entry.path, entry.size, entry.mtime_ns, fp, now))
+            self.files.append(StoredFile(entry.path, entry.size, entry.mtime_ns, fp, self.indexed_ns))
             self.vectors.append(vector)
         self.encoded += len(self.batch)
         self.batch.clear()
