@@ -198,7 +198,7 @@ def status(
 @handle_errors
 def forget(root: Annotated[Path, typer.Argument(help="A root given to 'clipgrep index' before.")]) -> None:
     """Stop indexing ROOT and drop its images from the index (files are not touched)."""
-    from .index.build import forget_root
+    from .index.forget import forget_root
 
     removed = forget_root(str(root))
     render.note(f"forgot {os.path.abspath(root)} ({removed} rows removed)")

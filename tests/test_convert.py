@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from clipgrep.bundle import Bundle, load_bundle
+from clipgrep.bundle import Bundle
 from clipgrep.convert.parity import THRESHOLDS
 from clipgrep.errors import ConversionError
 

@@ -25,7 +25,8 @@ from typer.testing import CliRunner
 from clipgrep import models
 from clipgrep.cli import app
 from clipgrep.errors import ClipgrepError
-from clipgrep.index.build import IndexOptions, IndexProgress, IndexReport, forget_root, update_index
+from clipgrep.index.build import IndexOptions, IndexProgress, IndexReport, update_index
+from clipgrep.index.forget import forget_root
 from clipgrep.index.scan import ScanOptions
 from clipgrep.index.state import remembered_roots
 from clipgrep.paths import index_dir, snapshot_dir

@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 
 from clipgrep.errors import ClipgrepError
-from clipgrep.store import IndexStore, StoredFile, _pq_sub_vectors, _trained_partitions, list_bundle_ids, path_key
+from clipgrep.store import (
+    IndexStore,
+    StoredFile,
+    _pq_sub_vectors,
+    _trained_partitions,
+    list_bundle_ids,
+    path_key,
+)
 
 DIM = 8
 # Names that break naive SQL quoting, LIKE patterns, line-based formats and UTF-8 decoding.

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from ..errors import ClipgrepError
 from ..paths import index_dir, snapshot_dir
 from .plan import RACY_WINDOW_NS, Plan, fingerprint, is_racy, make_plan, under_roots
 from .scan import FileEntry, ScanOptions, scan
 from .state import Skipped, load_skipped, record_run, remembered_roots, save_roots, save_skipped
+from .writer import BatchWriter
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
@@ -262,7 +262,7 @@ class _Run:
         for entry, fp in candidates:
             try:
                 fp = fp or fingerprint(entry.path, entry.size)
-            except OSError as e:
+            except OSError:
                 to_encode.append((entry, ""))  # let the decoder report why it is unreadable
                 continue
             source = by_fingerprint.get(fp)
@@ -297,7 +297,7 @@ class _Run:
         if not items:
             return
         encoder = self.encoder or self.bundle.image_encoder()
-        writer = _BatchWriter(encoder, store, self.options.commit_rows, indexed_ns=self.started_ns)
+        writer = BatchWriter(encoder, store, self.options.commit_rows, indexed_ns=self.started_ns)
         decoded = decode_images([e.path for e, _ in items], encoder.config, workers=self.options.workers,
                                 draft=self.options.draft)
         with contextlib.closing(decoded):  # stops the worker processes even if encoding fails
@@ -351,49 +351,6 @@ class _Run:
         self.dirty_marker.touch()
 
 
-class _BatchWriter:
-    """Groups decoded images into encoder batches and encoded rows into bounded commits."""
-
-    def __init__(self, encoder: PixelEncoder, store: IndexStore, commit_rows: int, indexed_ns: int) -> None:
-        self.encoder = encoder
-        self.store = store
-        self.commit_rows = commit_rows
-        self.indexed_ns = indexed_ns  # a time before the files were read, not after they were encoded
-        self.batch: list[tuple[FileEntry, str, np.ndarray]] = []
-        self.files: list[StoredFile] = []
-        self.vectors: list[np.ndarray] = []
-        self.encoded = 0
-
-    def add(self, entry: FileEntry, fp: str, pixels: np.ndarray) -> list[str]:
-        """Queue one image; returns the paths committed by this call (usually none)."""
-        self.batch.append((entry, fp, pixels))
-        if len(self.batch) >= self.encoder.batch_size:
-            self._encode_batch()
-        return self._commit() if len(self.files) >= self.commit_rows else []
-
-    def close(self) -> list[str]:
-        if self.batch:
-            self._encode_batch()
-        return self._commit() if self.files else []
-
-    def _encode_batch(self) -> None:
-        from ..store import StoredFile
-
-        vectors = self.encoder.encode_pixels(np.stack([pixels for _, _, pixels in self.batch]))
-        for (entry, fp, _), vector in zip(self.batch, vectors):
-            self.files.append(StoredFile(entry.path, entry.size, entry.mtime_ns, fp, self.indexed_ns))
-            self.vectors.append(vector)
-        self.encoded += len(self.batch)
-        self.batch.clear()
-
-    def _commit(self) -> list[str]:
-        self.store.upsert(self.files, np.stack(self.vectors))
-        committed = [f.path for f in self.files]
-        self.files.clear()
-        self.vectors.clear()
-        return committed
-
-
 @dataclass(frozen=True)
 class _Stamped:
     mtime_ns: int
@@ -405,40 +362,3 @@ def _safe_fingerprint(entry: FileEntry) -> str:
         return fingerprint(entry.path, entry.size)
     except OSError:
         return ""
-
-
-def forget_root(root: str) -> int:
-    """Stop tracking ``root`` and drop its rows from every model's index; returns rows removed.
-
-    Rows that another remembered root still covers (``forget /a/b`` while ``/a``
-    is indexed) stay.
-    """
-    from ..snapshot import read_snapshot, write_snapshot
-    from ..store import IndexStore, list_bundle_ids
-    from .lock import index_lock
-
-    directory = index_dir()
-    path = os.path.abspath(os.path.expanduser(root))
-    with index_lock(directory / ".lock"):
-        roots = remembered_roots(directory)
-        if path not in roots:
-            raise ClipgrepError(f"{path} is not an indexed root", "see the indexed roots with: clipgrep status")
-        remaining = [r for r in roots if r != path]
-        removed = 0
-        for bundle_id in list_bundle_ids(directory):
-            snapshot = read_snapshot(snapshot_dir(bundle_id))
-            if snapshot is None:
-                continue
-            store = IndexStore(directory, bundle_id, int(snapshot.meta["embed_dim"]))
-            gone = {p for p in store.files() if under_roots(p, [path]) and not under_roots(p, remaining)}
-            if gone:
-                store.delete(sorted(gone))
-                store.maintain()
-                write_snapshot(snapshot_dir(bundle_id), *store.snapshot_rows(),
-                               meta={**snapshot.meta, "table_version": store.version()})
-            skipped = load_skipped(directory, bundle_id)
-            save_skipped(directory, bundle_id, {p: s for p, s in skipped.items() if not under_roots(p, [path])})
-            removed += len(gone)
-        # Roots last: a crash before this point leaves the root remembered, so rerunning forget works.
-        save_roots(directory, remaining)
-    return removed

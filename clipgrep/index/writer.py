@@ -1,0 +1,54 @@
+"""Batching for index runs: encoder-sized batches of pixels, bounded LanceDB commits of rows."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ..store import IndexStore, StoredFile
+    from .build import PixelEncoder
+    from .scan import FileEntry
+
+
+class BatchWriter:
+    """Groups decoded images into encoder batches and encoded rows into bounded commits."""
+
+    def __init__(self, encoder: PixelEncoder, store: IndexStore, commit_rows: int, indexed_ns: int) -> None:
+        self.encoder = encoder
+        self.store = store
+        self.commit_rows = commit_rows
+        self.indexed_ns = indexed_ns  # a time before the files were read, not after they were encoded
+        self.batch: list[tuple[FileEntry, str, np.ndarray]] = []
+        self.files: list[StoredFile] = []
+        self.vectors: list[np.ndarray] = []
+        self.encoded = 0
+
+    def add(self, entry: FileEntry, fp: str, pixels: np.ndarray) -> list[str]:
+        """Queue one image; returns the paths committed by this call (usually none)."""
+        self.batch.append((entry, fp, pixels))
+        if len(self.batch) >= self.encoder.batch_size:
+            self._encode_batch()
+        return self._commit() if len(self.files) >= self.commit_rows else []
+
+    def close(self) -> list[str]:
+        if self.batch:
+            self._encode_batch()
+        return self._commit() if self.files else []
+
+    def _encode_batch(self) -> None:
+        from ..store import StoredFile
+
+        vectors = self.encoder.encode_pixels(np.stack([pixels for _, _, pixels in self.batch]))
+        for (entry, fp, _), vector in zip(self.batch, vectors):
+            self.files.append(StoredFile(entry.path, entry.size, entry.mtime_ns, fp, self.indexed_ns))
+            self.vectors.append(vector)
+        self.encoded += len(self.batch)
+        self.batch.clear()
+
+    def _commit(self) -> list[str]:
+        self.store.upsert(self.files, np.stack(self.vectors))
+        committed = [f.path for f in self.files]
+        self.files.clear()
+        self.vectors.clear()
+        return committed
