@@ -6,7 +6,7 @@ A bundle is a directory::
                      precision, sha256 of every file, provenance, parity figures
     image.onnx       pixel_values float32 [N,3,H,W] -> embeds float32 [N,D]
     text.onnx        input_ids int64 [N,L] -> embeds float32 [N,D]
-    tokenizer.json   the tokenizer vocabulary (HF tokenizers format)
+    bpe_simple_vocab_16e6.txt.gz   the CLIP BPE vocabulary (as shipped by open_clip)
 
 Only this module reads manifests; only ``write_manifest`` writes them. Runtime
 code gets a validated ``Bundle`` value. Everything here is stdlib so that

@@ -50,6 +50,9 @@ def handle_errors(command: F) -> F:
             raise typer.Exit(EXIT_ERROR) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as grep does
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - nothing more may reach the closed pipe
+            raise typer.Exit(0) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as e:  # a bug: still one line, with the way to see more
@@ -289,7 +292,19 @@ def models_remove(name: Annotated[str, typer.Argument(help="Installed model name
 
 
 def main() -> None:
-    app(prog_name="clipgrep")
+    """The console script. Exits with ``os._exit`` once output is flushed: interpreter teardown
+    (onnxruntime, numpy, lancedb finalisers) adds tens of ms, or ~0.3 s after lancedb, to every run."""
+    try:
+        app(prog_name="clipgrep")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_ERROR)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (BrokenPipeError, OSError):  # e.g. `clipgrep search x | head -1`
+        code = code or 0
+    os._exit(code)
 
 
 if __name__ == "__main__":

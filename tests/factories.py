@@ -7,6 +7,7 @@ import numpy as np
 
 from clipgrep.bundle import write_manifest
 from clipgrep.convert.tokenizer_export import write_clip_tokenizer
+from clipgrep.embed.tokenizer import VOCAB_FILENAME
 
 VOCAB = 49408
 PREPROCESS = {"size": [32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
@@ -59,13 +60,13 @@ def make_contract_bundle(directory: Path, *, name: str = "tiny", dim: int = 8, s
     directory.mkdir(parents=True, exist_ok=True)
     write_image_onnx(directory / "image.onnx", rng.standard_normal((3, dim)))
     write_text_onnx(directory / "text.onnx", rng.standard_normal((VOCAB, dim)))
-    write_clip_tokenizer(directory / "tokenizer.json")
+    write_clip_tokenizer(directory / VOCAB_FILENAME)
     write_manifest(directory, {
         "name": name,
         "embed_dim": dim,
         "precision": "fp32",
         "preprocess": PREPROCESS,
-        "tokenizer": {"kind": "clip-bpe", "file": "tokenizer.json", "context_length": 77,
+        "tokenizer": {"kind": "clip-bpe", "file": VOCAB_FILENAME, "context_length": 77,
                       "sot_id": 49406, "eot_id": 49407, "clean": "lower"},
         "encoders": {"image": {"file": "image.onnx", "input": "pixel_values", "output": "embeds"},
                      "text": {"file": "text.onnx", "input": "input_ids", "output": "embeds"}},

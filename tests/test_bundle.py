@@ -64,7 +64,7 @@ def test_modified_file_is_refused_even_with_cached_verification(bundle_dir: Path
 
 def test_same_size_tamper_detected_by_full_verification(bundle_dir: Path) -> None:
     load_bundle(bundle_dir)
-    path = bundle_dir / "tokenizer.json"
+    path = bundle_dir / "bpe_simple_vocab_16e6.txt.gz"
     stat = path.stat()
     text = path.read_bytes()
     path.write_bytes(text[:-2] + b"  ")
@@ -155,3 +155,14 @@ def test_encoders_return_unit_vectors(bundle_dir: Path, tmp_path: Path) -> None:
         assert vectors.shape == (n, 8) and vectors.dtype == np.float32
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, rtol=1e-5)
     assert not np.allclose(images[0], images[1])
+
+
+def test_text_sessions_load_from_a_per_machine_optimised_cache(bundle_dir: Path, clipgrep_home: Path) -> None:
+    bundle = load_bundle(bundle_dir)
+    first = bundle.text_encoder().encode(["a red bicycle"])
+    entries = list((clipgrep_home / "cache" / "onnx").iterdir())
+    assert len(entries) == 1 and (entries[0] / "model.onnx").is_file()
+    np.testing.assert_array_equal(bundle.text_encoder().encode(["a red bicycle"]), first)
+    (entries[0] / "model.onnx").write_bytes(b"damaged")
+    np.testing.assert_array_equal(bundle.text_encoder().encode(["a red bicycle"]), first)  # rebuilt
+    assert (entries[0] / "model.onnx").stat().st_size > 100

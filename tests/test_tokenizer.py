@@ -161,18 +161,18 @@ def _import_open_clip() -> Any:
 
 
 @pytest.fixture(scope="session")
-def tokenizer_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def vocab_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tokenizer JSON built from open_clip's vocabulary file (open_clip installed, not imported)."""
     if not _open_clip_installed():
         pytest.skip("open_clip_torch is not installed")
-    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+    path = tmp_path_factory.mktemp("tokenizer") / "bpe_vocab.txt.gz"
     write_clip_tokenizer(path)
     return path
 
 
 @pytest.fixture(scope="session")
-def clip_tokenizer(tokenizer_json: Path) -> ClipTokenizer:
-    return ClipTokenizer.from_file(tokenizer_json)
+def clip_tokenizer(vocab_file: Path) -> ClipTokenizer:
+    return ClipTokenizer.from_file(vocab_file)
 
 
 @pytest.fixture(scope="session")
@@ -187,8 +187,8 @@ def _mismatches(texts: list[str], ours: np.ndarray, theirs: np.ndarray) -> list[
 
 @pytest.mark.convert
 @pytest.mark.parametrize("context_length", [77, 32])
-def test_hand_made_texts_match_open_clip(tokenizer_json: Path, reference: Any, context_length: int) -> None:
-    tokenizer = ClipTokenizer.from_file(tokenizer_json, context_length=context_length)
+def test_hand_made_texts_match_open_clip(vocab_file: Path, reference: Any, context_length: int) -> None:
+    tokenizer = ClipTokenizer.from_file(vocab_file, context_length=context_length)
     ours = tokenizer.encode(HAND_MADE)
     theirs = reference(HAND_MADE, context_length=context_length).numpy()
     assert ours.dtype == np.int64
@@ -206,8 +206,8 @@ def test_fuzzed_texts_match_open_clip(clip_tokenizer: ClipTokenizer, reference: 
 
 
 @pytest.mark.parametrize("context_length", [77, 32])
-def test_long_texts_are_truncated_to_end_in_eot(tokenizer_json: Path, context_length: int) -> None:
-    rows = ClipTokenizer.from_file(tokenizer_json, context_length=context_length).encode(LONG)
+def test_long_texts_are_truncated_to_end_in_eot(vocab_file: Path, context_length: int) -> None:
+    rows = ClipTokenizer.from_file(vocab_file, context_length=context_length).encode(LONG)
     assert rows.shape == (len(LONG), context_length)
     assert (rows[:, 0] == SOT).all()
     assert (rows[:, -1] == EOT).all()
@@ -240,21 +240,21 @@ def test_token_ids_golden(clip_tokenizer: ClipTokenizer, golden: Any) -> None:
     golden.check("token_ids.json", "[\n" + lines + "\n]\n")
 
 
-def test_written_tokenizer_is_byte_identical(tokenizer_json: Path, tmp_path: Path) -> None:
-    again = tmp_path / "tokenizer.json"
+def test_written_tokenizer_is_byte_identical(vocab_file: Path, tmp_path: Path) -> None:
+    again = tmp_path / "bpe_vocab.txt.gz"
     write_clip_tokenizer(again)
-    assert again.read_bytes() == tokenizer_json.read_bytes()
+    assert again.read_bytes() == vocab_file.read_bytes()
 
 
-def test_runtime_does_not_import_torch_or_open_clip(tokenizer_json: Path, tmp_path: Path) -> None:
+def test_runtime_does_not_import_torch_or_open_clip(vocab_file: Path, tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import sys
         from clipgrep.convert.tokenizer_export import write_clip_tokenizer
         from clipgrep.embed.tokenizer import ClipTokenizer
 
-        write_clip_tokenizer({str(tmp_path / "tokenizer.json")!r})
-        ids = ClipTokenizer.from_file({str(tmp_path / "tokenizer.json")!r}).encode(["a cat"])
+        write_clip_tokenizer({str(tmp_path / "bpe_vocab.txt.gz")!r})
+        ids = ClipTokenizer.from_file({str(tmp_path / "bpe_vocab.txt.gz")!r}).encode(["a cat"])
         assert ids[0, 0] == {SOT}, ids
         print(sorted(m for m in ("torch", "open_clip") if m in sys.modules))
         """
@@ -266,13 +266,13 @@ def test_runtime_does_not_import_torch_or_open_clip(tokenizer_json: Path, tmp_pa
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
     # Written by another process, so also a check that no per-process hash seed leaks into the file.
-    assert (tmp_path / "tokenizer.json").read_bytes() == tokenizer_json.read_bytes()
+    assert (tmp_path / "bpe_vocab.txt.gz").read_bytes() == vocab_file.read_bytes()
 
 
 def test_export_without_open_clip_needs_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(NeedsExtra, match="open_clip_torch"):
-        write_clip_tokenizer(tmp_path / "tokenizer.json")
+        write_clip_tokenizer(tmp_path / "bpe_vocab.txt.gz")
 
 
 def test_missing_tokenizer_file_is_a_bundle_error(tmp_path: Path) -> None:

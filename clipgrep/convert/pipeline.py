@@ -16,6 +16,7 @@ import numpy as np
 from .. import __version__
 from ..bundle import Bundle, load_bundle, write_manifest
 from ..embed.preprocess import PreprocessConfig
+from ..embed.tokenizer import VOCAB_FILENAME
 from ..errors import ConversionError
 from .onnx_export import IMAGE_INPUT, OUTPUT, TEXT_INPUT, OnnxTowers, export_towers
 from .parity import check_parity, measure_parity
@@ -65,7 +66,7 @@ def assemble_bundle(loaded: LoadedModel, towers: OnnxTowers, dest: Path, *, name
         else:
             shutil.copyfile(towers.image, staging / "image.onnx")
             shutil.copyfile(towers.text, staging / "text.onnx")
-        write_clip_tokenizer(staging / "tokenizer.json")
+        write_clip_tokenizer(staging / VOCAB_FILENAME)
         write_manifest(staging, fields)
         step("check parity")
         figures = measure_parity(loaded, load_bundle(staging, verify="full"))
@@ -86,7 +87,7 @@ def _manifest_fields(loaded: LoadedModel, towers: OnnxTowers, name: str, precisi
         "embed_dim": towers.embed_dim,
         "precision": precision,
         "preprocess": PreprocessConfig.from_dict(loaded.preprocess).to_dict(),
-        "tokenizer": {**settings, "file": "tokenizer.json"},
+        "tokenizer": {**settings, "file": VOCAB_FILENAME},
         "encoders": {
             "image": {"file": "image.onnx", "input": IMAGE_INPUT, "output": OUTPUT},
             "text": {"file": "text.onnx", "input": TEXT_INPUT, "output": OUTPUT},

@@ -28,6 +28,7 @@ from .writer import BatchWriter
 if TYPE_CHECKING:
     from ..bundle import Bundle
     from ..embed.preprocess import PreprocessConfig
+    from ..snapshot import Snapshot
     from ..store import IndexStore, StoredFile
 
 DIRTY = "DIRTY"
@@ -185,27 +186,36 @@ class _Run:
         snapshot = read_snapshot(self.snapshot_path)
         if snapshot is None:
             return False
-        row_of = {path: i for i, path in enumerate(snapshot.paths)}
-        rows = []
-        for entry in files:
-            i = row_of.get(entry.path)
-            if i is None:
-                old = skipped.get(entry.path)
-                if old is None or (old.size, old.mtime_ns) != (entry.size, entry.mtime_ns):
-                    return False
-                continue
-            rows.append(i)
-            if snapshot.sizes[i] != entry.size or snapshot.mtimes_ns[i] != entry.mtime_ns:
+        # Vectorised: at 100k files a per-row loop over the memory-mapped arrays took ~0.4 s.
+        row_of = dict(zip(snapshot.paths, range(len(snapshot))))
+        rows = np.fromiter((row_of.get(e.path, -1) for e in files), np.int64, len(files))
+        for i in np.flatnonzero(rows < 0):  # not indexed: fine only if skipped before, unchanged
+            entry, old = files[i], skipped.get(files[i].path)
+            if old is None or (old.size, old.mtime_ns) != (entry.size, entry.mtime_ns):
                 return False
-        picked = np.asarray(rows, dtype=np.int64)
-        if np.any(snapshot.mtimes_ns[picked] + RACY_WINDOW_NS >= snapshot.indexed_ns[picked]):
+        known = rows >= 0
+        rows = rows[known]
+        sizes = np.fromiter((e.size for e in files), np.int64, len(files))[known]
+        mtimes = np.fromiter((e.mtime_ns for e in files), np.int64, len(files))[known]
+        if not (np.array_equal(snapshot.sizes[rows], sizes) and np.array_equal(snapshot.mtimes_ns[rows], mtimes)):
             return False
-        if sum(1 for p in row_of if under_roots(p, self.roots)) != len(rows):
+        if np.any(mtimes + RACY_WINDOW_NS >= snapshot.indexed_ns[rows]):
+            return False
+        if self._rows_under_roots(snapshot) != len(rows):
             return False  # something indexed under these roots is gone
         self.report.unchanged = len(rows)
         self.report.rows = len(snapshot)
         self.report.skipped_total = len(skipped)
         return True
+
+    def _rows_under_roots(self, snapshot: Snapshot) -> int:
+        covered = np.zeros(len(snapshot), dtype=bool)
+        for root in self.roots:
+            covered[snapshot.subtree(root)] = True
+            exact = snapshot.find(root)  # a root that is a single image file
+            if exact is not None:
+                covered[exact] = True
+        return int(covered.sum())
 
     # -- the work ---------------------------------------------------------------------------------
 
