@@ -211,10 +211,15 @@ def index_progress(show: bool) -> Iterator[Callable[[IndexProgress], None]]:
 
 
 def status(info: dict[str, Any]) -> None:
-    width = max(len(k) for k in info)
+    lines = []
     for key, value in info.items():
         if key.endswith("_bytes"):
             key, value = key[: -len("_bytes")], human_bytes(value)
         if isinstance(value, list):
             value = ", ".join(map(str, value)) or "-"
+        elif isinstance(value, bool):
+            value = "yes" if value else "no"
+        lines.append((key.replace("_", " "), value))
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
         print(f"{key.ljust(width)}  {value}")
