@@ -17,10 +17,15 @@ TINY_CONFIG = {
 
 
 def require_open_clip() -> Any:
+    """open_clip, or skip the test when the convert extra is missing."""
     pytest.importorskip("torch")
     from clipgrep.convert.torch_env import import_open_clip
+    from clipgrep.errors import NeedsExtra
 
-    return import_open_clip()
+    try:
+        return import_open_clip()
+    except NeedsExtra as e:
+        pytest.skip(str(e))
 
 
 def register_tiny_arch(directory: Path) -> str:

@@ -19,7 +19,8 @@ from PIL import Image, ImageDraw, JpegImagePlugin
 
 import clipgrep.embed.preprocess as pp
 from clipgrep.embed.preprocess import PreprocessConfig, load_image, preprocess, resize_plan
-from clipgrep.errors import NeedsExtra
+
+from .convert_support import require_open_clip
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -27,21 +28,10 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 PALETTE_WARNING = "Palette images with Transparency"
 
 
-def _import_open_clip() -> Any:
-    """open_clip, or skip the test when the convert extra is missing."""
-    pytest.importorskip("torch")
-    from clipgrep.convert.torch_env import import_open_clip
-
-    try:
-        return import_open_clip()
-    except NeedsExtra as e:
-        pytest.skip(str(e))
-
-
 @pytest.fixture(scope="module")
 def open_clip_eval() -> Callable[[dict[str, Any], Image.Image], np.ndarray]:
     """open_clip's eval transform for a preprocess dict, applied to one PIL image."""
-    transform = _import_open_clip().transform
+    transform = require_open_clip().transform
 
     @functools.lru_cache(maxsize=None)
     def build(key: str) -> Any:
@@ -184,7 +174,7 @@ def test_config_round_trip_gives_the_same_open_clip_transform(open_clip_eval: An
 
 @pytest.mark.convert
 def test_defaults_are_open_clips() -> None:
-    transform = _import_open_clip().transform
+    transform = require_open_clip().transform
     ours = PreprocessConfig.from_dict({"size": 224}).to_dict()
     theirs = dataclasses.asdict(transform.PreprocessCfg(size=[224, 224]))
     assert ours == {k: list(v) if isinstance(v, tuple) else v for k, v in theirs.items() if k != "mode"}

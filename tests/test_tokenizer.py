@@ -19,6 +19,8 @@ from clipgrep.convert.tokenizer_export import clip_tokenizer_settings, write_cli
 from clipgrep.embed.tokenizer import ClipTokenizer
 from clipgrep.errors import BundleError, ConversionError, NeedsExtra
 
+from .convert_support import require_open_clip
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SOT, EOT = 49406, 49407
 
@@ -149,17 +151,6 @@ def _open_clip_installed() -> bool:
     return importlib.util.find_spec("open_clip") is not None
 
 
-def _import_open_clip() -> Any:
-    """open_clip, or skip the test when the convert extra is missing."""
-    pytest.importorskip("torch")
-    from clipgrep.convert.torch_env import import_open_clip
-
-    try:
-        return import_open_clip()
-    except NeedsExtra as e:
-        pytest.skip(str(e))
-
-
 @pytest.fixture(scope="session")
 def vocab_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tokenizer JSON built from open_clip's vocabulary file (open_clip installed, not imported)."""
@@ -178,7 +169,7 @@ def clip_tokenizer(vocab_file: Path) -> ClipTokenizer:
 @pytest.fixture(scope="session")
 def reference() -> Any:
     """open_clip's own tokenizer for ViT-B-32."""
-    return _import_open_clip().get_tokenizer("ViT-B-32")
+    return require_open_clip().get_tokenizer("ViT-B-32")
 
 
 def _mismatches(texts: list[str], ours: np.ndarray, theirs: np.ndarray) -> list[str]:

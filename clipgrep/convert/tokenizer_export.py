@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..errors import ConversionError, NeedsExtra
-
 from ..embed.tokenizer import MERGE_COUNT, VOCAB_FILENAME
+from ..errors import ConversionError, NeedsExtra
 
 _INSTALL_HINT = "install the conversion extra: pip install 'clipgrep[convert]' -c constraints.txt"
 

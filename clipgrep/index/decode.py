@@ -49,6 +49,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from ..embed.onnx import available_cpus
 from ..embed.preprocess import PreprocessConfig, load_image
 from ..errors import ClipgrepError
 
@@ -134,15 +135,8 @@ def _pool_size(paths: Iterable[str], workers: int | None) -> int:
     if workers is None:
         if known is not None and known < SMALL_JOB:
             return 0
-        workers = _available_cpus()
+        workers = available_cpus()
     return workers if known is None else min(workers, known)
-
-
-def _available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # honours taskset/cgroup cpusets, unlike cpu_count()
-    except AttributeError:  # not on macOS or Windows
-        return os.cpu_count() or 1
 
 
 # --- one file ------------------------------------------------------------------------------
