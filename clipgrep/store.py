@@ -274,7 +274,11 @@ class IndexStore:
         partitions = _ivf_partitions(rows)
         if current is not None and partitions < 2 * _trained_partitions(current):
             return True
-        self._build_vector_index(partitions, current)
+        try:
+            self._build_vector_index(partitions, current)
+        except Exception:  # noqa: BLE001 - an optional accelerator must never fail an index run
+            # e.g. k-means finding fewer distinct vectors than partitions (a library of duplicates)
+            return current is not None
         return True
 
     def _build_vector_index(self, partitions: int, old_name: str | None) -> None:
