@@ -5,25 +5,18 @@ completion never load numpy, onnxruntime, lancedb or torch.
 """
 from __future__ import annotations
 
-import functools
 import os
 import sys
-from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Optional
 
 import typer
 
 from . import __version__, render
+from .cli_compress import compress_app
+from .cli_errors import EXIT_ERROR, EXIT_NO_MATCH, handle_errors
 from .errors import ClipgrepError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-# Exit codes follow grep: 0 results, 1 no results, 2 error.
-EXIT_NO_MATCH = 1
-EXIT_ERROR = 2
-DEBUG_ENV = "CLIPGREP_DEBUG"
 
 app = typer.Typer(
     name="clipgrep",
@@ -34,35 +27,7 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Add, list, inspect and remove models (clipgrep bundles).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-
-
-def handle_errors(command: F) -> F:
-    """Render a ClipgrepError as one stderr line with exit 2; tracebacks only with CLIPGREP_DEBUG=1."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except ClipgrepError as e:
-            if os.environ.get(DEBUG_ENV):
-                raise
-            render.error(e)
-            raise typer.Exit(EXIT_ERROR) from None
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
-        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as grep does
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - nothing more may reach the closed pipe
-            raise typer.Exit(0) from None
-        except (typer.Exit, typer.Abort):
-            raise
-        except Exception as e:  # a bug: still one line, with the way to see more
-            if os.environ.get(DEBUG_ENV):
-                raise
-            render.error(ClipgrepError(f"internal error: {type(e).__name__}: {e}",
-                                       f"rerun with {DEBUG_ENV}=1 for a traceback and report it"))
-            raise typer.Exit(EXIT_ERROR) from None
-
-    return wrapper  # type: ignore[return-value]
+app.add_typer(compress_app, name="compress")
 
 
 def _version(value: bool) -> None:

@@ -223,3 +223,83 @@ def status(info: dict[str, Any]) -> None:
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key.ljust(width)}  {value}")
+
+
+_EVAL_COLUMNS = (
+    ("model", "name", "{}"), ("prec", "precision", "{}"), ("params", "params", "{:.2f}M"),
+    ("MB", "bytes", "{:.1f}"), ("t2i R@1", "t2i_R@1", "{:.3f}"), ("R@5", "t2i_R@5", "{:.3f}"),
+    ("R@10", "t2i_R@10", "{:.3f}"), ("i2t R@1", "i2t_R@1", "{:.3f}"), ("R@5", "i2t_R@5", "{:.3f}"),
+    ("R@10", "i2t_R@10", "{:.3f}"), ("img ms b1", "image_ms_b1", "{:.2f}"), ("b16", "image_ms_b16", "{:.2f}"),
+    ("txt ms b1", "text_ms_b1", "{:.2f}"), ("b16", "text_ms_b16", "{:.2f}"),
+)
+_RATIO_COLUMNS = (
+    ("model", "name", "{}"), ("params", "params_ratio", "{:.3f}"), ("size", "size_ratio", "{:.3f}"),
+    ("t2i R@1", "t2i_R@1_ratio", "{:.3f}"), ("i2t R@1", "i2t_R@1_ratio", "{:.3f}"),
+    ("img speed-up b1", "image_speedup_b1", "{:.2f}x"), ("b16", "image_speedup_b16", "{:.2f}x"),
+    ("txt speed-up b1", "text_speedup_b1", "{:.2f}x"), ("b16", "text_speedup_b16", "{:.2f}x"),
+)
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if key == "params":
+        value = value / 1e6
+    elif key == "bytes":
+        value = value / 1e6
+    return fmt.format(value)
+
+
+def eval_table(rows: Sequence[dict[str, Any]]) -> None:
+    """The teacher-vs-student table: raw figures, then ratios to the first model."""
+    for columns in (_EVAL_COLUMNS, _RATIO_COLUMNS):
+        table = [tuple(title for title, _, _ in columns)]
+        table += [tuple(_cell(row, key, fmt) for _, key, fmt in columns) for row in rows]
+        for line in _columns(table):
+            print(line)
+        print()
+
+
+@contextmanager
+def training_progress(show: bool) -> Iterator[Callable[[Any], None]]:
+    """Training progress on stderr: a live bar on a terminal, a line every ~10 % otherwise.
+
+    Accepts both step reports (``step``/``total_steps``/``losses``/``items_per_s``, optionally
+    ``phase``) and embedding reports (``kind``/``done``/``total``, optionally ``description``).
+    """
+    if not show:
+        last = {"step": -1}
+
+        def line(p: Any) -> None:
+            if hasattr(p, "step") and (p.step == p.total_steps or p.step - last["step"] >= max(1, p.total_steps // 10)):
+                last["step"] = p.step
+                losses = " ".join(f"{k} {v:.4f}" for k, v in p.losses.items())
+                note(f"step {p.step}/{p.total_steps} {_phase(p)}epoch {p.epoch} loss {losses} "
+                     f"({p.items_per_s:.0f} items/s)")
+
+        yield line
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("starting", total=None)
+
+        def update(p: Any) -> None:
+            if hasattr(p, "step"):
+                losses = " ".join(f"{k} {v:.4f}" for k, v in p.losses.items())
+                progress.update(task, total=p.total_steps, completed=p.step,
+                                description=f"{_phase(p)}epoch {p.epoch} loss {losses} {p.items_per_s:.0f} items/s")
+            else:
+                description = getattr(p, "description", None) or f"teacher {p.kind} embeddings"
+                progress.update(task, total=p.total, completed=p.done, description=description)
+
+        yield update
+
+
+def _phase(progress: Any) -> str:
+    """The tower a stage-2 report trains, as a prefix ("image ", "text "); empty for other reports."""
+    phase = getattr(progress, "phase", None)
+    return f"{phase} " if phase else ""

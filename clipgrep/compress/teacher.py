@@ -41,8 +41,8 @@ from ..convert.source import LoadedModel, ModelSource, load_model
 from ..embed.preprocess import PreprocessConfig, load_image
 from ..errors import ClipgrepError
 
-__all__ = ["CacheProgress", "Teacher", "cache_key", "cache_key_inputs", "cached_embeddings", "format_teacher", "load_image_batch",
-           "load_teacher", "parse_teacher"]
+__all__ = ["CacheProgress", "Teacher", "cache_key", "cache_key_inputs", "cached_embeddings", "format_teacher",
+           "image_decode_pool", "load_image_batch", "load_teacher", "parse_teacher"]
 
 Kind = Literal["image", "text"]
 _SPEC_HINT = ("use ARCH:TAG (e.g. ViT-B-32-quickgelu:openai), ARCH:random, ARCH@FILE.safetensors "
@@ -279,7 +279,7 @@ def _encode_to_file(teacher: Teacher, kind: Kind, items: Sequence[Any], path: Pa
     os.close(fd)
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(items), teacher.embed_dim))
-        with ThreadPoolExecutor(max_workers=_decode_threads()) as pool:
+        with image_decode_pool() as pool:
             for start in range(0, len(items), batch_size):
                 batch = items[start:start + batch_size]
                 if kind == "image":
@@ -321,8 +321,11 @@ def _load_one(path: str | os.PathLike[str], cfg: PreprocessConfig) -> np.ndarray
         raise ClipgrepError(f"cannot decode image {path}: {e}", "remove it from the image set") from None
 
 
-def _decode_threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+def image_decode_pool() -> ThreadPoolExecutor:
+    """Threads for decoding images (PIL releases the GIL while decoding and resizing)."""
+    from ..embed.onnx import available_cpus
+
+    return ThreadPoolExecutor(max_workers=min(8, available_cpus()))
 
 
 def _write_json(path: Path, value: Any) -> None:
