@@ -105,7 +105,7 @@ def stage2(
     device: Annotated[str, typer.Option(help="auto (CUDA with mixed precision when present), cpu, cuda.")] = "auto",
     max_steps: Annotated[Optional[int], typer.Option(help="Stop early (the schedule is unchanged).")] = None,
 ) -> None:
-    """Stage 2: fine-tune the image tower (2a), then the text tower (2b), with KD and hard negatives.
+    """Stage 2: fine-tune the image tower, then the text tower, with KD and hard negatives.
 
     2a trains the student image tower against the teacher's text tower, 2b the student text tower
     against the 2a image tower; hard negatives are mined from the whole training set. Re-running the

@@ -1,0 +1,643 @@
+"""Stage 2 of ``clipgrep compress``: sequential fine-tuning with KD and hard negatives (docs/paper.md §4).
+
+Two steps, in this order, each training one student tower on caption-image pairs:
+
+- **2a (image)**: the student image tower against the *frozen teacher text tower*
+  (its cached embeddings of the captions).
+- **2b (text)**: the student text tower against the *frozen step-2a image tower*
+  (its embeddings of every training image, computed once when 2b starts).
+
+Each step minimises L = L_t2v + L_v2t + L_KD + L_HN (``losses.stage2_loss``;
+a weight of 0 switches a term off and it is not computed). L_KD's target is
+the teacher pair's similarity distribution, from cached teacher embeddings of
+the same captions and images, never the student's own (the [3P] bug).
+
+Hard negatives (L_HN) come from the whole training set, not the batch: for
+each caption, the K training images nearest to it, minus its own image and any
+image with an identical caption (``mine_caption_negatives``). They are mined
+at the start of every ``refresh_every``-th epoch of a step (0: once per step,
+the static "pre-computed index" reading of the paper) for the captions the
+coming epochs will use, and each mining rebuilds the index with the *current*
+student:
+
+- 2a: query = the caption's teacher text embedding, index = the current
+  student's embeddings of all training images. The mined images are decoded
+  and encoded in the same forward as the batch, so they get gradients: L_HN
+  pushes each hard-negative image away from the caption, which is what the
+  image tower has to learn (with frozen, pre-computed negatives only the
+  positive would move). Cost: up to (1 + K) x the images per step.
+- 2b: query = the caption's embedding by the current student text tower, index
+  = the frozen 2a image embeddings. The anchor is the trainable caption, so
+  the negatives need no gradient and their embeddings are exact, not stale.
+  Each caption's nearest images (rather than each image's nearest captions) is
+  the direction search uses: a text query ranking images.
+
+Batches hold distinct images with one caption each (drawn per epoch), since two
+captions of one image in a batch would be each other's false negatives. Train
+on the training side of ``data.split_pairs(pairs, val_fraction, seed)``, so
+``clipgrep compress eval --split val`` with the same seed and fraction is held out.
+
+Output directory::
+
+    config.json        the resolved Stage2Config (``Stage2Config.from_json`` reads it)
+    checkpoint.pt      resumable state: step, 2a/2b, optimiser, mined negatives
+    cache/             teacher embeddings of the training captions and images
+    student/           the student as an open_clip local dir, with config, terms and final losses
+
+Resuming works as in stage 1 (``stage1`` module doc): the same command carries
+on from ``checkpoint.pt``, bit for bit on CPU, provided the settings that shape
+training, the pairs and the input student are unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ClipgrepError
+from .checkpoint import (
+    OPEN_CLIP_CONFIG,
+    STAGE_CONFIG,
+    WEIGHTS,
+    capture_rng_states,
+    load_local_dir,
+    load_training_state,
+    restore_rng_states,
+    save_local_dir,
+    save_training_state,
+)
+from .data import PairSet, load_pairs, split_pairs
+from .losses import LossWeights, stage2_loss
+from .mining import mine_hard_negatives
+
+# Training plumbing shared with stage 1 (device, seeding, optimiser groups, schedule, digests).
+from .stage1 import (
+    _data_digests,
+    _is_int,
+    _param_groups,
+    _resolve_device,
+    _seed_everything,
+    _warmup_cosine,
+    _write_text,
+)
+from .teacher import (
+    CacheProgress,
+    cached_embeddings,
+    format_teacher,
+    image_decode_pool,
+    load_image_batch,
+    load_teacher,
+    parse_teacher,
+)
+
+__all__ = ["CHECKPOINT", "STEPS", "HardNegativeProgress", "Stage2Config", "Stage2Progress",
+           "mine_caption_negatives", "run"]
+
+CHECKPOINT = "checkpoint.pt"
+STEPS = ("image", "text")  # 2a, 2b: the paper's order
+RESUME_FREE = frozenset({"out", "cache_dir", "device", "checkpoint_every", "max_steps"})
+_CACHE_BATCH = 256
+_STEP_NAMES = {"image": "2a", "text": "2b"}
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    """Everything stage 2 needs; ``out/config.json`` holds the resolved copy.
+
+    ``teacher`` is a teacher SPEC (``teacher.parse_teacher``); ``student`` a stage-1
+    output directory or its ``student/`` local dir; ``pairs`` a JSONL/CSV of
+    caption-image pairs (``data.load_pairs``). ``epochs_image``/``epochs_text`` are
+    passes over the training images in steps 2a/2b, ``steps`` which of the two to
+    run. ``weight_*`` scale L_t2v, L_v2t, L_KD, L_HN (0 switches a term off).
+    ``hard_negatives_k`` images are mined per caption, anew every ``refresh_every``
+    epochs (0: once per step). ``kd_temperature`` defaults to ``temperature``.
+    ``max_steps`` stops early (counting both steps) without changing the schedule.
+
+    >>> Stage2Config("ViT-B-32-quickgelu:openai", "runs/s1", "coco/pairs.jsonl", "runs/s2")  # doctest: +SKIP
+    """
+
+    teacher: str
+    student: str
+    pairs: str
+    out: str
+    epochs_image: int = 5
+    epochs_text: int = 5
+    batch_size: int = 64
+    lr: float = 2e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    temperature: float = 0.01
+    kd_temperature: float | None = None
+    weight_t2v: float = 1.0
+    weight_v2t: float = 1.0
+    weight_kd: float = 1.0
+    weight_hn: float = 1.0
+    hard_negatives_k: int = 8
+    refresh_every: int = 1
+    val_fraction: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 100
+    device: str = "auto"
+    max_steps: int | None = None
+    steps: tuple[str, ...] = STEPS
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", tuple(self.steps))  # JSON gives a list
+        for name, low in (("epochs_image", 1), ("epochs_text", 1), ("batch_size", 2), ("warmup_steps", 0),
+                          ("hard_negatives_k", 1), ("refresh_every", 0), ("seed", 0), ("checkpoint_every", 1)):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < low:
+                raise ClipgrepError(f"{name} must be a whole number >= {low}, not {getattr(self, name)!r}",
+                                    f"set {name} to {low} or more")
+        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < 1):
+            raise ClipgrepError(f"max_steps must be a whole number >= 1, not {self.max_steps!r}",
+                                "leave it unset to train for all epochs")
+        for name in ("lr", "temperature", "kd_temperature"):
+            value = getattr(self, name)
+            if not (value is None and name == "kd_temperature") and not (_is_number(value) and value > 0):
+                raise ClipgrepError(f"{name} must be a positive number, not {value!r}",
+                                    f"e.g. {name}={getattr(Stage2Config, name) or 0.01}")
+        for name in ("weight_decay", "weight_t2v", "weight_v2t", "weight_kd", "weight_hn"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
+                raise ClipgrepError(f"{name} must be a number >= 0, not {getattr(self, name)!r}", "0 switches it off")
+        if not any((self.weight_t2v, self.weight_v2t, self.weight_kd, self.weight_hn)):
+            raise ClipgrepError("every loss weight is 0: nothing to train", "keep at least one term, e.g. t2v=1")
+        if not (_is_number(self.val_fraction) and 0 <= self.val_fraction < 1):
+            raise ClipgrepError(f"val_fraction must be in [0, 1), not {self.val_fraction!r}", "e.g. 0.1")
+        if not self.steps or self.steps != tuple(s for s in STEPS if s in self.steps):
+            raise ClipgrepError(f"steps must be image, text or image,text, not {','.join(map(str, self.steps))!r}",
+                                "stage 2 trains the image tower first, then the text tower (paper §3.2.2)")
+        if not self.out:
+            raise ClipgrepError("no output directory given", "pass --out DIR")
+
+    @property
+    def weights(self) -> LossWeights:
+        return LossWeights(self.weight_t2v, self.weight_v2t, self.weight_kd, self.weight_hn)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Stage2Config:
+        """Read ``to_json``'s output (e.g. ``Path("runs/s2/config.json").read_text()``)."""
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ClipgrepError(f"stage-2 config is not valid JSON ({e})", "write it with Stage2Config.to_json") from None
+        known = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or set(data) - known:
+            extra = sorted(set(data) - known) if isinstance(data, dict) else data
+            raise ClipgrepError(f"not a stage-2 config: unexpected {extra!r}", f"use only the keys {sorted(known)}")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise ClipgrepError(f"incomplete stage-2 config: {e}", "give teacher, student, pairs, out") from None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Stage2Progress:
+    """One finished step of training: ``phase`` "image" (2a) or "text" (2b); ``epoch`` counts within it.
+
+    ``losses`` are the unweighted terms computed ("t2v", "v2t", "kd", "hn") and the weighted "total".
+    """
+
+    step: int
+    total_steps: int
+    epoch: int
+    losses: dict[str, float]
+    items_per_s: float
+    phase: str
+
+
+@dataclass(frozen=True)
+class HardNegativeProgress:
+    """Sent while an index for hard-negative mining (or 2b's frozen image side) is encoded."""
+
+    phase: str
+    kind: str
+    done: int
+    total: int
+
+    @property
+    def description(self) -> str:
+        return f"stage {_STEP_NAMES[self.phase]}: student {self.kind} embeddings"
+
+
+Progress = Callable[[Stage2Progress | HardNegativeProgress | CacheProgress], None]
+
+
+def mine_caption_negatives(caption_embeddings: np.ndarray, image_embeddings: np.ndarray, pairs: PairSet,
+                           caption_ids: np.ndarray, k: int) -> np.ndarray:
+    """[len(caption_ids), k] ids of the images of ``pairs`` nearest each caption (-1 pads).
+
+    ``caption_embeddings[i]`` embeds caption ``caption_ids[i]``; ``image_embeddings``
+    has one row per image of ``pairs``. Never returned for a caption: its own image,
+    and any image that has a caption with exactly the same text (a true match too).
+
+    Example: ``mine_caption_negatives(text_emb[ids], image_bank, train, ids, k=8)``
+    """
+    caption_ids = np.asarray(caption_ids, dtype=np.int64)
+    images_of_text: dict[str, set[int]] = {}
+    for text, image in zip(pairs.captions, pairs.caption_image.tolist()):
+        images_of_text.setdefault(text, set()).add(image)
+    exclude = [images_of_text[pairs.captions[c]] for c in caption_ids.tolist()]
+    return mine_hard_negatives(caption_embeddings, image_embeddings, pairs.caption_image[caption_ids], k, exclude)
+
+
+def run(config: Stage2Config, on_progress: Progress | None = None) -> Path:
+    """Run (or resume) stage 2 and return ``<out>/student``, an open_clip local dir.
+
+    >>> run(Stage2Config("ViT-B-32-quickgelu:openai", "runs/s1", "pairs.jsonl", "runs/s2"))  # doctest: +SKIP
+    PosixPath('runs/s2/student')
+    """
+    config, student_dir = _resolve(config)
+    _check_dims(config, student_dir)
+    train = _training_pairs(config)
+    student_digest = _file_digest(student_dir / WEIGHTS)
+    resume = _load_resume(Path(config.out) / CHECKPOINT, config, _pairs_digests(train), student_digest)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / STAGE_CONFIG, config.to_json())
+    _seed_everything(config.seed)  # before the teacher: a random-init teacher draws from it
+    teacher = load_teacher(config.teacher, config.device)
+    kinds = ("text", "image") if config.weight_kd else ("text",)  # teacher images only feed L_KD
+    items = {"text": train.captions, "image": train.images}
+    targets = {kind: cached_embeddings(teacher, kind, items[kind], config.cache_dir, _CACHE_BATCH, on_progress)
+               for kind in kinds}
+    teacher_info = {"spec": config.teacher, "provenance": teacher.provenance,
+                    "weights_blake2b": teacher.weights_digest}
+    del teacher  # from here on only its cached embeddings are needed
+    student, model_cfg, preprocess = load_local_dir(student_dir)
+    r = _Run(config, train, student.to(config.device), targets, _tokenizer(student_dir), preprocess, student_digest)
+    if resume is not None:
+        r.restore(resume, on_progress)
+    final_losses = _train(r, on_progress)
+    extra = {"stage": 2, "config": asdict(config), "steps_run": list(config.steps),
+             "terms": {name: bool(getattr(config, f"weight_{name}")) for name in ("t2v", "v2t", "kd", "hn")},
+             "teacher": teacher_info, "init": {"student": str(student_dir), "weights_blake2b": student_digest,
+                                               "stage_config": _stage_config(student_dir)},
+             "train_split": {"images": len(train.images), "captions": len(train.captions)},
+             "steps": r.step, "total_steps": r.total_steps, "complete": r.step == r.total_steps,
+             "resumed_from": None if resume is None else resume.step, "final_losses": final_losses,
+             "precision": str(r.amp_dtype).removeprefix("torch.") if r.amp_dtype else "float32"}
+    return save_local_dir(r.student.eval(), model_cfg, preprocess, out / "student", extra)
+
+
+def _resolve(config: Stage2Config) -> tuple[Stage2Config, Path]:
+    """Canonical teacher, absolute paths, a concrete device, and the student's local dir."""
+    absolute = {name: os.path.abspath(Path(getattr(config, name)).expanduser())
+                for name in ("student", "pairs", "out", "cache_dir") if getattr(config, name)}
+    absolute.setdefault("cache_dir", os.path.join(absolute["out"], "cache"))
+    given = Path(absolute["student"])
+    student_dir = given / "student" if (given / "student" / OPEN_CLIP_CONFIG).is_file() else given
+    if not (student_dir / OPEN_CLIP_CONFIG).is_file():
+        raise ClipgrepError(f"{given} is neither a stage-1 output nor an open_clip local dir",
+                            "pass the --out of clipgrep compress stage1 (or its student/ directory)")
+    if student_dir == Path(absolute["out"]) / "student":
+        raise ClipgrepError(f"the student to fine-tune is {student_dir}, which stage 2 would overwrite",
+                            "pass another --out")
+    absolute["student"] = str(student_dir)
+    resolved = dataclasses.replace(config, teacher=format_teacher(parse_teacher(config.teacher)),
+                                   device=_resolve_device(config.device), **absolute)
+    return resolved, student_dir
+
+
+def _check_dims(config: Stage2Config, student_dir: Path) -> None:
+    """Step 2a compares student image and teacher text embeddings directly: their sizes must agree."""
+    from .students import teacher_model_cfg
+
+    source = parse_teacher(config.teacher)
+    teacher_dim = teacher_model_cfg(source.checkpoint if source.arch is None else source.arch)["embed_dim"]
+    student_dim = teacher_model_cfg(student_dir)["embed_dim"]
+    if student_dim != teacher_dim:
+        raise ClipgrepError(f"the student embeds in {student_dim} dimensions, the teacher in {teacher_dim}",
+                            "pass the student that stage 1 distilled from this teacher")
+
+
+def _training_pairs(config: Stage2Config) -> PairSet:
+    train, _ = split_pairs(load_pairs(config.pairs), config.val_fraction, config.seed)
+    if len(train.images) < 2:
+        raise ClipgrepError(f"the training split of {config.pairs} has {len(train.images)} image; contrastive "
+                            "fine-tuning needs at least 2", "add pairs or lower --val-fraction")
+    return train
+
+
+def _load_resume(path: Path, config: Stage2Config, data: dict[str, str], student_digest: str) -> Any:
+    """The checkpoint to continue from, or None; refuses one written by another config, data or student."""
+    if not path.is_file():
+        return None
+    state = load_training_state(path)
+    saved, current = state.extra.get("config", {}), asdict(config)
+    diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items()
+             if k not in RESUME_FREE and saved.get(k) != v]
+    if state.extra.get("data") != data:
+        diffs.append("the training pairs changed")
+    if state.extra.get("student_blake2b") != student_digest:
+        diffs.append("the input student's weights changed")
+    if diffs:
+        raise ClipgrepError(f"{path} was written by a different stage-2 run ({'; '.join(diffs)})",
+                            "resume with the same settings and inputs, use another --out, or delete the "
+                            "checkpoint to start over")
+    return state
+
+
+def _pairs_digests(pairs: PairSet) -> dict[str, str]:
+    return _data_digests({"image": pairs.images, "text": pairs.captions, "pairs": pairs.caption_image.tolist()})
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _stage_config(student_dir: Path) -> Any:
+    """What the stage that wrote the input student recorded about itself (None if nothing)."""
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((student_dir / STAGE_CONFIG).read_text(encoding="utf-8")).get("config")
+    return None
+
+
+def _tokenizer(student_dir: Path) -> Any:
+    from ..convert.torch_env import import_open_clip
+
+    return import_open_clip().get_tokenizer(f"local-dir:{student_dir}")
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One step's pairs (image ids, caption ids) and model inputs (2a: pixels of ``forward_ids``)."""
+
+    images: np.ndarray
+    captions: np.ndarray
+    negatives: np.ndarray | None  # [B, K] image ids, -1 = none
+    forward_ids: np.ndarray  # 2a: batch images then the mined ones not in the batch; 2b: empty
+    inputs: Any  # 2a: pixels [len(forward_ids), 3, H, W]; 2b: token ids [B, L]
+
+
+class _Run:
+    """The state of one training run: model, current step (2a/2b), optimiser, mined negatives, position."""
+
+    def __init__(self, config: Stage2Config, train: PairSet, student: Any, targets: dict[str, np.ndarray],
+                 tokenizer: Any, preprocess: dict[str, Any], student_digest: str) -> None:
+        import torch
+
+        from ..embed.preprocess import PreprocessConfig
+
+        self.config, self.train, self.student, self.targets = config, train, student, targets
+        self.tokenizer, self.pixels_cfg = tokenizer, PreprocessConfig.from_dict(preprocess)
+        self.student_digest = student_digest
+        self.device = config.device
+        self.batch = min(config.batch_size, len(train.images))
+        self.steps_per_epoch = len(train.images) // self.batch
+        self.epochs = {"image": config.epochs_image, "text": config.epochs_text}
+        self.phase_steps = {phase: self.epochs[phase] * self.steps_per_epoch for phase in config.steps}
+        self.total_steps = sum(self.phase_steps.values())
+        self.captions_of = [train.caption_ids_of(i) for i in range(len(train.images))]
+        cuda = torch.device(self.device).type == "cuda"
+        self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+        self.step = 0
+        self.phase: str | None = None
+        self.hard_negatives: np.ndarray | None = None  # [n_captions, K], rows mined for the current window
+        self.mined_for: tuple[str, int] | None = None  # (phase, first epoch of the window)
+        self.image_bank: Any = None  # 2b: the frozen image tower's embeddings of all training images
+        self._plans: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    # --- position and sampling --------------------------------------------------------------
+
+    def position(self, step: int) -> tuple[str, int, int]:
+        """(phase, epoch within it, step within it) of global ``step``."""
+        for phase, n in self.phase_steps.items():
+            if step < n:
+                return phase, step // self.steps_per_epoch, step
+            step -= n
+        raise IndexError(step)
+
+    def epoch_plan(self, phase: str, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image order, caption drawn for each image): a pure function of (seed, phase, epoch)."""
+        key = (phase, epoch)
+        if key not in self._plans:
+            rng = np.random.default_rng([self.config.seed, 2, STEPS.index(phase), epoch])
+            order = rng.permutation(len(self.captions_of))
+            draws = rng.random(len(self.captions_of))
+            captions = np.array([ids[int(u * len(ids))] for ids, u in zip(self.captions_of, draws)], dtype=np.int64)
+            if len(self._plans) >= 4:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = (order, captions)
+        return self._plans[key]
+
+    def batch_ids(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        phase, epoch, local = self.position(step)
+        order, captions = self.epoch_plan(phase, epoch)
+        k = local % self.steps_per_epoch
+        images = order[k * self.batch:(k + 1) * self.batch]  # the last partial batch is dropped
+        return images, captions[images]
+
+    # --- phases, refreshes and checkpoints --------------------------------------------------
+
+    def prepare(self, step: int, pool: ThreadPoolExecutor, on_progress: Progress | None) -> None:
+        """Enter 2a/2b and (re)mine hard negatives as ``step`` requires; a no-op mid-epoch."""
+        phase, epoch, _ = self.position(step)
+        if phase != self.phase:
+            self.enter_phase(phase, pool, on_progress)
+        if not self.config.weight_hn:
+            return
+        every = self.config.refresh_every or self.epochs[phase]
+        window = epoch - epoch % every
+        if self.mined_for != (phase, window):
+            self.mine(phase, range(window, min(window + every, self.epochs[phase])), pool, on_progress)
+            self.mined_for = (phase, window)
+
+    def enter_phase(self, phase: str, pool: ThreadPoolExecutor, on_progress: Progress | None) -> None:
+        """A fresh optimiser and schedule for the tower ``phase`` trains; every other parameter frozen."""
+        import torch
+
+        c = self.config
+        self.phase, self.hard_negatives, self.mined_for = phase, None, None
+        self.optimizer = torch.optim.AdamW(_param_groups(self.student, (phase,), c.weight_decay), lr=c.lr)
+        total = self.phase_steps[phase]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_cosine(min(c.warmup_steps, total),
+                                                                                         total))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.image_bank = None
+        if phase == "text":  # the 2a image tower is frozen now: embed every training image once
+            bank = self.encode("image", np.arange(len(self.train.images)), pool, on_progress)
+            self.image_bank = torch.from_numpy(bank).to(self.device)
+
+    def mine(self, phase: str, epochs: range, pool: ThreadPoolExecutor, on_progress: Progress | None) -> None:
+        """Mine K images for each caption the epochs in ``epochs`` will use, with the current student."""
+        captions = np.unique(np.concatenate([self.epoch_plan(phase, e)[1] for e in epochs]))
+        if phase == "image":
+            queries = np.asarray(self.targets["text"][captions])
+            index = self.encode("image", np.arange(len(self.train.images)), pool, on_progress)
+        else:
+            queries = self.encode("text", captions, pool, on_progress)
+            index = self.image_bank.cpu().numpy()
+        table = np.full((len(self.train.captions), self.config.hard_negatives_k), -1, dtype=np.int64)
+        table[captions] = mine_caption_negatives(queries, index, self.train, captions, self.config.hard_negatives_k)
+        self.hard_negatives = table
+
+    def encode(self, kind: str, ids: np.ndarray, pool: ThreadPoolExecutor, on_progress: Progress | None) -> np.ndarray:
+        """The student's L2-normalised float32 embeddings of training images or captions ``ids``, no grad."""
+        import torch
+        import torch.nn.functional as F
+
+        out = []
+        self.student.eval()
+        with torch.no_grad(), self.autocast():
+            for start in range(0, len(ids), _CACHE_BATCH):
+                chunk = ids[start:start + _CACHE_BATCH]
+                out.append(F.normalize(self.forward(kind, self.inputs(kind, chunk, pool)).float(), dim=-1).cpu())
+                if on_progress is not None:
+                    on_progress(HardNegativeProgress(self.phase or kind, kind, start + len(chunk), len(ids)))
+        self.student.train()
+        return torch.cat(out).numpy()
+
+    def restore(self, state: Any, on_progress: Progress | None) -> None:
+        self.student.load_state_dict(state.model_state)
+        extra = state.extra
+        with image_decode_pool() as pool:
+            self.enter_phase(extra["phase"], pool, on_progress)  # 2b re-embeds the images from the restored tower
+        self.optimizer.load_state_dict(state.optimizer_state)
+        self.scheduler.load_state_dict(state.scheduler_state)
+        self.scaler.load_state_dict(extra.get("scaler") or self.scaler.state_dict())
+        if extra.get("hard_negatives") is not None:
+            self.hard_negatives = extra["hard_negatives"].numpy().astype(np.int64)
+            self.mined_for = (extra["mined_for"][0], int(extra["mined_for"][1]))
+        restore_rng_states(state.rng_states)
+        self.step = state.step
+
+    def save(self) -> None:
+        import torch
+
+        # int32 halves the checkpoint's share for 500k captions x K; image ids stay far below 2**31.
+        hard_negatives = None if self.hard_negatives is None else torch.from_numpy(self.hard_negatives.astype(np.int32))
+        extra = {"config": asdict(self.config), "data": _pairs_digests(self.train),
+                 "student_blake2b": self.student_digest, "phase": self.phase,
+                 "epoch": self.position(self.step - 1)[1], "scaler": self.scaler.state_dict(),
+                 "hard_negatives": hard_negatives, "mined_for": list(self.mined_for) if self.mined_for else None}
+        save_training_state(Path(self.config.out) / CHECKPOINT, self.step, self.student.state_dict(),
+                            self.optimizer.state_dict(), self.scheduler.state_dict(), capture_rng_states(), extra)
+
+    # --- one step ---------------------------------------------------------------------------
+
+    def load_batch(self, step: int, pool: ThreadPoolExecutor) -> _Batch:
+        """The pairs and model inputs of ``step`` (runs one step ahead in a thread, within an epoch)."""
+        phase = self.position(step)[0]
+        images, captions = self.batch_ids(step)
+        negatives = self.hard_negatives[captions] if self.config.weight_hn else None
+        if phase == "text":
+            return _Batch(images, captions, negatives, np.zeros(0, np.int64), self.inputs("text", captions, pool))
+        forward = images
+        if negatives is not None:  # mined images join the forward, so L_HN's gradient reaches them
+            mined = np.unique(negatives[negatives >= 0])
+            forward = np.concatenate([images, mined[~np.isin(mined, images)]])
+        return _Batch(images, captions, negatives, forward, self.inputs("image", forward, pool))
+
+    def inputs(self, kind: str, ids: np.ndarray, pool: ThreadPoolExecutor) -> Any:
+        import torch
+
+        if kind == "image":
+            return torch.from_numpy(load_image_batch([self.train.images[i] for i in ids], self.pixels_cfg, pool))
+        return self.tokenizer([self.train.captions[i] for i in ids])
+
+    def forward(self, kind: str, inputs: Any) -> Any:
+        encode = self.student.encode_image if kind == "image" else self.student.encode_text
+        return encode(inputs.to(self.device, non_blocking=True))
+
+    def autocast(self) -> Any:
+        import torch
+
+        return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+
+    def train_step(self, batch: _Batch) -> dict[str, float]:
+        import torch
+        import torch.nn.functional as F
+
+        c, n = self.config, len(batch.images)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            embeddings = self.forward(self.phase, batch.inputs)
+        embeddings = F.normalize(embeddings.float(), dim=-1)
+        teacher_text = self.target("text", batch.captions)
+        if self.phase == "image":  # 2a: trainable images against the frozen teacher text tower
+            text, image, bank, bank_ids = teacher_text, embeddings[:n], embeddings, batch.forward_ids
+        else:  # 2b: trainable captions against the frozen 2a image tower
+            text, image = embeddings, self.image_bank[torch.from_numpy(batch.images).to(self.device)]
+            bank, bank_ids = self.image_bank, None
+        negatives, mask = _gather_negatives(bank, bank_ids, batch.negatives, len(self.train.images))
+        loss, parts = stage2_loss(
+            text, image, c.temperature, c.weights, teacher_text=teacher_text,
+            teacher_image=self.target("image", batch.images) if c.weight_kd else None,
+            kd_temperature=c.kd_temperature, hard_negatives=negatives, hard_negative_mask=mask)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return parts
+
+    def target(self, kind: str, ids: np.ndarray) -> Any:
+        import torch
+
+        return torch.from_numpy(np.asarray(self.targets[kind][ids])).to(self.device)
+
+
+def _gather_negatives(bank: Any, bank_ids: np.ndarray | None, negatives: np.ndarray | None,
+                      n_images: int) -> tuple[Any, Any]:
+    """Embeddings [B, K, D] of the mined image ids from ``bank`` (rows = ``bank_ids``, or all images), and the mask."""
+    import torch
+
+    if negatives is None:
+        return None, None
+    rows = negatives
+    if bank_ids is not None:
+        lookup = np.full(n_images, -1, dtype=np.int64)
+        lookup[bank_ids] = np.arange(len(bank_ids))
+        rows = np.where(negatives >= 0, lookup[np.maximum(negatives, 0)], -1)
+    mask = torch.from_numpy(rows >= 0).to(bank.device)
+    index = torch.from_numpy(np.maximum(rows, 0)).to(bank.device)
+    return bank[index], mask
+
+
+def _train(r: _Run, on_progress: Progress | None) -> dict[str, dict[str, float]]:
+    """The loop: step until ``max_steps`` or the end, checkpointing; returns each step's last-epoch mean losses."""
+    stop = min(r.total_steps, r.config.max_steps or r.total_steps)
+    recent: dict[str, list[dict[str, float]]] = {}
+    start_step, started = r.step, time.perf_counter()
+    r.student.train()
+    with ThreadPoolExecutor(1) as prefetch, image_decode_pool() as decode:
+        upcoming: Future[_Batch] | None = None
+        while r.step < stop:
+            r.prepare(r.step, decode, on_progress)
+            batch = upcoming.result() if upcoming is not None else r.load_batch(r.step, decode)
+            following = r.step + 1
+            # Prefetch only within an epoch: the next epoch may mine new negatives or start 2b.
+            same_epoch = following < stop and r.position(following)[:2] == r.position(r.step)[:2]
+            upcoming = prefetch.submit(r.load_batch, following, decode) if same_epoch else None
+            phase, epoch, _ = r.position(r.step)
+            losses = r.train_step(batch)
+            recent[phase] = (recent.get(phase, []) + [losses])[-r.steps_per_epoch:]
+            if r.step % r.config.checkpoint_every == 0 or r.step == stop:
+                r.save()
+            if on_progress is not None:
+                rate = (r.step - start_step) * r.batch / max(time.perf_counter() - started, 1e-9)
+                on_progress(Stage2Progress(r.step, r.total_steps, epoch + 1, losses, rate, phase))
+    return {phase: {k: float(np.mean([line[k] for line in lines])) for k in lines[-1]}
+            for phase, lines in recent.items()}
