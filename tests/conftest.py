@@ -17,6 +17,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Exit as soon as pytest has reported, with its status.
+
+    A safety net for CI: a process-pool worker left behind by some test (a decoder
+    that hangs by design in the timeout tests) would make interpreter exit wait
+    for it forever, after every test has already passed or failed.
+    """
+    import os
+    import sys
+
+    status = getattr(config, "_clipgrep_exitstatus", None)
+    if status is not None and not os.environ.get("CLIPGREP_TEST_NORMAL_EXIT"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(status))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config._clipgrep_exitstatus = exitstatus  # type: ignore[attr-defined]
+
+
 @pytest.fixture(autouse=True)
 def clipgrep_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own empty state dir; nothing touches the real home."""

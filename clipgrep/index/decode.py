@@ -412,7 +412,13 @@ class _OrderedPool:
 
     def _drop_pool(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)  # running tasks finish, queued ones go
+            # Nothing more is wanted from these workers. Terminate them rather than let them finish:
+            # a worker stuck in a decoder would otherwise hold up interpreter exit, which joins them.
+            processes = list((getattr(self._pool, "_processes", None) or {}).values())
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                if process.is_alive():
+                    process.terminate()
             self._pool = None
 
     def _kill_workers(self) -> None:
