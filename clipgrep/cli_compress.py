@@ -38,7 +38,7 @@ def stage1(
         "Teacher SPEC: ARCH:TAG (downloaded), ARCH@FILE, ARCH:TAG@FILE (local weights, TAG's preprocessing), "
         "a local open_clip dir, or ARCH:random."))],
     student: Annotated[str, typer.Option(help=(
-        "Student: image=teacher|N|b32-6l|s32|timm:NAME, text=teacher|N, map=uniform|first, "
+        "Student: image=teacher|N|b32-6l|s32|timm:NAME, text=teacher|N, text_width=W, map=uniform|first, "
         "init=teacher|random|PATH; e.g. image=b32-6l,text=4."))],
     out: Annotated[Path, typer.Option(help="Output directory (checkpoints, cache, student/).")],
     images: Annotated[Optional[Path], typer.Option(help="Image folder or list file (for the image student).")]

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from .data import PairSet
+
 IdSets = Sequence[Iterable[int]] | np.ndarray
 
 
@@ -120,3 +122,21 @@ def _check_shapes(queries: np.ndarray, corpus: np.ndarray, k: int, chunk: int) -
     if k < 1 or chunk < 1:
         raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
     return queries.shape[0], corpus.shape[0]
+
+
+def mine_caption_negatives(caption_embeddings: np.ndarray, image_embeddings: np.ndarray, pairs: PairSet,
+                           caption_ids: np.ndarray, k: int) -> np.ndarray:
+    """[len(caption_ids), k] ids of the images of ``pairs`` nearest each caption (-1 pads).
+
+    ``caption_embeddings[i]`` embeds caption ``caption_ids[i]``; ``image_embeddings``
+    has one row per image of ``pairs``. Never returned for a caption: its own image,
+    and any image that has a caption with exactly the same text (a true match too).
+
+    Example: ``mine_caption_negatives(text_emb[ids], image_bank, train, ids, k=8)``
+    """
+    caption_ids = np.asarray(caption_ids, dtype=np.int64)
+    images_of_text: dict[str, set[int]] = {}
+    for text, image in zip(pairs.captions, pairs.caption_image.tolist()):
+        images_of_text.setdefault(text, set()).add(image)
+    exclude = [images_of_text[pairs.captions[c]] for c in caption_ids.tolist()]
+    return mine_hard_negatives(caption_embeddings, image_embeddings, pairs.caption_image[caption_ids], k, exclude)

@@ -25,17 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import os
-import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -60,6 +57,18 @@ from .teacher import (
     load_teacher,
     parse_teacher,
 )
+from .training import (
+    JsonConfig,
+    check_counts,
+    config_changes,
+    data_digests,
+    param_groups,
+    resolve_device,
+    seed_everything,
+    tower_of,
+    warmup_cosine,
+    write_text_atomic,
+)
 
 __all__ = ["CHECKPOINT", "Stage1Config", "Stage1Progress", "run", "trained_towers"]
 
@@ -70,7 +79,7 @@ _CACHE_BATCH = 256
 
 
 @dataclass(frozen=True)
-class Stage1Config:
+class Stage1Config(JsonConfig):
     """Everything stage 1 needs; ``out/config.json`` holds the resolved copy.
 
     ``teacher`` is a teacher SPEC (``teacher.parse_teacher``), ``student`` a
@@ -84,6 +93,9 @@ class Stage1Config:
     >>> Stage1Config("ViT-B-32-quickgelu:openai", "image=b32-6l,text=4", "coco/train2014",
     ...              "coco/captions.txt", "runs/s1")  # doctest: +SKIP
     """
+
+    config_kind: ClassVar[str] = "stage-1 config"
+    required_hint: ClassVar[str] = "give teacher, student, images, texts, out"
 
     teacher: str
     student: str
@@ -104,14 +116,8 @@ class Stage1Config:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        for name, low in (("epochs", 1), ("batch_size", 2), ("warmup_steps", 0), ("queue_size", 0),
-                          ("seed", 0), ("checkpoint_every", 1)):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < low:
-                raise ClipgrepError(f"{name} must be a whole number >= {low}, not {getattr(self, name)!r}",
-                                    f"set {name} to {low} or more")
-        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < 1):
-            raise ClipgrepError(f"max_steps must be a whole number >= 1, not {self.max_steps!r}",
-                                "leave it unset to train for all epochs")
+        check_counts(self, {"epochs": 1, "batch_size": 2, "warmup_steps": 0, "queue_size": 0, "seed": 0,
+                            "checkpoint_every": 1})
         for name in ("lr", "temperature"):
             if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
                 raise ClipgrepError(f"{name} must be a positive number, not {getattr(self, name)!r}",
@@ -120,29 +126,6 @@ class Stage1Config:
             raise ClipgrepError(f"weight_decay must be >= 0, not {self.weight_decay!r}", "e.g. 0.05")
         if not self.out:
             raise ClipgrepError("no output directory given", "pass --out DIR")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> Stage1Config:
-        """Read ``to_json``'s output (e.g. ``Path("runs/s1/config.json").read_text()``)."""
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise ClipgrepError(f"stage-1 config is not valid JSON ({e})", "write it with Stage1Config.to_json") from None
-        known = {f.name for f in fields(cls)}
-        if not isinstance(data, dict) or set(data) - known:
-            extra = sorted(set(data) - known) if isinstance(data, dict) else data
-            raise ClipgrepError(f"not a stage-1 config: unexpected {extra!r}", f"use only the keys {sorted(known)}")
-        try:
-            return cls(**data)
-        except TypeError as e:
-            raise ClipgrepError(f"incomplete stage-1 config: {e}", "give teacher, student, images, texts, out") from None
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -162,7 +145,8 @@ Progress = Callable[[Stage1Progress | CacheProgress], None]
 def trained_towers(spec: StudentSpec) -> tuple[str, ...]:
     """The towers stage 1 trains: those whose architecture differs from the teacher's."""
     image = not (spec.image == "teacher" and spec.image_layers is None)
-    return tuple(t for t, differs in (("image", image), ("text", spec.text_layers is not None)) if differs)
+    text = spec.text_layers is not None or spec.text_width is not None
+    return tuple(t for t, differs in (("image", image), ("text", text)) if differs)
 
 
 def run(config: Stage1Config, on_progress: Progress | None = None) -> Path:
@@ -175,8 +159,8 @@ def run(config: Stage1Config, on_progress: Progress | None = None) -> Path:
     towers, resume, items = _check_inputs(config, spec)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / STAGE_CONFIG, config.to_json())
-    _seed_everything(config.seed)  # before the teacher: a random-init teacher draws from it
+    write_text_atomic(out / STAGE_CONFIG, config.to_json())
+    seed_everything(config.seed)  # before the teacher: a random-init teacher draws from it
     teacher = load_teacher(config.teacher, config.device)
     targets = {kind: cached_embeddings(teacher, kind, items[kind], config.cache_dir, _CACHE_BATCH, on_progress)
                for kind in towers}
@@ -205,7 +189,7 @@ def _check_inputs(config: Stage1Config, spec: StudentSpec) -> tuple[tuple[str, .
     checkpoint = Path(config.out) / CHECKPOINT
     resume = _load_resume(checkpoint, config)
     items = _load_items(config, towers)
-    if resume is not None and resume.extra.get("data") != _data_digests(items):
+    if resume is not None and resume.extra.get("data") != data_digests(items):
         raise ClipgrepError(f"the image or text set changed since {checkpoint} was written",
                             "resume with the same data, use another --out, or delete the checkpoint")
     return towers, resume, items
@@ -218,22 +202,8 @@ def _resolve(config: Stage1Config) -> tuple[Stage1Config, StudentSpec]:
                 for name in ("images", "texts", "out", "cache_dir") if getattr(config, name)}
     absolute.setdefault("cache_dir", os.path.join(absolute["out"], "cache"))
     resolved = dataclasses.replace(config, teacher=format_teacher(parse_teacher(config.teacher)),
-                                   student=str(spec), device=_resolve_device(config.device), **absolute)
+                                   student=str(spec), device=resolve_device(config.device), **absolute)
     return resolved, spec
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ClipgrepError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ClipgrepError(f"device {device} asked for, but torch sees no CUDA GPU", "use --device cpu or auto")
-    return str(resolved)
 
 
 def _load_resume(path: Path, config: Stage1Config) -> Any:
@@ -241,9 +211,7 @@ def _load_resume(path: Path, config: Stage1Config) -> Any:
     if not path.is_file():
         return None
     state = load_training_state(path)
-    saved, current = state.extra.get("config", {}), asdict(config)
-    diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items()
-             if k not in RESUME_FREE and saved.get(k) != v]
+    diffs = config_changes(state.extra.get("config", {}), config, RESUME_FREE)
     if diffs:
         raise ClipgrepError(f"{path} was written by a different stage-1 config ({'; '.join(diffs)})",
                             "resume with the same settings, use another --out, or delete the checkpoint "
@@ -267,14 +235,6 @@ def _load_items(config: Stage1Config, towers: tuple[str, ...]) -> dict[str, list
                                 f"add more {kind}s")
         items[kind] = found
     return items
-
-
-def _seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # CUDA generators too
 
 
 @dataclass(frozen=True)
@@ -330,9 +290,9 @@ class _Run:
         cuda = torch.device(device).type == "cuda"
         self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.student, self.towers, c.weight_decay), lr=c.lr)
+        self.optimizer = torch.optim.AdamW(param_groups(self.student, c.weight_decay, lambda name: tower_of(name) in self.towers), lr=c.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _warmup_cosine(min(c.warmup_steps, self.total_steps), self.total_steps))
+            self.optimizer, warmup_cosine(min(c.warmup_steps, self.total_steps), self.total_steps))
 
     def restore(self, state: Any) -> None:
         import torch
@@ -348,7 +308,7 @@ class _Run:
     def save(self) -> None:
         import torch
 
-        extra = {"config": asdict(self.config), "data": _data_digests(self.items), "scaler": self.scaler.state_dict(),
+        extra = {"config": asdict(self.config), "data": data_digests(self.items), "scaler": self.scaler.state_dict(),
                  "queues": {k: torch.from_numpy(q.copy()) for k, q in self.queues.items()},
                  "epoch": self.step // self.steps_per_epoch}
         save_training_state(Path(self.config.out) / CHECKPOINT, self.step, self.student.state_dict(),
@@ -426,44 +386,3 @@ def _train(r: _Run, on_progress: Progress | None) -> dict[str, float]:
                 on_progress(Stage1Progress(r.step, r.total_steps, epoch, losses, rate))
     return {kind: float(np.mean([line[kind] for line in recent])) for kind in r.towers} if recent else {}
 
-
-def _param_groups(student: Any, towers: tuple[str, ...], weight_decay: float) -> list[dict[str, Any]]:
-    """Parameters of the trained towers (all others frozen); no weight decay on gains, biases, tokens."""
-    student.requires_grad_(False)
-    decay, no_decay = [], []
-    for name, param in student.named_parameters():
-        tower = "image" if name.startswith("visual.") else None if name.startswith("logit_") else "text"
-        if tower in towers:
-            param.requires_grad_(True)
-            (no_decay if param.ndim < 2 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
-    """LR factor: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    import math
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def _data_digests(items: dict[str, list[Any]]) -> dict[str, str]:
-    """A digest of each ordered item list (paths or texts): a resume must see the same data."""
-    digests = {}
-    for kind, values in items.items():
-        digest = hashlib.blake2b(digest_size=16)
-        for value in values:
-            digest.update(json.dumps(str(value), ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n")
-        digests[kind] = digest.hexdigest()
-    return digests
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

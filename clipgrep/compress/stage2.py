@@ -14,7 +14,7 @@ the same captions and images, never the student's own (the [3P] bug).
 
 Hard negatives (L_HN) come from the whole training set, not the batch: for
 each caption, the K training images nearest to it, minus its own image and any
-image with an identical caption (``mine_caption_negatives``). They are mined
+image with an identical caption (``mining.mine_caption_negatives``). They are mined
 at the start of every ``refresh_every``-th epoch of a step (0: once per step,
 the static "pre-computed index" reading of the paper) for the captions the
 coming epochs will use, and each mining rebuilds the index with the *current*
@@ -58,9 +58,9 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -78,18 +78,7 @@ from .checkpoint import (
 )
 from .data import PairSet, load_pairs, split_pairs
 from .losses import LossWeights, stage2_loss
-from .mining import mine_hard_negatives
-
-# Training plumbing shared with stage 1 (device, seeding, optimiser groups, schedule, digests).
-from .stage1 import (
-    _data_digests,
-    _is_int,
-    _param_groups,
-    _resolve_device,
-    _seed_everything,
-    _warmup_cosine,
-    _write_text,
-)
+from .mining import mine_caption_negatives
 from .teacher import (
     CacheProgress,
     cached_embeddings,
@@ -99,9 +88,21 @@ from .teacher import (
     load_teacher,
     parse_teacher,
 )
+from .training import (
+    JsonConfig,
+    check_counts,
+    config_changes,
+    data_digests,
+    is_number,
+    param_groups,
+    resolve_device,
+    seed_everything,
+    tower_of,
+    warmup_cosine,
+    write_text_atomic,
+)
 
-__all__ = ["CHECKPOINT", "STEPS", "HardNegativeProgress", "Stage2Config", "Stage2Progress",
-           "mine_caption_negatives", "run"]
+__all__ = ["CHECKPOINT", "STEPS", "HardNegativeProgress", "Stage2Config", "Stage2Progress", "run"]
 
 CHECKPOINT = "checkpoint.pt"
 STEPS = ("image", "text")  # 2a, 2b: the paper's order
@@ -111,7 +112,7 @@ _STEP_NAMES = {"image": "2a", "text": "2b"}
 
 
 @dataclass(frozen=True)
-class Stage2Config:
+class Stage2Config(JsonConfig):
     """Everything stage 2 needs; ``out/config.json`` holds the resolved copy.
 
     ``teacher`` is a teacher SPEC (``teacher.parse_teacher``); ``student`` a stage-1
@@ -125,6 +126,9 @@ class Stage2Config:
 
     >>> Stage2Config("ViT-B-32-quickgelu:openai", "runs/s1", "coco/pairs.jsonl", "runs/s2")  # doctest: +SKIP
     """
+
+    config_kind: ClassVar[str] = "stage-2 config"
+    required_hint: ClassVar[str] = "give teacher, student, pairs, out"
 
     teacher: str
     student: str
@@ -154,25 +158,19 @@ class Stage2Config:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(self.steps))  # JSON gives a list
-        for name, low in (("epochs_image", 1), ("epochs_text", 1), ("batch_size", 2), ("warmup_steps", 0),
-                          ("hard_negatives_k", 1), ("refresh_every", 0), ("seed", 0), ("checkpoint_every", 1)):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < low:
-                raise ClipgrepError(f"{name} must be a whole number >= {low}, not {getattr(self, name)!r}",
-                                    f"set {name} to {low} or more")
-        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < 1):
-            raise ClipgrepError(f"max_steps must be a whole number >= 1, not {self.max_steps!r}",
-                                "leave it unset to train for all epochs")
+        check_counts(self, {"epochs_image": 1, "epochs_text": 1, "batch_size": 2, "warmup_steps": 0,
+                            "hard_negatives_k": 1, "refresh_every": 0, "seed": 0, "checkpoint_every": 1})
         for name in ("lr", "temperature", "kd_temperature"):
             value = getattr(self, name)
-            if not (value is None and name == "kd_temperature") and not (_is_number(value) and value > 0):
+            if not (value is None and name == "kd_temperature") and not (is_number(value) and value > 0):
                 raise ClipgrepError(f"{name} must be a positive number, not {value!r}",
                                     f"e.g. {name}={getattr(Stage2Config, name) or 0.01}")
         for name in ("weight_decay", "weight_t2v", "weight_v2t", "weight_kd", "weight_hn"):
-            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
+            if not is_number(getattr(self, name)) or getattr(self, name) < 0:
                 raise ClipgrepError(f"{name} must be a number >= 0, not {getattr(self, name)!r}", "0 switches it off")
         if not any((self.weight_t2v, self.weight_v2t, self.weight_kd, self.weight_hn)):
             raise ClipgrepError("every loss weight is 0: nothing to train", "keep at least one term, e.g. t2v=1")
-        if not (_is_number(self.val_fraction) and 0 <= self.val_fraction < 1):
+        if not (is_number(self.val_fraction) and 0 <= self.val_fraction < 1):
             raise ClipgrepError(f"val_fraction must be in [0, 1), not {self.val_fraction!r}", "e.g. 0.1")
         if not self.steps or self.steps != tuple(s for s in STEPS if s in self.steps):
             raise ClipgrepError(f"steps must be image, text or image,text, not {','.join(map(str, self.steps))!r}",
@@ -183,29 +181,6 @@ class Stage2Config:
     @property
     def weights(self) -> LossWeights:
         return LossWeights(self.weight_t2v, self.weight_v2t, self.weight_kd, self.weight_hn)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> Stage2Config:
-        """Read ``to_json``'s output (e.g. ``Path("runs/s2/config.json").read_text()``)."""
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise ClipgrepError(f"stage-2 config is not valid JSON ({e})", "write it with Stage2Config.to_json") from None
-        known = {f.name for f in fields(cls)}
-        if not isinstance(data, dict) or set(data) - known:
-            extra = sorted(set(data) - known) if isinstance(data, dict) else data
-            raise ClipgrepError(f"not a stage-2 config: unexpected {extra!r}", f"use only the keys {sorted(known)}")
-        try:
-            return cls(**data)
-        except TypeError as e:
-            raise ClipgrepError(f"incomplete stage-2 config: {e}", "give teacher, student, pairs, out") from None
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -240,24 +215,6 @@ class HardNegativeProgress:
 Progress = Callable[[Stage2Progress | HardNegativeProgress | CacheProgress], None]
 
 
-def mine_caption_negatives(caption_embeddings: np.ndarray, image_embeddings: np.ndarray, pairs: PairSet,
-                           caption_ids: np.ndarray, k: int) -> np.ndarray:
-    """[len(caption_ids), k] ids of the images of ``pairs`` nearest each caption (-1 pads).
-
-    ``caption_embeddings[i]`` embeds caption ``caption_ids[i]``; ``image_embeddings``
-    has one row per image of ``pairs``. Never returned for a caption: its own image,
-    and any image that has a caption with exactly the same text (a true match too).
-
-    Example: ``mine_caption_negatives(text_emb[ids], image_bank, train, ids, k=8)``
-    """
-    caption_ids = np.asarray(caption_ids, dtype=np.int64)
-    images_of_text: dict[str, set[int]] = {}
-    for text, image in zip(pairs.captions, pairs.caption_image.tolist()):
-        images_of_text.setdefault(text, set()).add(image)
-    exclude = [images_of_text[pairs.captions[c]] for c in caption_ids.tolist()]
-    return mine_hard_negatives(caption_embeddings, image_embeddings, pairs.caption_image[caption_ids], k, exclude)
-
-
 def run(config: Stage2Config, on_progress: Progress | None = None) -> Path:
     """Run (or resume) stage 2 and return ``<out>/student``, an open_clip local dir.
 
@@ -271,8 +228,8 @@ def run(config: Stage2Config, on_progress: Progress | None = None) -> Path:
     resume = _load_resume(Path(config.out) / CHECKPOINT, config, _pairs_digests(train), student_digest)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / STAGE_CONFIG, config.to_json())
-    _seed_everything(config.seed)  # before the teacher: a random-init teacher draws from it
+    write_text_atomic(out / STAGE_CONFIG, config.to_json())
+    seed_everything(config.seed)  # before the teacher: a random-init teacher draws from it
     teacher = load_teacher(config.teacher, config.device)
     kinds = ("text", "image") if config.weight_kd else ("text",)  # teacher images only feed L_KD
     items = {"text": train.captions, "image": train.images}
@@ -312,7 +269,7 @@ def _resolve(config: Stage2Config) -> tuple[Stage2Config, Path]:
                             "pass another --out")
     absolute["student"] = str(student_dir)
     resolved = dataclasses.replace(config, teacher=format_teacher(parse_teacher(config.teacher)),
-                                   device=_resolve_device(config.device), **absolute)
+                                   device=resolve_device(config.device), **absolute)
     return resolved, student_dir
 
 
@@ -341,9 +298,7 @@ def _load_resume(path: Path, config: Stage2Config, data: dict[str, str], student
     if not path.is_file():
         return None
     state = load_training_state(path)
-    saved, current = state.extra.get("config", {}), asdict(config)
-    diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items()
-             if k not in RESUME_FREE and saved.get(k) != v]
+    diffs = config_changes(state.extra.get("config", {}), config, RESUME_FREE)
     if state.extra.get("data") != data:
         diffs.append("the training pairs changed")
     if state.extra.get("student_blake2b") != student_digest:
@@ -356,7 +311,7 @@ def _load_resume(path: Path, config: Stage2Config, data: dict[str, str], student
 
 
 def _pairs_digests(pairs: PairSet) -> dict[str, str]:
-    return _data_digests({"image": pairs.images, "text": pairs.captions, "pairs": pairs.caption_image.tolist()})
+    return data_digests({"image": pairs.images, "text": pairs.captions, "pairs": pairs.caption_image.tolist()})
 
 
 def _file_digest(path: Path) -> str:
@@ -470,9 +425,9 @@ class _Run:
 
         c = self.config
         self.phase, self.hard_negatives, self.mined_for = phase, None, None
-        self.optimizer = torch.optim.AdamW(_param_groups(self.student, (phase,), c.weight_decay), lr=c.lr)
+        self.optimizer = torch.optim.AdamW(param_groups(self.student, c.weight_decay, lambda name: tower_of(name) == phase), lr=c.lr)
         total = self.phase_steps[phase]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_cosine(min(c.warmup_steps, total),
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(min(c.warmup_steps, total),
                                                                                          total))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.image_bank = None

@@ -25,6 +25,7 @@ CLI syntax (``--student``), comma-separated ``key=value`` items, each key at mos
 
     image=teacher | N | b32-6l | s32 | timm:NAME | ARCH[:N]   (default teacher)
     text=teacher | N | text-Nl                                (default teacher)
+    text_width=W                                              (default: the teacher's)
     map=uniform | first                                       (default uniform)
     init=teacher | random | PATH                              (default teacher)
 
@@ -35,6 +36,13 @@ of another width starts random), ``random`` starts them random, ``PATH`` loads
 the image tower from a timm or open_clip checkpoint (the text tower then comes
 from the teacher). A tower left as ``teacher`` is always an exact copy. A PATH
 cannot contain a comma. Example: ``--student image=b32-6l,text=4``.
+
+``text_width=W`` narrows the text tower to width W (heads of the teacher's head
+width where W allows, else one head), which starts random. It is what a small
+teacher needs: the 49,408-token embedding table is ``vocab x width`` parameters,
+which dominates a narrow text tower however few blocks it keeps (a 64-wide
+teacher: 3.2M of its ~4M), so only a narrower table gets the student under the
+paper's 39 % of the teacher's size. Stage 1 distils the narrow tower from scratch.
 
 Parsing needs no torch; building imports it.
 """
@@ -54,7 +62,8 @@ __all__ = ["StudentPlan", "StudentSpec", "build_student", "count_params", "first
 
 IMAGE_PRESETS = {"b32-6l": ("teacher", 6), "s32": ("timm:vit_small_patch32_224", None)}
 _SYNTAX_HINT = ("use comma-separated key=value items: image=teacher|N|b32-6l|s32|timm:NAME|ARCH[:N], "
-                "text=teacher|N, map=uniform|first, init=teacher|random|PATH; e.g. image=b32-6l,text=4")
+                "text=teacher|N, text_width=W, map=uniform|first, init=teacher|random|PATH; "
+                "e.g. image=b32-6l,text=4")
 _VISION_BLOCK = re.compile(r"^(visual\.transformer\.resblocks\.)(\d+)(\..*)$")
 _TEXT_BLOCK = re.compile(r"^((?:text\.)?transformer\.resblocks\.)(\d+)(\..*)$")
 
@@ -68,9 +77,10 @@ class StudentSpec:
     name (its vision tower). ``text_layers``: blocks of the teacher's text tower to
     keep (None: all, an exact copy). ``layer_map``: which blocks ("uniform" or
     "first"). ``init``: "teacher", "random" or a checkpoint path (see the module doc).
+    ``text_width``: a narrower (random-init) text tower; None keeps the teacher's width.
 
     >>> StudentSpec(image="teacher", image_layers=6, text_layers=4)  # image=b32-6l,text=4
-    StudentSpec(image='teacher', image_layers=6, text_layers=4, layer_map='uniform', init='teacher')
+    StudentSpec(image='teacher', image_layers=6, text_layers=4, layer_map='uniform', init='teacher', text_width=None)
     """
 
     image: str = "teacher"
@@ -78,11 +88,12 @@ class StudentSpec:
     text_layers: int | None = None
     layer_map: str = "uniform"
     init: str = "teacher"
+    text_width: int | None = None
 
     def __post_init__(self) -> None:
         if self.layer_map not in ("uniform", "first"):
             raise ClipgrepError(f"unknown layer map {self.layer_map!r}", "use map=uniform or map=first")
-        for name in ("image_layers", "text_layers"):
+        for name in ("image_layers", "text_layers", "text_width"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ClipgrepError(f"{name} must be a positive whole number, not {value!r}", _SYNTAX_HINT)
@@ -102,7 +113,8 @@ class StudentSpec:
         else:
             image = self.image if self.image_layers is None else f"{self.image}:{self.image_layers}"
         text = "teacher" if self.text_layers is None else str(self.text_layers)
-        return f"image={image},text={text},map={self.layer_map},init={self.init}"
+        width = "" if self.text_width is None else f",text_width={self.text_width}"
+        return f"image={image},text={text}{width},map={self.layer_map},init={self.init}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,14 +128,14 @@ def parse_student(text: str) -> StudentSpec:
     """Parse a ``--student`` value (syntax in the module doc) into a ``StudentSpec``.
 
     >>> parse_student("image=b32-6l,text=4")
-    StudentSpec(image='teacher', image_layers=6, text_layers=4, layer_map='uniform', init='teacher')
+    StudentSpec(image='teacher', image_layers=6, text_layers=4, layer_map='uniform', init='teacher', text_width=None)
     """
     items: dict[str, str] = {}
     for item in (part.strip() for part in text.split(",")):
         key, sep, value = (s.strip() for s in item.partition("="))
         if not sep or not key or not value:
             raise ClipgrepError(f"invalid --student {text!r}: {item!r} is not key=value", _SYNTAX_HINT)
-        if key not in ("image", "text", "map", "init"):
+        if key not in ("image", "text", "text_width", "map", "init"):
             raise ClipgrepError(f"invalid --student {text!r}: unknown key {key!r}", _SYNTAX_HINT)
         if key in items:
             raise ClipgrepError(f"invalid --student {text!r}: {key} given twice", _SYNTAX_HINT)
@@ -131,7 +143,11 @@ def parse_student(text: str) -> StudentSpec:
     image, image_layers = _parse_image(items.get("image", "teacher"), text)
     text_layers = _parse_text(items.get("text", "teacher"), text)
     layer_map, init = items.get("map", "uniform"), items.get("init", "teacher")
-    return StudentSpec(image, image_layers, text_layers, layer_map, init)
+    width = items.get("text_width")
+    if width is not None and not (width.isdigit() and int(width) > 0):
+        raise ClipgrepError(f"invalid --student {text!r}: text_width={width} is not a width",
+                            "give a positive number of channels, e.g. text_width=256")
+    return StudentSpec(image, image_layers, text_layers, layer_map, init, None if width is None else int(width))
 
 
 def _parse_image(value: str, text: str) -> tuple[str, int | None]:
@@ -227,16 +243,25 @@ def plan_student(teacher_cfg: dict[str, Any], spec: StudentSpec) -> StudentPlan:
         image_layers = select(teacher_vision.get("layers", 12), cfg["vision_cfg"].get("layers", 12))
 
     text_init, text_layers = "teacher", None
-    if spec.text_layers is not None:
+    if spec.text_layers is not None or spec.text_width is not None:
         if "hf_model_name" in teacher_text:
-            raise ClipgrepError("cannot drop blocks from the teacher's Hugging Face text tower "
+            raise ClipgrepError("cannot shrink the teacher's Hugging Face text tower "
                                 f"({teacher_text['hf_model_name']})", "use text=teacher with this teacher")
-        cfg["text_cfg"]["layers"] = spec.text_layers
+        cfg["text_cfg"]["layers"] = spec.text_layers or teacher_text.get("layers", 12)
         text_init = "random" if spec.init == "random" else "teacher"
+        if spec.text_width is not None and spec.text_width != teacher_text.get("width", 512):
+            cfg["text_cfg"].update(width=spec.text_width, heads=_text_heads(teacher_text, spec.text_width))
+            text_init = "random"  # no teacher weight fits a narrower tower
     if text_init == "teacher" and "hf_model_name" not in teacher_text:
         total = teacher_text.get("layers", 12)
         text_layers = select(total, spec.text_layers or total)
     return StudentPlan(cfg, image_init, image_layers, text_init, text_layers)
+
+
+def _text_heads(teacher_text: dict[str, Any], width: int) -> int:
+    """Attention heads for a ``width``-wide text tower: the teacher's head width where it divides."""
+    head_width = teacher_text.get("width", 512) // teacher_text.get("heads", 8)
+    return width // head_width if width % head_width == 0 else 1
 
 
 def _student_vision_cfg(teacher_vision: dict[str, Any], spec: StudentSpec) -> tuple[dict[str, Any], bool]:

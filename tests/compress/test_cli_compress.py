@@ -77,11 +77,13 @@ def test_stage1_then_export_from_the_command_line(tmp_path: Path) -> None:
     arch = register_tiny_arch(tmp_path)
     pairs = generate_dataset(tmp_path / "data", 8, image_size=64)
     out = tmp_path / "s1"
-    result = run("stage1", "--teacher", f"{arch}:random", "--student", "text=1,init=random",
+    result = run("stage1", "--teacher", f"{arch}:random", "--student", "text=1,text_width=16",
                  "--texts", str(pairs.parent / "texts.txt"), "--out", str(out), "--epochs", "1",
                  "--batch-size", "4", "--max-steps", "3", "--checkpoint-every", "2")
     assert result.exit_code == 0, result.stderr
     assert result.stdout == ""
     assert (out / "student" / "open_clip_config.json").is_file() and (out / "config.json").is_file()
     assert "step 3/" in result.stderr
-    assert run("export", str(out), "s1", "--precision", "fp32").exit_code == 0
+    plan = json.loads((out / "student" / "config.json").read_text())["plan"]
+    assert plan["text_init"] == "random" and plan["model_cfg"]["text_cfg"]["width"] == 16
+    assert run("export", str(out), "s1", "--precision", "fp32").exit_code == 0  # through the parity gate

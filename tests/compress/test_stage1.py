@@ -40,15 +40,6 @@ TEACHER_CONFIG = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """Two torch threads on two shared cores spin against each other: 30x slower steps, measured."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 4+4-block teacher saved as a local dir, so its weights do not depend on any seed."""

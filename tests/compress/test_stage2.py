@@ -17,12 +17,12 @@ from typer.testing import CliRunner
 from clipgrep.cli import app
 from clipgrep.compress.checkpoint import load_local_dir, load_training_state, save_local_dir
 from clipgrep.compress.data import PairSet, load_pairs, split_pairs
+from clipgrep.compress.mining import mine_caption_negatives
 from clipgrep.compress.stage2 import (
     CHECKPOINT,
     HardNegativeProgress,
     Stage2Config,
     Stage2Progress,
-    mine_caption_negatives,
     run,
 )
 from clipgrep.compress.students import build_student, parse_student
@@ -36,15 +36,6 @@ TEACHER_CONFIG = {
     "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "patch_size": 8, "head_width": 32},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 4},
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """Two torch threads on two shared cores spin against each other: 30x slower steps, measured."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +108,9 @@ def test_one_step_reduces_the_loss_on_a_fixed_batch(phase: str, teacher_dir: Pat
     single.write_text("".join(json.dumps({"image": str(pairs.parent / r["image"]), "caption": r["captions"][0]})
                               + "\n" for r in rows))
     events: list[Any] = []
+    # val_fraction 0: the images' absolute paths (tmp dirs) would otherwise decide the split, anew each run.
     run(config(teacher_dir, stage1_dir, single, tmp_path / "out", cache, steps=(phase,), batch_size=64,
-               epochs_image=2, epochs_text=2, refresh_every=0, lr=1e-4), events.append)
+               epochs_image=2, epochs_text=2, refresh_every=0, lr=1e-4, val_fraction=0.0), events.append)
     first, second = steps_of(events)
     assert first.phase == second.phase == phase and first.losses.keys() == {"t2v", "v2t", "kd", "hn", "total"}
     # The objective is the weighted total; single terms may trade off against each other in one step.

@@ -10,6 +10,7 @@ import pytest
 pytestmark = pytest.mark.convert
 torch = pytest.importorskip("torch")
 
+from clipgrep.compress.stage1 import trained_towers
 from clipgrep.compress.students import (
     StudentSpec,
     build_student,
@@ -120,6 +121,8 @@ def test_first_layers_and_bad_counts() -> None:
     ("image=timm:vit_small_patch16_224,text=teacher,init=/w/vit=s.safetensors",
      StudentSpec("timm:vit_small_patch16_224", None, None, init="/w/vit=s.safetensors")),
     ("text=6", StudentSpec(text_layers=6)),
+    ("image=3,text=4,text_width=24", StudentSpec("teacher", 3, 4, text_width=24)),
+    ("text_width=16", StudentSpec(text_width=16)),
 ])
 def test_parse_student_and_round_trip(text: str, expected: StudentSpec) -> None:
     spec = parse_student(text)
@@ -139,6 +142,8 @@ def test_parse_student_and_round_trip(text: str, expected: StudentSpec) -> None:
     ("text=0", "at least one block"),
     ("image=0", "at least one block"),
     ("map=last", "unknown layer map 'last'"),
+    ("text_width=wide", "text_width=wide is not a width"),
+    ("text_width=0", "text_width=0 is not a width"),
     ("image=timm:vit_small_patch32_224:6", "cannot choose the number of blocks of a timm tower"),
     ("text=4,init=/w/vit.safetensors", "would load the image tower, but image=teacher keeps the teacher's"),
 ])
@@ -203,6 +208,24 @@ def test_random_init_leaves_only_kept_towers_and_the_logit_scale_from_the_teache
     assert not torch.equal(student.token_embedding.weight, teacher.token_embedding.weight)
     assert not torch.equal(student.transformer.resblocks[0].attn.in_proj_weight,
                            teacher.transformer.resblocks[0].attn.in_proj_weight)
+
+
+def test_narrow_text_tower_starts_random_with_the_teacher_head_width(teacher: Any) -> None:
+    student, cfg = build(teacher, "image=2,text=3,text_width=16")
+    assert cfg["text_cfg"] | {"width": 32, "heads": 2, "layers": 4} == TEACHER_CONFIG["text_cfg"]
+    assert (cfg["text_cfg"]["width"], cfg["text_cfg"]["heads"], cfg["text_cfg"]["layers"]) == (16, 1, 3)
+    assert student.token_embedding.weight.shape == (49408, 16)
+    assert student.text_projection.shape == (16, TEACHER_CONFIG["embed_dim"])
+    assert_blocks(student.visual.transformer.resblocks, teacher.visual.transformer.resblocks, [0, 3])
+    assert trained_towers(parse_student("text_width=16")) == ("text",)
+    # A width of the teacher's keeps the teacher's blocks; heads follow the head width (16 per head).
+    same_width, cfg = build(teacher, "text=2,text_width=32")
+    assert cfg["text_cfg"]["heads"] == 2
+    assert_blocks(same_width.transformer.resblocks, teacher.transformer.resblocks, [0, 3])
+    _, cfg = build(teacher, "text=2,text_width=48")
+    assert cfg["text_cfg"]["heads"] == 3
+    image, text = embed(student)
+    assert image.shape == text.shape == (3, TEACHER_CONFIG["embed_dim"])
 
 
 def test_parameter_counts_shrink_by_whole_blocks(teacher: Any) -> None:

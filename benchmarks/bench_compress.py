@@ -1,0 +1,301 @@
+#!/usr/bin/env python
+"""Proof benchmark for ``clipgrep compress``: a tiny teacher, the paper's two stages, and ablations.
+
+One command, CPU only, no downloads:
+
+1. generate a captioned shapes set (``compress.synthetic``: 1-3 groups of coloured shapes
+   with counts, sizes and positions; 5 templated captions per image) and split it by image
+   (``data.split_pairs``); everything below trains on the train side only;
+2. train a tiny CLIP teacher on it from scratch (``compress.teacher_training``; the shape of
+   ViT-B/32 in miniature: a 6-block ViT and a 12-block text tower, 64 wide);
+3. stage 1 (intra-modal contrastive KD) of a student with 3 of the 6 image blocks (copied
+   from the teacher) and a narrow text tower of 2, 4 or 6 blocks (random init, width 24);
+4. stage 2 (sequential fine-tuning: image then text, L_t2v + L_v2t + L_KD + L_HN with
+   corpus-level hard negatives) from the 4-block stage-1 student, in full and without KD
+   or without HN; in full from the 2- and 6-block ones;
+5. export teacher and students as int8 bundles through the parity gate, and evaluate them
+   all with ``compress.eval`` (the runtime path search uses) on the held-out images:
+   Recall@1/5/10 both ways (5-caption protocol), parameters, and ONNX encode speed at
+   batch 1 and 16, all timed in the same run, interleaved.
+
+It prints the ablation table (markdown) on stdout and checks the issue's targets for the
+full 4-block student: R@1 >= 0.97 x the teacher's both ways; stage 1 + 2 beats stage 1 alone
+(mean R@1); image >= 1.6x and text >= 2.9x faster than the teacher's towers at batch 1 and
+16; parameters <= 40 % of the teacher's. The exit status is 0 when every target holds, 1
+otherwise. Progress goes to stderr.
+
+Usage (from the repository root; needs the ``convert`` extra)::
+
+    .venv/bin/python benchmarks/bench_compress.py [--out bench-out/compress] [--quick]
+
+Each step resumes from its checkpoints and reuses finished outputs, so a second run only
+re-exports and re-evaluates; delete ``--out`` to train from scratch. ``--quick`` is a
+small, short run to check the plumbing (its figures mean nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+IMAGE_BLOCKS = 3  # of the teacher's 6
+TEXT_WIDTH = 24  # the teacher's is 64
+TEXT_BLOCKS = (2, 4, 6)  # of the teacher's 12
+MAIN_TEXT_BLOCKS = 4  # the paper's text student
+
+TARGET_RECALL_RATIO = 0.97
+TARGET_IMAGE_SPEEDUP = 1.6
+TARGET_TEXT_SPEEDUP = 2.9
+TARGET_PARAMS_RATIO = 0.40
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes and schedules; ``--quick`` shrinks them to check the plumbing in a minute or two."""
+
+    images: int = 5000
+    val_fraction: float = 0.2
+    teacher_epochs: int = 12
+    stage1_epochs: int = 3  # passes over the captions (5 per image): 15 over the images
+    stage1_lr: float = 2e-3
+    stage2_epochs: int = 3  # per step (2a image, 2b text)
+    stage2_lr: float = 1e-4
+    hard_negatives_k: int = 4
+    speed_repeats: int = 7
+    seed: int = 0
+    threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+
+
+QUICK = Settings(images=240, val_fraction=0.25, teacher_epochs=2, stage1_epochs=1, stage2_epochs=1,
+                 speed_repeats=2)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the ablation table: which stage-1 student, and stage 2 with which loss weights."""
+
+    name: str
+    label: str
+    text_blocks: int
+    stage2: dict[str, float] | None  # None: stage 1 only; else Stage2Config loss-weight overrides
+
+
+VARIANTS = (
+    Variant("s1-only", "stage 1 only", MAIN_TEXT_BLOCKS, None),
+    Variant("s2-no-kd", "+ stage 2 without KD", MAIN_TEXT_BLOCKS, {"weight_kd": 0.0}),
+    Variant("s2-no-hn", "+ stage 2 without HN", MAIN_TEXT_BLOCKS, {"weight_hn": 0.0}),
+    Variant("full", "full (stage 1 + stage 2)", MAIN_TEXT_BLOCKS, {}),
+    Variant("full-t2", "full, 2-block text", 2, {}),
+    Variant("full-t6", "full, 6-block text", 6, {}),
+)
+MAIN = "full"
+
+
+def note(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def progress(label: str) -> Any:
+    """A stderr line every ~10 % of a training run (or embedding pass)."""
+    last = {"step": -1}
+
+    def report(p: Any) -> None:
+        if hasattr(p, "step") and (p.step == p.total_steps or p.step - last["step"] >= max(1, p.total_steps // 10)):
+            last["step"] = p.step
+            losses = " ".join(f"{k} {v:.3f}" for k, v in p.losses.items())
+            phase = f"{p.phase} " if getattr(p, "phase", None) else ""
+            note(f"{label}: {phase}step {p.step}/{p.total_steps} {losses} ({p.items_per_s:.0f}/s)")
+
+    return report
+
+
+def student_spec(text_blocks: int) -> str:
+    return f"image={IMAGE_BLOCKS},text={text_blocks},text_width={TEXT_WIDTH}"
+
+
+def prepare_data(out: Path, s: Settings) -> tuple[Path, Path, Path]:
+    """The pairs file, and list files of the train split's images and captions (stage 1's inputs)."""
+    from clipgrep.compress.data import load_pairs, split_pairs
+    from clipgrep.compress.synthetic import generate_dataset
+
+    data = out / "data"
+    pairs = data / "pairs.jsonl"
+    if not pairs.is_file():
+        note(f"generating {s.images} captioned images")
+        generate_dataset(data, s.images, seed=s.seed)
+    train, val = split_pairs(load_pairs(pairs), s.val_fraction, s.seed)
+    images, texts = out / "train-images.txt", out / "train-captions.txt"
+    images.write_text("".join(f"{p}\n" for p in train.images), encoding="utf-8")
+    texts.write_text("".join(f"{c}\n" for c in train.captions), encoding="utf-8")
+    note(f"data: {len(train.images)} train images / {len(train.captions)} captions, "
+         f"{len(val.images)} held-out images / {len(val.captions)} captions")
+    return pairs, images, texts
+
+
+def train_teacher(out: Path, pairs: Path, s: Settings) -> Path:
+    from clipgrep.compress.teacher_training import TeacherTrainConfig
+    from clipgrep.compress.teacher_training import train_teacher as train
+
+    config = TeacherTrainConfig(str(pairs), str(out / "teacher"), epochs=s.teacher_epochs,
+                                val_fraction=s.val_fraction, seed=s.seed, device="cpu")
+    note("training the teacher from scratch")
+    return train(config, progress("teacher"))
+
+
+def stage1(out: Path, teacher: Path, images: Path, texts: Path, text_blocks: int, s: Settings) -> Path:
+    from clipgrep.compress import stage1 as stage
+
+    config = stage.Stage1Config(str(teacher), student_spec(text_blocks), str(images), str(texts),
+                                str(out / f"stage1-t{text_blocks}"), epochs=s.stage1_epochs, lr=s.stage1_lr,
+                                warmup_steps=30, seed=s.seed, device="cpu")
+    note(f"stage 1, {text_blocks}-block text student")
+    return stage.run(config, progress(f"stage 1 t{text_blocks}"))
+
+
+def stage2(out: Path, teacher: Path, student: Path, pairs: Path, variant: Variant, s: Settings) -> Path:
+    from clipgrep.compress import stage2 as stage
+
+    config = stage.Stage2Config(str(teacher), str(student), str(pairs), str(out / f"stage2-{variant.name}"),
+                                epochs_image=s.stage2_epochs, epochs_text=s.stage2_epochs, lr=s.stage2_lr,
+                                warmup_steps=20, hard_negatives_k=s.hard_negatives_k,
+                                val_fraction=s.val_fraction, seed=s.seed, device="cpu")
+    config = replace(config, **(variant.stage2 or {}))
+    note(f"stage 2, {variant.label}")
+    return stage.run(config, progress(f"stage 2 {variant.name}"))
+
+
+def export(name: str, checkpoint: Path) -> None:
+    from clipgrep.compress.export import export_student
+
+    note(f"exporting {name}")
+    export_student(checkpoint, name, "int8", replace=True)
+
+
+def evaluate(pairs: Path, names: list[str], s: Settings) -> list[dict[str, Any]]:
+    from clipgrep.compress.eval import EvalConfig, compare
+    from clipgrep.compress.eval import evaluate as run
+
+    config = EvalConfig(str(pairs), tuple(names), split="val", val_fraction=s.val_fraction, seed=s.seed,
+                        speed_repeats=s.speed_repeats)
+    return compare(run(config, note))
+
+
+def table(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
+    head = ("| model | params (x teacher) | t2i R@1 | i2t R@1 | t2i R@5 | i2t R@5 | R@1 x teacher (t2i / i2t) "
+            "| image speed-up b1 / b16 | text speed-up b1 / b16 |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {labels[r['name']]} | {r['params'] / 1e6:.2f}M ({r['params_ratio']:.2f}) "
+            f"| {r['t2i_R@1']:.3f} | {r['i2t_R@1']:.3f} | {r['t2i_R@5']:.3f} | {r['i2t_R@5']:.3f} "
+            f"| {r['t2i_R@1_ratio']:.3f} / {r['i2t_R@1_ratio']:.3f} "
+            f"| {r['image_speedup_b1']:.2f} / {r['image_speedup_b16']:.2f} "
+            f"| {r['text_speedup_b1']:.2f} / {r['text_speedup_b16']:.2f} |")
+    return "\n".join(lines)
+
+
+def speed_table(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
+    lines = ["| model | image ms b1 | image ms b16 | text ms b1 | text ms b16 |", "|---|---|---|---|---|"]
+    lines += [f"| {labels[r['name']]} | {r['image_ms_b1']:.3f} | {r['image_ms_b16']:.3f} | {r['text_ms_b1']:.3f} "
+              f"| {r['text_ms_b16']:.3f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def targets(rows: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool]]:
+    """(target, measured, met) for the full 4-block student."""
+    full, s1 = rows[f"bench-{MAIN}"], rows["bench-s1-only"]
+    checks = []
+    for direction in ("t2i", "i2t"):
+        ratio = full[f"{direction}_R@1_ratio"]
+        checks.append((f"{direction} R@1 >= {TARGET_RECALL_RATIO} x teacher", f"{ratio:.3f}",
+                       ratio >= TARGET_RECALL_RATIO))
+    mean_full = (full["t2i_R@1"] + full["i2t_R@1"]) / 2
+    mean_s1 = (s1["t2i_R@1"] + s1["i2t_R@1"]) / 2
+    checks.append(("stage 1 + 2 beats stage 1 alone (mean R@1)", f"{mean_full:.3f} vs {mean_s1:.3f}",
+                   mean_full > mean_s1))
+    for kind, target in (("image", TARGET_IMAGE_SPEEDUP), ("text", TARGET_TEXT_SPEEDUP)):
+        for batch in (1, 16):
+            speedup = full[f"{kind}_speedup_b{batch}"]
+            checks.append((f"{kind} >= {target}x faster at batch {batch}", f"{speedup:.2f}x", speedup >= target))
+    checks.append((f"params <= {TARGET_PARAMS_RATIO:.0%} of the teacher's", f"{full['params_ratio']:.1%}",
+                   full["params_ratio"] <= TARGET_PARAMS_RATIO))
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(ROOT / "bench-out" / "compress"), help="work directory (reused)")
+    parser.add_argument("--quick", action="store_true", help="a tiny, short run that checks the plumbing")
+    parser.add_argument("--threads", type=int, help="torch and onnxruntime threads (default: all CPUs)")
+    args = parser.parse_args(argv)
+    s = QUICK if args.quick else Settings()
+    if args.threads:
+        s = replace(s, threads=args.threads)
+    out = Path(args.out).expanduser().resolve() / ("quick" if args.quick else "full")
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ["CLIPGREP_HOME"] = str(out / "home")  # bundles install here, not among the user's models
+
+    import torch
+
+    torch.set_num_threads(s.threads)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def timed(key: str, fn: Any, *a: Any) -> Any:
+        t0 = time.perf_counter()
+        result = fn(*a)
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+        return result
+
+    pairs, images, texts = prepare_data(out, s)
+    teacher = timed("teacher training", train_teacher, out, pairs, s)
+    stage1_dirs = {k: timed(f"stage 1 ({len(TEXT_BLOCKS)} students)", stage1, out, teacher, images, texts, k, s)
+                   for k in TEXT_BLOCKS}
+    checkpoints = {"bench-teacher": teacher}
+    for v in VARIANTS:
+        student = stage1_dirs[v.text_blocks]
+        if v.stage2 is not None:
+            student = timed(f"stage 2 ({sum(x.stage2 is not None for x in VARIANTS)} runs)",
+                            stage2, out, teacher, student, pairs, v, s)
+        checkpoints[f"bench-{v.name}"] = student
+    for name, checkpoint in checkpoints.items():
+        timed("export", export, name, checkpoint)
+    rows = timed("eval", evaluate, pairs, list(checkpoints), s)
+    by_name = {r["name"]: r for r in rows}
+    labels = {"bench-teacher": "teacher (6-block ViT, 12-block text)",
+              **{f"bench-{v.name}": v.label for v in VARIANTS}}
+    checks = targets(by_name)
+    (out / "results.json").write_text(json.dumps({"settings": s.__dict__, "rows": rows, "timings_s": timings,
+                                                   "targets": checks}, indent=2) + "\n", encoding="utf-8")
+
+    teacher_meta = json.loads((teacher / "config.json").read_text(encoding="utf-8"))
+    val = rows[0]
+    print(f"## clipgrep compress proof ({'quick' if args.quick else 'full'} run, {s.threads} threads)\n")
+    print(f"- Data: {s.images} generated images, 5 captions each; held out: {val['n_images']} images / "
+          f"{val['n_captions']} captions (split by image, val_fraction {s.val_fraction}).")
+    print(f"- Teacher: trained from scratch for {teacher_meta['steps']} steps in {timings['teacher training']:.0f} s.")
+    print(f"- Students: {IMAGE_BLOCKS} of the teacher's 6 image blocks, text towers of width {TEXT_WIDTH} "
+          f"(teacher 64). Bundles: int8, timed through the runtime encoders (median of {s.speed_repeats}).")
+    print("- Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+          + f"; total {time.perf_counter() - started:.0f} s.\n")
+    print(table(rows, labels))
+    print()
+    print(speed_table(rows, labels))
+    print()
+    print(f"Targets for the full {MAIN_TEXT_BLOCKS}-block student:\n")
+    print("| target | measured | met |\n|---|---|---|")
+    for target, measured, met in checks:
+        print(f"| {target} | {measured} | {'yes' if met else 'NO'} |")
+    return 0 if all(met for _, _, met in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
