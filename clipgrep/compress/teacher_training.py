@@ -286,7 +286,6 @@ def _resolve(config: TeacherTrainConfig) -> TeacherTrainConfig:
     """Absolute paths and a concrete device, so configs compare by value."""
     import dataclasses
 
-
     paths = {name: os.path.abspath(Path(getattr(config, name)).expanduser()) for name in ("pairs", "out")}
     return dataclasses.replace(config, device=resolve_device(config.device), **paths)
 
@@ -311,7 +310,7 @@ def _data_digest(pairs: PairSet) -> str:
     def name(path: Path) -> str:
         return path.relative_to(pairs.root).as_posix() if pairs.root and path.is_relative_to(pairs.root) else str(path)
 
-    return data_digest((name(pairs.images[image]), caption) for caption, image in zip(pairs.captions, pairs.caption_image))
+    return data_digest((name(pairs.images[i]), caption) for caption, i in zip(pairs.captions, pairs.caption_image))
 
 
 @dataclass(frozen=True, eq=False)
