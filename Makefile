@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test golden bench completions-check clean
+.PHONY: test golden bench bench-compress completions-check clean
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
@@ -25,6 +25,11 @@ golden: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_runtime.py
+	$(PY) benchmarks/bench_index.py
+
+# The compression proof: tiny teacher, stage 1 + 2, ablations; about 50 minutes on 2 cores.
+bench-compress: $(VENV)/.installed
+	$(PY) benchmarks/bench_compress.py
 
 clean:
 	rm -rf $(VENV) bench-out .pytest_cache
