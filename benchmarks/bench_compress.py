@@ -105,7 +105,7 @@ def note(message: str) -> None:
 
 
 def progress(label: str) -> Any:
-    """A stderr line every ~10 % of a training run (or embedding pass)."""
+    """A stderr line every ~10 % of a training run; embedding-cache reports are not shown."""
     last = {"step": -1}
 
     def report(p: Any) -> None:
