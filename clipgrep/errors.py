@@ -32,3 +32,9 @@ class ConversionError(ClipgrepError):
 
 class NeedsExtra(ClipgrepError):
     """An optional dependency (torch, open_clip) is needed for this command."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of a third-party exception's text (or its type), for a one-line message."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

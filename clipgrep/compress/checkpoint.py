@@ -23,17 +23,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ClipgrepError
+from ..errors import ClipgrepError, first_line
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 WEIGHTS = "open_clip_model.safetensors"
@@ -77,7 +76,7 @@ def load_local_dir(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any], d
 
     >>> model, model_cfg, preprocess = load_local_dir("runs/s1/student")  # doctest: +SKIP
     """
-    from ..convert.torch_env import import_open_clip
+    from ..convert.torch_env import import_open_clip, quiet_open_clip_logging
 
     local = Path(path).expanduser()
     try:
@@ -91,10 +90,10 @@ def load_local_dir(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any], d
         raise ClipgrepError(f"{local} has no {WEIGHTS}", "the stage that wrote it did not finish; run it again")
     open_clip = import_open_clip()
     try:
-        with _quiet_logging():
+        with quiet_open_clip_logging():
             model = open_clip.create_model(f"local-dir:{local}", weights_only=True)
     except (RuntimeError, ValueError, KeyError, OSError) as e:
-        raise ClipgrepError(f"open_clip could not load {local}: {_first_line(e)}",
+        raise ClipgrepError(f"open_clip could not load {local}: {first_line(e)}",
                             "the weights do not match open_clip_config.json; write the dir again") from None
     return model.eval(), model_cfg, dict(open_clip.get_model_preprocess_cfg(model))
 
@@ -126,7 +125,7 @@ def save_training_state(path: str | os.PathLike[str], step: int, model_state: Ma
 
     target = Path(path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": TRAINING_STATE_FORMAT, "step": int(step), "model": _strip_compile_prefix(model_state),
+    payload = {"format": TRAINING_STATE_FORMAT, "step": int(step), "model": strip_compile_prefix(model_state),
                "optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng_states,
                "extra": extra or {}}
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
@@ -160,7 +159,7 @@ def load_training_state(path: str | os.PathLike[str], map_location: Any = "cpu")
     try:
         payload = torch.load(source, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        raise ClipgrepError(f"cannot read training checkpoint {source}: {_first_line(e)}", "it is damaged or "
+        raise ClipgrepError(f"cannot read training checkpoint {source}: {first_line(e)}", "it is damaged or "
                             "was not written by clipgrep compress; start without --resume") from None
     if not isinstance(payload, dict) or payload.get("format") != TRAINING_STATE_FORMAT:
         raise ClipgrepError(f"{source} is not a clipgrep training checkpoint (format {TRAINING_STATE_FORMAT})",
@@ -210,7 +209,8 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _strip_compile_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
+def strip_compile_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Keys as if torch.compile had not wrapped the module (it inserts ``_orig_mod.``)."""
     stripped = {key.replace(_COMPILE_PREFIX, ""): value for key, value in state.items()}
     if len(stripped) != len(state):
         raise ValueError("state dict keys collide once torch.compile's _orig_mod. prefix is removed")
@@ -224,7 +224,7 @@ def _plain_tensors(state: Mapping[str, Any]) -> dict[str, Any]:
     a larger storage; those are cloned, the rest only made contiguous. Loading the
     clones back sets a tied parameter twice, to the same value.
     """
-    state = _strip_compile_prefix(state)
+    state = strip_compile_prefix(state)
     storages = Counter(t.untyped_storage().data_ptr() for t in state.values() if t.numel())
     plain = {}
     for key, tensor in state.items():
@@ -279,18 +279,3 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-@contextlib.contextmanager
-def _quiet_logging() -> Iterator[None]:
-    """open_clip logs "Loaded ... config" and the like to the root logger."""
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

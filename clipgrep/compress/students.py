@@ -55,7 +55,9 @@ from pathlib import Path
 from typing import Any
 
 from ..convert.onnx_export import count_params
+from ..convert.torch_env import import_open_clip
 from ..errors import ClipgrepError
+from .checkpoint import strip_compile_prefix
 
 __all__ = ["StudentPlan", "StudentSpec", "build_student", "count_params", "first_layers", "parse_student",
            "plan_student", "teacher_model_cfg", "uniform_layers"]
@@ -279,7 +281,7 @@ def _student_vision_cfg(teacher_vision: dict[str, Any], spec: StudentSpec) -> tu
             _check_keep(vision.get("layers", 12), spec.image_layers)
             vision["layers"] = spec.image_layers
         return vision, True
-    open_clip = _open_clip()
+    open_clip = import_open_clip()
     other = open_clip.get_model_config(spec.image)
     if other is None:
         raise ClipgrepError(f"open_clip has no architecture {spec.image!r} for the student's image tower",
@@ -318,7 +320,7 @@ def build_student(teacher_model: Any, teacher_model_cfg: dict[str, Any],
     """
     import torch
 
-    open_clip = _open_clip()
+    open_clip = import_open_clip()
     plan = plan_student(teacher_model_cfg, spec)
     student = _instantiate(open_clip, plan.model_cfg)
     with torch.no_grad():
@@ -358,7 +360,7 @@ def _check_timm_size(model: Any, vision_cfg: dict[str, Any]) -> None:
 
 def _copy_from_teacher(student: Any, teacher: Any, plan: StudentPlan) -> None:
     """Copy the logit scale/bias and every teacher-initialised tower, remapping block indices."""
-    unwrap = _strip_compile_prefix
+    unwrap = strip_compile_prefix
     source, teacher_buffers = unwrap(teacher.state_dict()), unwrap(dict(teacher.named_buffers()))
     student_state = student.state_dict()  # detached views: copying into them sets the parameters
     # Non-persistent buffers (CLIP's causal attn_mask) are not in state_dict.
@@ -407,7 +409,7 @@ def _load_image_checkpoint(student: Any, path: Path) -> None:
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
         raise ClipgrepError(f"cannot read init checkpoint {path}: {type(e).__name__}",
                             "use a .safetensors file or a torch state dict") from None
-    state = _strip_compile_prefix(state)
+    state = strip_compile_prefix(state)
     if any(k.startswith("visual.") for k in state):
         state, target = {k[7:]: v for k, v in state.items() if k.startswith("visual.")}, student.visual
     else:
@@ -422,11 +424,6 @@ def _load_image_checkpoint(student: Any, path: Path) -> None:
     if missing or unexpected:
         raise ClipgrepError(f"{misfit} (missing {missing[:3]}, unexpected {unexpected[:3]})",
                             "check that it is for the same model")
-
-
-def _strip_compile_prefix(state: dict[str, Any]) -> dict[str, Any]:
-    """Keys as if torch.compile had not wrapped the module (it inserts ``_orig_mod.``)."""
-    return {key.replace("_orig_mod.", ""): value for key, value in state.items()}
 
 
 def teacher_model_cfg(model: str | Path) -> dict[str, Any]:
@@ -446,13 +443,7 @@ def teacher_model_cfg(model: str | Path) -> dict[str, Any]:
         except (OSError, ValueError, KeyError, TypeError):
             raise ClipgrepError(f"{path} is missing or has no model_cfg", "pass an open_clip architecture "
                                 "name or a directory written by clipgrep compress") from None
-    cfg = _open_clip().get_model_config(name)
+    cfg = import_open_clip().get_model_config(name)
     if cfg is None:
         raise ClipgrepError(f"open_clip has no architecture {name!r}", "pass e.g. ViT-B-32, or a local dir path")
     return cfg
-
-
-def _open_clip() -> Any:
-    from ..convert.torch_env import import_open_clip
-
-    return import_open_clip()

@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..convert.torch_env import import_open_clip
 from ..errors import ClipgrepError
 from .checkpoint import (
     STAGE_CONFIG,
@@ -192,7 +193,7 @@ def train_teacher(config: TeacherTrainConfig, on_progress: Progress | None = Non
     write_text_atomic(out / STAGE_CONFIG, config.to_json())
     torch.manual_seed(config.seed)
     model = build_clip(config.model_cfg).to(config.device)
-    preprocess = dict(_open_clip().get_model_preprocess_cfg(model))
+    preprocess = dict(import_open_clip().get_model_preprocess_cfg(model))
     r = _Run(config, model, _TrainSet.load(train, preprocess, config.model_cfg))
     if resume is not None:
         r.restore(resume)
@@ -217,7 +218,7 @@ def build_clip(model_cfg: dict[str, Any], token_embedding_std: float = TOKEN_EMB
     """
     import torch
 
-    open_clip = _open_clip()
+    open_clip = import_open_clip()
     cfg = copy.deepcopy(model_cfg)
     try:
         model = open_clip.model.CLIP(**cfg)
@@ -249,7 +250,7 @@ def evaluate_torch(model: Any, pairs: PairSet, *, batch_size: int = 256, ks: Seq
     from .teacher import image_decode_pool, load_image_batch
 
     device = device or next(model.parameters()).device
-    cfg = PreprocessConfig.from_dict(_open_clip().get_model_preprocess_cfg(model))
+    cfg = PreprocessConfig.from_dict(import_open_clip().get_model_preprocess_cfg(model))
     tokens = _tokenizer(model.context_length).encode(pairs.captions)
     image_emb, text_emb = [], []
     with image_decode_pool() as pool:  # chunk by chunk: a large set never sits decoded in memory
@@ -274,12 +275,6 @@ def _tokenizer(context_length: int) -> Any:
     from ..embed.tokenizer import ClipTokenizer
 
     return ClipTokenizer.from_file(open_clip_bpe_path(), context_length=context_length)
-
-
-def _open_clip() -> Any:
-    from ..convert.torch_env import import_open_clip
-
-    return import_open_clip()
 
 
 def _resolve(config: TeacherTrainConfig) -> TeacherTrainConfig:

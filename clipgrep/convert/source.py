@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import logging
 import os
 import socket
 import urllib.parse
@@ -17,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConversionError
-from .torch_env import import_open_clip
+from ..errors import ConversionError, first_line
+from .torch_env import import_open_clip, quiet_open_clip_logging
 
 
 @dataclass(frozen=True)
@@ -73,11 +72,11 @@ def load_model(source: ModelSource) -> LoadedModel:
             _download(open_clip, model_name, pretrained)
             weights = f"open_clip pretrained tag {pretrained}"
     try:
-        with _quiet_logging():  # open_clip logs "initialized randomly" etc. to the root logger
+        with quiet_open_clip_logging():  # open_clip logs "initialized randomly" etc. to the root logger
             model = open_clip.create_model(model_name, pretrained=pretrained, weights_only=True)
             tokenizer = open_clip.get_tokenizer(model_name)
     except (RuntimeError, ValueError, KeyError, OSError) as e:
-        raise ConversionError(f"open_clip could not load {source.describe()}: {_first_line(e)}",
+        raise ConversionError(f"open_clip could not load {source.describe()}: {first_line(e)}",
                               "check that the checkpoint matches --arch") from None
     model.eval()
     preprocess = dict(open_clip.get_model_preprocess_cfg(model))
@@ -90,15 +89,6 @@ def load_model(source: ModelSource) -> LoadedModel:
         "torch_version": importlib.metadata.version("torch"),
     }
     return LoadedModel(_reparameterize(model), tokenizer, preprocess, provenance)
-
-
-@contextlib.contextmanager
-def _quiet_logging() -> Iterator[None]:
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
 
 
 def _checked_arch(open_clip: Any, arch: str | None) -> str:
@@ -131,7 +121,7 @@ def _download(open_clip: Any, arch: str, tag: str) -> Path:
 
     cfg = get_pretrained_cfg(arch, tag)
     try:
-        with _offline_unless_hub_reachable(), _quiet_logging():
+        with _offline_unless_hub_reachable(), quiet_open_clip_logging():
             return Path(download_pretrained(cfg))
     except Exception as e:  # hub, HTTP and OS errors all mean "could not fetch"
         repo = (cfg.get("hf_hub") or "").strip("/")
@@ -211,8 +201,3 @@ def _local_dir_arch(checkpoint: Path | None) -> str | None:
     except (OSError, ValueError, TypeError):
         return None
     return config.get("model_name") or config.get("model_cfg", {}).get("name")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

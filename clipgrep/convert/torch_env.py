@@ -5,7 +5,10 @@ never reaches it.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
+from collections.abc import Iterator
 from types import ModuleType
 
 from ..errors import NeedsExtra
@@ -62,3 +65,13 @@ def import_open_clip() -> ModuleType:
     except ImportError:
         raise NeedsExtra("this command needs open_clip_torch, which is not installed", _INSTALL_HINT) from None
     return open_clip
+
+
+@contextlib.contextmanager
+def quiet_open_clip_logging() -> Iterator[None]:
+    """open_clip logs "Loaded ... config", "initialized randomly" and the like to the root logger."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)

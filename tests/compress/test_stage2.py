@@ -30,28 +30,12 @@ from clipgrep.compress.synthetic import generate_dataset
 from clipgrep.compress.teacher import CacheProgress, load_teacher
 from clipgrep.errors import ClipgrepError
 
-TEACHER_ARCH = "clipgrep-tiny-s2-teacher"
-TEACHER_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 4},
-}
+from ..convert_support import random_teacher_dir
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 4+4-block teacher saved as a local dir, so its weights do not depend on any seed."""
-    from clipgrep.convert.torch_env import import_open_clip
-
-    open_clip = import_open_clip()
-    if open_clip.get_model_config(TEACHER_ARCH) is None:
-        path = tmp_path_factory.mktemp("arch") / f"{TEACHER_ARCH}.json"
-        path.write_text(json.dumps(TEACHER_CONFIG))
-        open_clip.add_model_config(path)
-    torch.manual_seed(0)
-    teacher = load_teacher(f"{TEACHER_ARCH}:random")
-    return save_local_dir(teacher.model, teacher.model_cfg, teacher.preprocess,
-                          tmp_path_factory.mktemp("teacher") / "tiny")
+    return random_teacher_dir(tmp_path_factory.mktemp("arch"), tmp_path_factory.mktemp("teacher") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ from clipgrep.compress.students import (
 )
 from clipgrep.errors import ClipgrepError
 
+from ..convert_support import register_arch, require_open_clip
+
 TEACHER_ARCH = "clipgrep-tiny-teacher-4l"
 # 160 px so that timm's 160 px test_vit fits as a replacement image tower; patch 32 keeps it at 26 tokens.
 TEACHER_CONFIG = {
@@ -34,13 +36,8 @@ TEACHER_CONFIG = {
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from clipgrep.convert.torch_env import import_open_clip
-
-    open_clip = import_open_clip()
-    if open_clip.get_model_config(TEACHER_ARCH) is None:
-        path = tmp_path_factory.mktemp("arch") / f"{TEACHER_ARCH}.json"
-        path.write_text(json.dumps(TEACHER_CONFIG))
-        open_clip.add_model_config(path)
+    open_clip = require_open_clip()
+    register_arch(TEACHER_ARCH, TEACHER_CONFIG, tmp_path_factory.mktemp("arch"))
     torch.manual_seed(0)
     model = open_clip.create_model(TEACHER_ARCH).eval()
     with torch.no_grad():
