@@ -291,10 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"## clipgrep compress proof ({'quick' if args.quick else 'full'} run, {s.threads} threads)\n")
     print(f"- Data: {s.images} generated images, 5 captions each; held out: {val['n_images']} images / "
           f"{val['n_captions']} captions (split by image, val_fraction {s.val_fraction}).")
-    print(f"- Teacher: trained from scratch for {teacher_meta['steps']} steps in {timings['teacher training']:.0f} s.")
+    reused = teacher_meta["resumed_from"] == teacher_meta["steps"]  # finished by an earlier run of this command
+    print(f"- Teacher: trained from scratch for {teacher_meta['steps']} steps"
+          + (" by an earlier run (reused)." if reused else f" in {timings['teacher training']:.0f} s."))
     print(f"- Students: {IMAGE_BLOCKS} of the teacher's 6 image blocks, text towers of width {TEXT_WIDTH} "
           f"(teacher 64). Bundles: int8, timed through the runtime encoders (median of {s.speed_repeats}).")
-    print("- Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+    print("- Wall time of this run (steps finished earlier are reused): " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
           + f"; total {time.perf_counter() - started:.0f} s.\n")
     print(table(rows, labels))
     print()
