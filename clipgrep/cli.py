@@ -71,7 +71,13 @@ def index(
         show_default=False)] = None,
     model: ModelOption = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help=(
-        "gitignore-style pattern to skip (repeatable); .clipgrepignore files work too."))] = None,
+        "gitignore-style pattern to skip (repeatable), remembered with the roots indexed (every root "
+        "when none is given); .clipgrepignore files work too."))] = None,
+    remove_exclude: Annotated[Optional[list[str]], typer.Option("--remove-exclude", help=(
+        "Forget a remembered exclude, written as it was given (repeatable)."))] = None,
+    prune: Annotated[bool, typer.Option("--prune", help=(
+        "Drop the rows of indexed files that are still there but left out now (excluded, hidden, "
+        "unreadable), and of roots that look unmounted; without it they are kept, with a warning."))] = False,
     hidden: Annotated[bool, typer.Option("--hidden", help="Include hidden files and directories.")] = False,
     follow_symlinks: Annotated[bool, typer.Option("--follow-symlinks", help="Follow symbolic links.")] = False,
     workers: Annotated[Optional[int], typer.Option(help="Decoding processes.", show_default="one per CPU")] = None,
@@ -79,7 +85,8 @@ def index(
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Exit if another index run holds the lock.")] = False,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar on stderr.",
                                                      show_default="on a terminal")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List skipped files and why.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=(
+        "List every skipped file and why, skipped by this run or an earlier one."))] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the run's report as JSON on stdout.")] = False,
 ) -> None:
     """Index images under ROOTS, or update the index: only new, changed, moved and deleted files cost work.
@@ -88,7 +95,8 @@ def index(
     Examples:
       clipgrep index ~/Pictures /mnt/photos
       clipgrep index                       # refresh every root indexed before
-      clipgrep index . -x 'raw/' -x '*.png'
+      clipgrep index . -x 'raw/' -x '*.png'  # remembered for this root
+      clipgrep index . --remove-exclude '*.png'
     """
     from .index.build import IndexOptions, update_index
     from .index.scan import ScanOptions
@@ -96,6 +104,7 @@ def index(
 
     options = IndexOptions(scan=ScanOptions(excludes=tuple(exclude or ()), include_hidden=hidden,
                                             follow_symlinks=follow_symlinks),
+                           remove_excludes=tuple(remove_exclude or ()), prune=prune,
                            workers=workers, retry_skipped=retry_skipped, wait_for_lock=not no_wait)
     show = sys.stderr.isatty() if progress is None else progress
     with render.step_progress("adding the default model", ("load model", "export ONNX", "quantize",
@@ -150,11 +159,28 @@ def search(
 @handle_errors
 def status(
     model: ModelOption = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print as one JSON object.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help=(
+        "Print as one JSON object; with --skipped, one object per file."))] = False,
+    skipped: Annotated[bool, typer.Option("--skipped", help=(
+        "List the files index runs skipped, as 'reason<TAB>path' lines, instead."))] = False,
+    null: Annotated[bool, typer.Option("--null", "-0", help="With --skipped: end records with NUL, not newline.")]
+    = False,
 ) -> None:
-    """Show indexed roots, model, rows, skipped files, size on disk, last run and the vector index."""
-    from .status import index_status
+    """Show indexed roots and their excludes, files, model, rows, skipped files, size on disk, last run
+    and the vector index.
 
+    \b
+    Examples:
+      clipgrep status
+      clipgrep status --skipped --json | jq -r .reason | sort | uniq -c
+    """
+    from .status import index_status, skipped_files
+
+    if skipped:
+        render.skipped_files(skipped_files(model), "json" if json_output else "reasons", null)
+        return
+    if null:
+        raise ClipgrepError("-0/--null goes with --skipped", "use: clipgrep status --skipped -0")
     info = index_status(model)
     if json_output:
         render.json_line(info)
@@ -164,12 +190,15 @@ def status(
 
 @app.command("forget")
 @handle_errors
-def forget(root: Annotated[Path, typer.Argument(help="A root given to 'clipgrep index' before.")]) -> None:
-    """Stop indexing ROOT and drop its images from the index (files are not touched)."""
+def forget(root: Annotated[Path, typer.Argument(help=(
+        "A root or file given to 'clipgrep index' before, or a folder or file inside a root."))]) -> None:
+    """Stop indexing ROOT and drop its images from the index (files are not touched).
+
+    A folder or file inside a root is excluded from that root from now on.
+    """
     from .index.forget import forget_root
 
-    removed = forget_root(str(root))
-    render.note(f"forgot {os.path.abspath(root)} ({removed} rows removed)")
+    render.forgotten(forget_root(str(root)))
 
 
 class Precision(str, Enum):

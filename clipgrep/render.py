@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from .bundle import Bundle
     from .errors import ClipgrepError
     from .index.build import IndexProgress, IndexReport
+    from .index.forget import Forgotten
+    from .index.state import Skipped
     from .models import ModelEntry
     from .search import Hit
 
@@ -167,16 +169,18 @@ def index_summary(report: IndexReport, verbose: bool) -> None:
     skipped = len(report.skipped)
     if skipped:
         parts.append(f"{skipped} skipped" + ("" if verbose else " (--verbose lists them)"))
+    if report.kept:
+        parts.append(f"{report.kept} kept")
     note(f"{report.rows} images indexed ({', '.join(parts)}) in {report.seconds:.1f} s")
-    if verbose:
-        for item in report.skipped:
+    if verbose:  # every file skipped now, by this run or an earlier one
+        for item in report.skipped_files:
             print(f"  skipped {os.fsdecode(os.fsencode(item.path))}: {item.reason}", file=sys.stderr)
     for path, reason in report.scan_problems:
         print(f"  warning: {path}: {reason}", file=sys.stderr)
 
 
 def index_report_json(report: IndexReport) -> None:
-    data = {k: v for k, v in vars(report).items() if k not in ("skipped", "scan_problems")}
+    data = {k: v for k, v in vars(report).items() if k not in ("skipped", "skipped_files", "scan_problems")}
     data["skipped"] = [{"path": s.path, "reason": s.reason} for s in report.skipped]
     data["scan_problems"] = [{"path": p, "reason": r} for p, r in report.scan_problems]
     line = json.dumps(data, ensure_ascii=False)
@@ -210,12 +214,39 @@ def index_progress(show: bool) -> Iterator[Callable[[IndexProgress], None]]:
         yield update
 
 
+def forgotten(result: Forgotten) -> None:
+    line = f"forgot {result.path} ({result.removed} rows removed)"
+    if result.pattern and result.excluded_from:
+        import shlex
+
+        root, pattern = shlex.quote(result.excluded_from), shlex.quote(result.pattern)
+        line += (f"; {result.excluded_from} excludes {pattern} from now on "
+                 f"('clipgrep index {root} --remove-exclude {pattern}' undoes it)")
+    note(line)
+
+
+def skipped_files(items: Sequence[Skipped], fmt: str, null: bool) -> None:
+    """Skipped files on stdout: ``reason<TAB>path`` (like search's ``score<TAB>path``) or ``json`` lines."""
+    sys.stdout.flush()
+    end = b"\0" if null else b"\n"
+    for item in items:
+        if fmt == "json":
+            line = json.dumps({"path": item.path, "reason": item.reason, "size": item.size,
+                               "mtime_ns": item.mtime_ns}, ensure_ascii=False)
+            sys.stdout.buffer.write(line.encode("utf-8", "backslashreplace") + end)
+        else:
+            _write_path_line(f"{item.reason}\t", item.path, end)
+    sys.stdout.buffer.flush()
+
+
 def status(info: dict[str, Any]) -> None:
     lines = []
     for key, value in info.items():
         if key.endswith("_bytes"):
             key, value = key[: -len("_bytes")], human_bytes(value)
-        if isinstance(value, list):
+        if isinstance(value, dict):  # root -> its excludes
+            value = "; ".join(f"{k}: {' '.join(v)}" for k, v in value.items()) or "-"
+        elif isinstance(value, list):
             value = ", ".join(map(str, value)) or "-"
         elif isinstance(value, bool):
             value = "yes" if value else "no"

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .paths import index_dir, snapshot_dir
+
+if TYPE_CHECKING:
+    from .index.state import Skipped
 
 
 def _disk_bytes(path: Path) -> int:
@@ -20,15 +23,19 @@ def _disk_bytes(path: Path) -> int:
 
 
 def index_status(model: str | None = None) -> dict[str, Any]:
-    """Roots, model, row count, skipped count, size on disk, last run, vector index."""
+    """Roots (with their excludes), files, model, row count, skipped count, size on disk, last run,
+    vector index."""
     from .errors import ModelNotFound
-    from .index.state import last_run, load_skipped, remembered_roots
+    from .index.state import last_run, load_skipped, load_tracked
     from .models import default_model_name, load_model
     from .snapshot import read_snapshot
 
     directory = index_dir()
     name = model or default_model_name()
-    info: dict[str, Any] = {"index": str(directory), "roots": remembered_roots(directory), "model": name}
+    roots, files = load_tracked(directory)
+    info: dict[str, Any] = {"index": str(directory), "roots": sorted(roots),
+                            "excludes": {p: list(r.excludes) for p, r in sorted(roots.items()) if r.excludes},
+                            "files": sorted(files), "model": name}
     try:
         bundle = load_model(name, auto_install=False)
     except ModelNotFound:
@@ -47,3 +54,18 @@ def index_status(model: str | None = None) -> dict[str, Any]:
         "vector_index": bool(snapshot.meta.get("vector_index")) if snapshot is not None else False,
     })
     return info
+
+
+def skipped_files(model: str | None = None) -> list[Skipped]:
+    """The files that index runs of ``model`` skipped and will not retry until they change, by path."""
+    from .errors import ModelNotFound
+    from .index.state import load_skipped
+    from .models import load_model
+
+    try:
+        bundle = load_model(model, auto_install=False)
+    except ModelNotFound:
+        if model:
+            raise
+        return []  # the default model, not added yet: nothing was ever skipped
+    return sorted(load_skipped(index_dir(), bundle.bundle_id).values(), key=lambda s: s.path)

@@ -353,7 +353,7 @@ def test_roots_are_remembered_refreshed_together_and_forgotten(bundle, tmp_path:
     assert (report.added, report.removed, report.unchanged, report.rows) == (2, 1, 2, 4)
     assert names(bundle) == {"red.png", "green.png", "yellow.png", "blue2.png"}
 
-    assert forget_root(str(a)) == 3
+    assert forget_root(str(a)).removed == 3
     assert indexed(bundle) == [str(b / "blue2.png")]
     assert remembered_roots(index_dir()) == [str(b)]
     assert best("red", k=10) == ["blue2.png"]
@@ -363,18 +363,6 @@ def test_roots_are_remembered_refreshed_together_and_forgotten(bundle, tmp_path:
     assert index([], bundle, encoder).rows == 1
 
 
-def test_forgetting_a_nested_root_keeps_rows_the_outer_root_covers(bundle, photos: Path) -> None:
-    write_image(photos / "sub" / "yellow.png", YELLOW)
-    index(photos, bundle)
-    index(photos / "sub", bundle)
-    assert forget_root(str(photos / "sub")) == 0
-    assert len(indexed(bundle)) == 4
-    assert remembered_roots(index_dir()) == [str(photos)]
-
-
-# --- excludes ------------------------------------------------------------------------------------
-
-
 def test_excluded_files_are_not_indexed_and_a_later_exclude_removes_rows(bundle, photos: Path) -> None:
     write_image(photos / "raw" / "yellow.png", YELLOW)
     write_image(photos / "tmp.png", YELLOW)
@@ -382,13 +370,13 @@ def test_excluded_files_are_not_indexed_and_a_later_exclude_removes_rows(bundle,
     assert names(bundle) == {"red.png", "green.png", "blue.png", "tmp.png"}
 
     (photos / ".clipgrepignore").write_text("tmp.png\n")
-    report = index(photos, bundle, scan=ScanOptions(excludes=("raw/",)))
+    report = index(photos, bundle, prune=True)  # raw/ stays excluded: remembered with the root
     assert report.removed == 1
     assert names(bundle) == {"red.png", "green.png", "blue.png"}
 
-    report = index(photos, bundle)  # without the exclude, raw/ comes in
+    report = index(photos, bundle, remove_excludes=("raw/",))  # without the exclude, raw/ comes in
     assert report.added == 1 and "yellow.png" in names(bundle)
-    report = index(photos, bundle, scan=ScanOptions(excludes=("raw/", "red.png")))
+    report = index(photos, bundle, scan=ScanOptions(excludes=("raw/", "red.png")), prune=True)
     assert (report.removed, report.rows) == (2, 2)
     assert names(bundle) == {"green.png", "blue.png"}
     assert table_rows(bundle) == 2

@@ -13,7 +13,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -21,8 +21,9 @@ import numpy as np
 
 from ..paths import index_dir, snapshot_dir
 from .plan import RACY_WINDOW_NS, Plan, fingerprint, is_racy, make_plan, under_roots
-from .scan import FileEntry, ScanOptions, scan
-from .state import Skipped, load_skipped, record_run, remembered_roots, save_roots, save_skipped
+from .roots import RootSet, Selection
+from .scan import FileEntry, ScanOptions, ScanResult, scan
+from .state import Skipped, load_skipped, record_run, save_skipped
 from .writer import BatchWriter
 
 if TYPE_CHECKING:
@@ -45,7 +46,9 @@ class PixelEncoder(Protocol):
 
 @dataclass(frozen=True)
 class IndexOptions:
-    scan: ScanOptions = ScanOptions()
+    scan: ScanOptions = ScanOptions()    # its excludes are added to the roots indexed, and remembered
+    remove_excludes: tuple[str, ...] = ()  # remembered excludes to drop, as they were given
+    prune: bool = False                  # drop rows of files left out now, and of roots that look unmounted
     workers: int | None = None          # decode processes; None = one per available CPU
     commit_rows: int = 256              # rows per LanceDB commit: the most a crash can lose
     wait_for_lock: bool = True
@@ -75,6 +78,8 @@ class IndexReport:
     encoded: int = 0
     skipped: list[Skipped] = field(default_factory=list)   # skipped in this run (new reasons)
     skipped_total: int = 0
+    skipped_files: list[Skipped] = field(default_factory=list)  # every file skipped now, by any run
+    kept: int = 0                        # rows that would have gone without --prune (see _Run._hold_back)
     scan_problems: list[tuple[str, str]] = field(default_factory=list)
     rows: int = 0
     seconds: float = 0.0
@@ -87,7 +92,11 @@ Progress = Callable[[IndexProgress], None]
 def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle | None = None,
                  options: IndexOptions = IndexOptions(), encoder: PixelEncoder | None = None,
                  on_progress: Progress | None = None, on_wait: Callable[[], None] | None = None) -> IndexReport:
-    """Bring the index of ``bundle`` up to date with ``roots`` (default: every remembered root).
+    """Bring the index of ``bundle`` up to date with ``roots`` (default: every remembered root and file).
+
+    ``options.scan.excludes`` are remembered with the roots (see ``roots.py``). Rows of files that
+    are still there but left out now, and of roots that look unmounted, are kept (counted in
+    ``report.kept``, with a warning in ``report.scan_problems``) unless ``options.prune``.
 
     >>> report = update_index(["~/Pictures"], bundle=load_model())  # doctest: +SKIP
     >>> report.added, report.removed, len(report.skipped)            # doctest: +SKIP
@@ -100,12 +109,16 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
     directory = index_dir()
     directory.mkdir(parents=True, exist_ok=True)
     with index_lock(directory / ".lock", wait=options.wait_for_lock, on_wait=on_wait):
-        root_list, missing = _resolve_roots(roots, directory)
-        run = _Run(bundle, directory, root_list, options, encoder, on_progress or (lambda _: None))
+        tracked = RootSet.load(directory)
+        args = [os.path.abspath(os.path.expanduser(os.fspath(r))) for r in roots]
+        tracked.remove_excludes(options.remove_excludes, args)
+        excludes = options.scan.excludes
+        selection = tracked.select(args, (excludes,) if isinstance(excludes, str) else tuple(excludes))
+        run = _Run(bundle, directory, selection, tracked, options, encoder, on_progress or (lambda _: None))
         report = run.execute()
-        report.scan_problems += [(root, "root not found (unmounted?); its images stay indexed, "
-                                        "'clipgrep forget ROOT' drops them") for root in missing]
-        save_roots(directory, remembered_roots(directory) + root_list)
+        report.scan_problems += [(root, "not found (unmounted?); its images stay indexed, "
+                                        "'clipgrep forget PATH' drops them") for root in selection.missing]
+        tracked.save(directory)
         report.seconds = round(time.time() - started, 3)
         record_run(directory, bundle.bundle_id, {
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": report.seconds, "rows": report.rows,
@@ -114,32 +127,23 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
     return report
 
 
-def _resolve_roots(roots: Sequence[str | os.PathLike[str]], directory: Path) -> tuple[list[str], list[str]]:
-    """The roots to scan, and remembered roots that are missing now.
-
-    A remembered root that vanished (an unmounted disk) is skipped, not emptied:
-    deleting its rows because a drive is unplugged would throw away hours of work.
-    """
-    if roots:
-        return sorted({os.path.abspath(os.path.expanduser(os.fspath(r))) for r in roots}), []
-    remembered = remembered_roots(directory)
-    if not remembered:
-        return [os.getcwd()], []
-    present = [r for r in remembered if os.path.exists(r)]
-    return present, [r for r in remembered if r not in present]
-
-
 class _Run:
-    def __init__(self, bundle: Bundle, directory: Path, roots: list[str], options: IndexOptions,
-                 encoder: PixelEncoder | None, on_progress: Progress) -> None:
+    def __init__(self, bundle: Bundle, directory: Path, selection: Selection, tracked: RootSet,
+                 options: IndexOptions, encoder: PixelEncoder | None, on_progress: Progress) -> None:
         self.bundle = bundle
         self.directory = directory
-        self.roots = roots
+        self.units = selection.units
+        # Where rows may go: what is walked, and remembered files that were deleted.
+        self.roots = [u.path for u in self.units] + selection.gone
+        self.tracked = tracked
         self.options = options
+        self.suspect: dict[str, str] = {}    # root -> why its rows look like those of an unmounted drive
+        self.held: set[str] = set()          # suspect roots whose rows this run kept
+        self.device_now: dict[str, int] = {}
         self.encoder = encoder
         self.progress = IndexProgress()
         self.on_progress = on_progress
-        self.report = IndexReport(roots=roots)
+        self.report = IndexReport(roots=[u.path for u in self.units])
         self.snapshot_path = snapshot_dir(bundle.bundle_id)
         self.dirty_marker = self.snapshot_path.parent / f"{bundle.bundle_id}.{DIRTY}"
 
@@ -152,15 +156,18 @@ class _Run:
         # Taken before any file is stat'ed or read: the indexed_ns of every row this run encodes,
         # so that a file rewritten after the decoder read it, within its mtime's tick, is racy.
         self.started_ns = time.time_ns()
-        result = scan(self.roots, self.options.scan, on_progress=lambda n: self._tick(scanned=n))
+        result = self._scan()
+        self.tracked.save(self.directory)  # what the user asked to index, before any work: a rerun resumes it
         self.report.scanned = len(result.files)
         self.report.scan_problems = [(p.path, p.reason) for p in result.problems]
         self._tick(phase="planning", scanned=len(result.files))
         skipped = load_skipped(self.directory, self.bundle.bundle_id)
         # Skip notes of files deleted or excluded since: they were never stored, so no plan removes them.
         present = {e.path for e in result.files} if skipped else set()
-        vanished = [p for p in skipped if p not in present and under_roots(p, self.roots)]
+        vanished = [p for p in skipped if p not in present and under_roots(p, self.roots)
+                    and (self.options.prune or not under_roots(p, list(self.suspect)))]
         if not vanished and self._snapshot_is_current(result.files, skipped):
+            self._record_devices()
             return self.report
         for path in vanished:
             del skipped[path]
@@ -170,10 +177,71 @@ class _Run:
         store.cleanup_orphans()
         stored = store.files()
         plan = make_plan(result.files, stored, self.roots)
+        plan.removed = self._hold_back(plan.removed, report=True)
         self._mark_dirty()
         self._apply(plan, store, stored, skipped)
         self._finish(store, skipped)
+        self._record_devices()
         return self.report
+
+    # -- what may be deleted (issue 12, items 1 and 16) -------------------------------------------
+
+    def _scan(self) -> ScanResult:
+        """Walk each root with its own excludes; note the roots whose rows would all look deleted
+        because their drive is not mounted (another device at the path, or nothing in it)."""
+        files, problems, excluded = [], [], 0
+        for unit in self.units:
+            offset = len(files)
+            result = scan([unit.path], replace(self.options.scan, excludes=unit.excludes),
+                          on_progress=lambda n, offset=offset: self._tick(scanned=offset + n))
+            files += result.files
+            problems += result.problems
+            excluded += result.excluded
+            with contextlib.suppress(OSError):
+                self.device_now[unit.path] = os.stat(unit.path).st_dev
+            if unit.path in self.tracked.roots and unit.path in self.device_now:
+                if unit.device is not None and self.device_now[unit.path] != unit.device:
+                    self.suspect[unit.path] = "is on another device than when it was indexed"
+                elif not result.files:
+                    self.suspect[unit.path] = "is empty now"
+        return ScanResult(sorted(files, key=lambda e: e.path), problems, excluded)
+
+    def _hold_back(self, paths: list[str], report: bool) -> list[str]:
+        """The rows of ``paths`` (indexed, not found by the scan) that this run may delete.
+
+        Without ``prune``, only rows of files that are really gone are deleted: a file that is
+        still there but left out now (an exclude, the hidden or symlink rule, an unreadable
+        folder) keeps its row, and so does every row of a root that looks unmounted. Each root
+        that keeps rows gets one warning; ``report`` says whether to record them.
+        """
+        if self.options.prune or not paths:
+            return paths
+        deletable, kept = [], {}
+        for path in paths:
+            root = next((r for r in self.suspect if under_roots(path, [r])), None)
+            if root is not None:
+                why = f"{self.suspect[root]} (a drive that is not mounted?)"
+            elif os.path.lexists(path):
+                root = next((r for r in self.roots if under_roots(path, [r])), path)
+                why = "excluded now or unreadable"
+            else:
+                deletable.append(path)
+                continue
+            count, _ = kept.get(root, (0, why))
+            kept[root] = (count + 1, why)
+        if report:
+            self.held = {root for root in kept if root in self.suspect}
+            self.report.kept = sum(count for count, _ in kept.values())
+            self.report.scan_problems += [
+                (root, f"{count} indexed images kept: {why}; 'clipgrep index --prune' drops them")
+                for root, (count, why) in sorted(kept.items())]
+        return deletable
+
+    def _record_devices(self) -> None:
+        """Remember each root's device, except where rows were kept because it changed."""
+        for path, device in self.device_now.items():
+            if path not in self.held:
+                self.tracked.record_device(path, device)
 
     # -- fast path: nothing changed, so neither LanceDB nor the model is needed -------------------
 
@@ -201,21 +269,25 @@ class _Run:
             return False
         if np.any(mtimes + RACY_WINDOW_NS >= snapshot.indexed_ns[rows]):
             return False
-        if self._rows_under_roots(snapshot) != len(rows):
+        indexed = {snapshot.paths[i] for i in self._rows_under_roots(snapshot)}
+        gone = sorted(indexed - {files[i].path for i in np.flatnonzero(known)})
+        if self._hold_back(gone, report=False):
             return False  # something indexed under these roots is gone
+        self._hold_back(gone, report=True)
         self.report.unchanged = len(rows)
         self.report.rows = len(snapshot)
         self.report.skipped_total = len(skipped)
+        self.report.skipped_files = sorted(skipped.values(), key=lambda s: s.path)
         return True
 
-    def _rows_under_roots(self, snapshot: Snapshot) -> int:
+    def _rows_under_roots(self, snapshot: Snapshot) -> np.ndarray:
         covered = np.zeros(len(snapshot), dtype=bool)
         for root in self.roots:
             covered[snapshot.subtree(root)] = True
-            exact = snapshot.find(root)  # a root that is a single image file
+            exact = snapshot.find(root)  # a remembered file
             if exact is not None:
                 covered[exact] = True
-        return int(covered.sum())
+        return np.flatnonzero(covered)
 
     # -- the work ---------------------------------------------------------------------------------
 
@@ -354,6 +426,7 @@ class _Run:
                                                          "vector_index": self.report.vector_index})
         self.report.rows = len(rows.paths)
         self.report.skipped_total = len(skipped)
+        self.report.skipped_files = sorted(skipped.values(), key=lambda s: s.path)
         self.dirty_marker.unlink(missing_ok=True)
 
     def _mark_dirty(self) -> None:

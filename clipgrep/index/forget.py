@@ -1,19 +1,28 @@
-"""``clipgrep forget ROOT``: stop tracking a root and drop its rows from every model's index."""
+"""``clipgrep forget PATH``: stop indexing a root, a remembered file or a path inside a root,
+and drop its rows from every model's index."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
-from ..errors import ClipgrepError
 from ..paths import index_dir, snapshot_dir
 from .plan import under_roots
-from .state import load_skipped, remembered_roots, save_roots, save_skipped
+from .roots import RootSet
+from .state import load_skipped, save_skipped
 
 
-def forget_root(root: str) -> int:
-    """Stop tracking ``root`` and drop its rows from every model's index; returns rows removed.
+@dataclass(frozen=True)
+class Forgotten:
+    path: str
+    removed: int                  # rows dropped, over every model
+    excluded_from: str | None     # for a path inside a root: that root, which now excludes it
+    pattern: str | None           # ... with this pattern ('clipgrep index ROOT --remove-exclude' undoes it)
 
-    Rows that another remembered root still covers (``forget /a/b`` while ``/a``
-    is indexed) stay.
+
+def forget_root(root: str) -> Forgotten:
+    """Stop indexing ``root`` (a remembered root or file, or a path inside a root) and drop its rows.
+
+    Roots never nest (see ``roots.py``), so every row under ``root`` is its own.
     """
     from ..snapshot import read_snapshot, write_snapshot
     from ..store import IndexStore, list_bundle_ids
@@ -22,19 +31,18 @@ def forget_root(root: str) -> int:
     directory = index_dir()
     path = os.path.abspath(os.path.expanduser(root))
     with index_lock(directory / ".lock"):
-        roots = remembered_roots(directory)
-        if path not in roots:
-            raise ClipgrepError(f"{path} is not an indexed root", "see the indexed roots with: clipgrep status")
-        remaining = [r for r in roots if r != path]
+        tracked = RootSet.load(directory)
+        outer = tracked.root_of(path)
+        pattern = tracked.forget(path)  # raises for a path that is not indexed
         removed = 0
         for bundle_id in list_bundle_ids(directory):
             snapshot = read_snapshot(snapshot_dir(bundle_id))
             if snapshot is None:
                 continue
             store = IndexStore(directory, bundle_id, int(snapshot.meta["embed_dim"]))
-            gone = {p for p in store.files() if under_roots(p, [path]) and not under_roots(p, remaining)}
+            gone = sorted(p for p in store.files() if under_roots(p, [path]))
             if gone:
-                store.delete(sorted(gone))
+                store.delete(gone)
                 store.maintain()
                 write_snapshot(snapshot_dir(bundle_id), *store.snapshot_rows(),
                                meta={**snapshot.meta, "table_version": store.version()})
@@ -42,5 +50,5 @@ def forget_root(root: str) -> int:
             save_skipped(directory, bundle_id, {p: s for p, s in skipped.items() if not under_roots(p, [path])})
             removed += len(gone)
         # Roots last: a crash before this point leaves the root remembered, so rerunning forget works.
-        save_roots(directory, remaining)
-    return removed
+        tracked.save(directory)
+    return Forgotten(path, removed, outer.path if pattern and outer else None, pattern)
