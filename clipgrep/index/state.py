@@ -59,9 +59,12 @@ def load_tracked(index_dir: Path) -> tuple[dict[str, Tracked], dict[str, Tracked
     state = load_state(index_dir)
     roots, files = state.get("roots", {}), state.get("files", {})
     if isinstance(roots, list):  # the first format: a list of paths, where a file was a root too
+        from .scan import IMAGE_EXTENSIONS
+
         legacy = [p for p in roots if isinstance(p, str)]
-        roots = {p: {} for p in legacy if not os.path.isfile(p)}
-        files = {p: {} for p in legacy if p not in roots}
+        files = {p: {} for p in legacy if os.path.isfile(p) or (
+            not os.path.exists(p) and os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS)}
+        roots = {p: {} for p in legacy if p not in files}
     return _tracked(roots), _tracked(files)
 
 
