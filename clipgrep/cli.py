@@ -67,7 +67,8 @@ ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Model
 @handle_errors
 def index(
     roots: Annotated[Optional[list[Path]], typer.Argument(
-        help="Directories (or image files) to index. Default: every root indexed before, else the current dir.",
+        help="Directories or image files to index (a file is remembered as a file, not a root). "
+             "Default: every root and file indexed before, else the current dir.",
         show_default=False)] = None,
     model: ModelOption = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help=(
@@ -166,8 +167,7 @@ def status(
     null: Annotated[bool, typer.Option("--null", "-0", help="With --skipped: end records with NUL, not newline.")]
     = False,
 ) -> None:
-    """Show indexed roots and their excludes, files, model, rows, skipped files, size on disk, last run
-    and the vector index.
+    """Show indexed roots (with excludes) and files, model, rows, skipped files, size, last run, vector index.
 
     \b
     Examples:
