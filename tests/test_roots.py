@@ -18,11 +18,13 @@ from clipgrep.index.state import STATE_FILE, load_tracked, remembered_roots, wri
 from clipgrep.paths import index_dir
 from clipgrep.status import index_status
 
+from . import test_index as base
 from .fakes import FakeImageEncoder
-from .test_index import (  # noqa: F401  (fixtures)
-    BLUE, GREEN, RED, YELLOW, bad_files, bundle, bundle_source, cli, forbid_store, index, indexed, names, photos,
-    table_rows, write_image,
-)
+from .test_index import BLUE, GREEN, RED, YELLOW, cli, index, indexed, names, table_rows, write_image
+
+# test_index's fixtures, shared by assignment (an import would read as shadowed by every test's parameters)
+bundle_source, bundle, photos, bad_files, forbid_store = (
+    base.bundle_source, base.bundle, base.photos, base.bad_files, base.forbid_store)
 
 
 def excludes_of(root: Path) -> tuple[str, ...]:
@@ -67,8 +69,8 @@ def test_an_exclude_keeps_indexed_rows_until_prune(bundle, photos: Path, forbid_
     index(photos, bundle)
     report = index(photos, bundle, scan=ScanOptions(excludes=("raw/", "red.png")))
     assert (report.removed, report.kept, report.rows) == (0, 2, 4)
-    assert report.scan_problems == [(str(photos), "2 indexed images kept: excluded now or unreadable; "
-                                                  "'clipgrep index --prune' drops them")]
+    kept = "2 indexed images kept: excluded now or unreadable; 'clipgrep index --prune' drops them"
+    assert report.scan_problems == [(str(photos), kept)]
     assert len(indexed(bundle)) == 4
 
     forbid_store()  # kept rows do not make every later refresh rewrite the index
@@ -211,8 +213,8 @@ def test_an_emptied_root_keeps_its_rows_until_prune(bundle, photos: Path) -> Non
     photos.mkdir()  # the mount point left behind when the drive is unmounted
     report = index([], bundle, encoder)
     assert (report.removed, report.kept, report.rows) == (0, 3, 3)
-    assert report.scan_problems == [(str(photos), "3 indexed images kept: is empty now (a drive that is not "
-                                                  "mounted?); 'clipgrep index --prune' drops them")]
+    kept = "3 indexed images kept: is empty now (a drive that is not mounted?); 'clipgrep index --prune' drops them"
+    assert report.scan_problems == [(str(photos), kept)]
 
     shutil.rmtree(photos)
     shutil.copytree(backup, photos)  # mounted again: nothing to encode
@@ -266,8 +268,8 @@ def test_cli_warns_in_one_line_for_an_unmounted_root(bundle, photos: Path) -> No
     result = cli("index", "--model", "tiny")
     assert result.exit_code == 0
     warnings = [line for line in result.stderr.splitlines() if "warning" in line]
-    assert warnings == [f"  warning: {photos}: 3 indexed images kept: is empty now (a drive that is not "
-                        "mounted?); 'clipgrep index --prune' drops them"]
+    kept = "3 indexed images kept: is empty now (a drive that is not mounted?); 'clipgrep index --prune' drops them"
+    assert warnings == [f"  warning: {photos}: {kept}"]
 
 
 # --- item 4: skipped files are listed --------------------------------------------------------------

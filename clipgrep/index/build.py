@@ -22,7 +22,7 @@ import numpy as np
 from ..paths import index_dir, snapshot_dir
 from .plan import RACY_WINDOW_NS, Plan, fingerprint, is_racy, make_plan, under_roots
 from .roots import RootSet, Selection
-from .scan import FileEntry, ScanOptions, ScanResult, scan
+from .scan import FileEntry, ScanOptions, ScanProblem, ScanResult, scan
 from .state import Skipped, load_skipped, record_run, save_skipped
 from .writer import BatchWriter
 
@@ -189,11 +189,14 @@ class _Run:
     def _scan(self) -> ScanResult:
         """Walk each root with its own excludes; note the roots whose rows would all look deleted
         because their drive is not mounted (another device at the path, or nothing in it)."""
-        files, problems, excluded = [], [], 0
+        files: list[FileEntry] = []
+        problems: list[ScanProblem] = []
+        excluded = 0
         for unit in self.units:
-            offset = len(files)
-            result = scan([unit.path], replace(self.options.scan, excludes=unit.excludes),
-                          on_progress=lambda n, offset=offset: self._tick(scanned=offset + n))
+            def progress(n: int, before: int = self.progress.scanned) -> None:  # entries seen, over all roots
+                self._tick(scanned=before + n)
+
+            result = scan([unit.path], replace(self.options.scan, excludes=unit.excludes), on_progress=progress)
             files += result.files
             problems += result.problems
             excluded += result.excluded
@@ -216,7 +219,8 @@ class _Run:
         """
         if self.options.prune or not paths:
             return paths
-        deletable, kept = [], {}
+        deletable: list[str] = []
+        kept: dict[str, tuple[int, str]] = {}
         for path in paths:
             root = next((r for r in self.suspect if under_roots(path, [r])), None)
             if root is not None:

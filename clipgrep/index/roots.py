@@ -159,13 +159,15 @@ class RootSet:
         if args:
             dirs = [arg for arg in args if self._add_arg(arg, excludes)]
             # After every argument is in: a later one may have become the root of an earlier one.
-            units = {root.path: root for root in (self.root_of(d) for d in dirs) if root is not None}
-            for file in (arg for arg in args if arg not in dirs and not under_roots(arg, list(units))):
-                units[file] = self.files.get(file, Tracked(file))
-            return Selection(sorted(units.values(), key=lambda u: u.path), [], [])
+            chosen = {root.path: root for root in (self.root_of(d) for d in dirs) if root is not None}
+            for file in (arg for arg in args if arg not in dirs and not under_roots(arg, list(chosen))):
+                chosen[file] = self.files.get(file, Tracked(file))
+            return Selection(sorted(chosen.values(), key=lambda u: u.path), [], [])
         for root in list(self.roots.values()):
             self._set(replace(root, excludes=_merged(root.excludes, excludes)))
-        units, missing, gone = [], [], []
+        units: list[Tracked] = []
+        missing: list[str] = []
+        gone: list[str] = []
         for tracked in [*self.roots.values(), *self.files.values()]:
             if os.path.exists(tracked.path):
                 units.append(tracked)
