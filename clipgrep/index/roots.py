@@ -75,6 +75,7 @@ class RootSet:
             self.add_dir(root.path, root.excludes, root.device)
         for file in (files or {}).values():
             self.add_file(file.path, file.device)
+        self._saved = (dict(roots or {}), dict(files or {}))
 
     @classmethod
     def load(cls, index_dir: Path) -> RootSet:
@@ -82,7 +83,9 @@ class RootSet:
         return cls(*load_tracked(index_dir))
 
     def save(self, index_dir: Path) -> None:
-        save_tracked(index_dir, self.roots, self.files)
+        if (self.roots, self.files) != self._saved:  # a no-op re-index writes nothing
+            save_tracked(index_dir, self.roots, self.files)
+            self._saved = (dict(self.roots), dict(self.files))
 
     def root_of(self, path: str) -> Tracked | None:
         """The remembered root that contains ``path`` (or is it)."""
