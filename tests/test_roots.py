@@ -128,6 +128,13 @@ def test_a_file_argument_is_remembered_as_a_file_kept_fresh_and_forgettable(bund
     assert remembered_files() == []
 
 
+def test_a_file_that_is_not_an_image_is_refused_and_not_remembered(bundle, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ClipgrepError, match="neither a directory nor an image file"):
+        index(tmp_path / "notes.txt", bundle)
+    assert not (index_dir() / STATE_FILE).exists() or load_tracked(index_dir()) == ({}, {})
+
+
 def test_forget_a_remembered_file(bundle, photos: Path) -> None:
     index(photos / "red.png", bundle)
     forgotten = forget_root(str(photos / "red.png"))

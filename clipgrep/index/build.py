@@ -273,10 +273,10 @@ class _Run:
             return False
         if np.any(mtimes + RACY_WINDOW_NS >= snapshot.indexed_ns[rows]):
             return False
-        indexed = {snapshot.paths[i] for i in self._rows_under_roots(snapshot)}
-        gone = sorted(indexed - {files[i].path for i in np.flatnonzero(known)})
+        # Rows under these roots that the scan did not find: gone, unless they are to be kept.
+        gone = [snapshot.paths[i] for i in np.setdiff1d(self._rows_under_roots(snapshot), rows)]
         if self._hold_back(gone, report=False):
-            return False  # something indexed under these roots is gone
+            return False
         self._hold_back(gone, report=True)
         self.report.unchanged = len(rows)
         self.report.rows = len(snapshot)
