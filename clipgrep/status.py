@@ -26,16 +26,17 @@ def index_status(model: str | None = None) -> dict[str, Any]:
     """Roots (with their excludes), files, model, row count, skipped count, size on disk, last run,
     vector index."""
     from .errors import ModelNotFound
-    from .index.state import last_run, load_skipped, load_tracked
+    from .index.roots import RootSet
+    from .index.state import last_run, load_skipped
     from .models import default_model_name, load_model
     from .snapshot import read_snapshot
 
     directory = index_dir()
     name = model or default_model_name()
-    roots, files = load_tracked(directory)
-    info: dict[str, Any] = {"index": str(directory), "roots": sorted(roots),
-                            "excludes": {p: list(r.excludes) for p, r in sorted(roots.items()) if r.excludes},
-                            "files": sorted(files), "model": name}
+    tracked = RootSet.load(directory)
+    excludes = {path: list(root.excludes) for path, root in sorted(tracked.roots.items()) if root.excludes}
+    info: dict[str, Any] = {"index": str(directory), "roots": sorted(tracked.roots), "excludes": excludes,
+                            "files": sorted(tracked.files), "model": name}
     try:
         bundle = load_model(name, auto_install=False)
     except ModelNotFound:

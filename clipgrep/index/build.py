@@ -116,8 +116,8 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
         selection = tracked.select(args, (excludes,) if isinstance(excludes, str) else tuple(excludes))
         run = _Run(bundle, directory, selection, tracked, options, encoder, on_progress or (lambda _: None))
         report = run.execute()
-        report.scan_problems += [(root, "not found (unmounted?); its images stay indexed, "
-                                        "'clipgrep forget PATH' drops them") for root in selection.missing]
+        missing = "not found (unmounted?); its images stay indexed, 'clipgrep forget PATH' drops them"
+        report.scan_problems += [(path, missing) for path in selection.missing]
         tracked.save(directory)
         report.seconds = round(time.time() - started, 3)
         record_run(directory, bundle.bundle_id, {
