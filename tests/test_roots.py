@@ -94,6 +94,25 @@ def test_a_deleted_file_still_loses_its_row_without_prune(bundle, photos: Path) 
     assert (report.removed, report.kept) == (1, 0)
 
 
+def test_a_file_in_a_folder_that_cannot_be_read_now_keeps_its_row(bundle, photos: Path, monkeypatch) -> None:
+    index(photos, bundle)
+    hidden_away = photos / "red.png"
+    hidden_away.unlink()  # what a scan sees when its folder lost its permissions
+
+    real_lstat = os.lstat
+
+    def lstat(path, *args, **kwargs):
+        if os.fspath(path) == str(hidden_away):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_lstat(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:  # not monkeypatch.undo(): that would undo CLIPGREP_HOME too
+        patch.setattr(os, "lstat", lstat)
+        report = index(photos, bundle)
+        assert (report.removed, report.kept) == (0, 1)
+    assert index(photos, bundle).removed == 1
+
+
 def test_cli_exclude_warns_once_per_root_and_prune_drops(bundle, photos: Path) -> None:
     assert cli("index", str(photos), "--model", "tiny").exit_code == 0
     result = cli("index", str(photos), "--model", "tiny", "-x", "red.png")

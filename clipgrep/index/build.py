@@ -225,7 +225,7 @@ class _Run:
             root = next((r for r in self.suspect if under_roots(path, [r])), None)
             if root is not None:
                 why = f"{self.suspect[root]} (a drive that is not mounted?)"
-            elif os.path.lexists(path):
+            elif _still_there(path):
                 root = next((r for r in self.roots if under_roots(path, [r])), path)
                 why = "excluded now or unreadable"
             else:
@@ -442,6 +442,18 @@ class _Run:
 class _Stamped:
     mtime_ns: int
     indexed_ns: int
+
+
+def _still_there(path: str) -> bool:
+    """Whether ``path`` may still exist: only "no such file" says it is gone, not a folder
+    that cannot be read now."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _safe_fingerprint(entry: FileEntry) -> str:
