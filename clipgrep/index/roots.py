@@ -109,7 +109,9 @@ class RootSet:
         """The unit that indexes the file ``path``: itself, remembered unless a root covers it."""
         if self.root_of(path) is not None:
             return Tracked(path)
-        self.files[path] = Tracked(path, (), device if device is not None else self.files.get(path, Tracked(path)).device)
+        if device is None and path in self.files:
+            device = self.files[path].device
+        self.files[path] = Tracked(path, device=device)
         return self.files[path]
 
     def remove_excludes(self, patterns: tuple[str, ...], under: list[str]) -> None:
