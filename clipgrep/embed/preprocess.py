@@ -60,8 +60,9 @@ _DRAFT_FORMATS = frozenset({"JPEG", "MPO"})  # MPO: multi-picture JPEGs many cam
 # The resize before a centre crop can be far larger than the crop: shortest edge 224 of a
 # 10000x1 PNG is 2240000x224, 2 GB in PIL's 4-byte RGB, to keep 224x224 of it. Past this many
 # pixels only the part the crop keeps is resized (PIL's ``box``). That is not bit-identical to
-# resize-then-crop (PIL rounds the box's filter weights differently: +-1 in some pixels), so
-# every image of a sane shape keeps open_clip's exact steps; at 224 this starts beyond 80:1.
+# resize-then-crop (PIL takes the box in float32 and weighs the pixels slightly differently:
+# measured, a few grey levels in some pixels, 0.3 on average), so every image of a sane shape
+# keeps open_clip's exact steps; at 224 this starts beyond an 80:1 aspect ratio.
 MAX_RESIZED_PIXELS = 4_000_000
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width/height
 
