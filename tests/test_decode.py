@@ -34,7 +34,14 @@ from clipgrep.index.decode import (
     map_ordered,
 )
 
-from .hostile import fake_ghostscript, path_with, write_blank_png, write_eps, write_svg, write_undecodable_tiff
+from .hostile import (
+    fake_ghostscript,
+    path_with,
+    write_blank_png,
+    write_eps,
+    write_svg,
+    write_undecodable_tiff,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CFG = PreprocessConfig(size=(32, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),

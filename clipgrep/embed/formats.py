@@ -11,6 +11,7 @@ Kept free of top-level PIL imports: the scanner and ``--help`` paths read the co
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
@@ -97,17 +98,19 @@ def _unsupported_reason(prefix: bytes) -> str | None:
     from PIL import Image
 
     for name, (_, accept) in Image.OPEN.items():
-        if accept is None:  # a plugin with no signature check (TGA...) recognises nothing
-            continue
-        try:
-            recognised = accept(prefix)  # a bytes comparison; nothing is opened or run
-        except Exception:  # noqa: BLE001 - a sniffer that chokes on a short prefix said no
-            continue
-        if recognised:
+        # A plugin without a signature check (TGA...) recognises nothing.
+        if accept is not None and _accepts(accept, prefix):
             if name in FORMATS:
                 return f"unsupported image format (a {name} variant Pillow cannot open)"
             return f"unsupported image format ({name})"
     return None
+
+
+def _accepts(accept: Callable[[bytes], bool | str], prefix: bytes) -> bool:
+    try:
+        return bool(accept(prefix))  # a bytes comparison; nothing is opened or run
+    except Exception:  # noqa: BLE001 - a sniffer that chokes on a short prefix said no
+        return False
 
 
 _heif_registered: bool | None = None  # None: not tried yet in this process

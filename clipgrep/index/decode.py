@@ -52,8 +52,8 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from ..embed.onnx import available_cpus
 from ..embed.formats import NEEDS_HEIF, UnsupportedImageFormat, open_image
+from ..embed.onnx import available_cpus
 from ..embed.preprocess import ImageTooLarge, PreprocessConfig, load_image
 from ..errors import ClipgrepError
 from .regular_file import NOT_REGULAR, NotRegularFile, open_regular
