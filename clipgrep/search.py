@@ -59,7 +59,17 @@ class BundleQueryEncoder:
         return self.bundle.text_encoder(batch_size=len(texts) or 1).encode(list(texts))
 
     def encode_images(self, paths: Sequence[Path]) -> np.ndarray:
-        return self.bundle.image_encoder().encode_files(list(paths))
+        from .index.decode import decode_file
+
+        encoder = self.bundle.image_encoder()
+        pixels = []
+        for path in paths:  # the indexer's decode: regular files, supported formats, size limits
+            array, reason = decode_file(str(path), encoder.config)
+            if array is None:
+                raise ClipgrepError(f"cannot use {path} as a query image: {reason}",
+                                    "use another image, e.g. a JPEG or PNG copy of this one")
+            pixels.append(array)
+        return encoder.encode_pixels(np.stack(pixels))
 
 
 def parse_term(raw: str, sign: float = 1.0) -> QueryTerm:

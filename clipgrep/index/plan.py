@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .regular_file import open_regular
+
 # Coarse filesystems (FAT, some network mounts) store mtimes in 2-second steps.
 RACY_WINDOW_NS = 2_000_000_000
 # Fingerprint = size + first 256 KiB + last 64 KiB: enough to tell photos apart
@@ -48,9 +50,11 @@ class Plan:
 
 
 def fingerprint(path: str, size: int) -> str:
-    """A content fingerprint for recognising moved and copied files; raises OSError if unreadable."""
+    """A content fingerprint for recognising moved and copied files; raises OSError if unreadable
+    or not a regular file (a FIFO swapped in since the scan must not block the run)."""
     digest = hashlib.blake2b(str(size).encode(), digest_size=16)
-    with open(path, "rb") as f:
+    f, _ = open_regular(path)
+    with f:
         digest.update(f.read(_HEAD_BYTES))
         if size > _HEAD_BYTES:
             f.seek(max(_HEAD_BYTES, size - _TAIL_BYTES))
