@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from ..paths import index_dir, snapshot_dir
+from ..paths import dirty_marker, index_dir, index_lock_file, snapshot_dir
 from .plan import RACY_WINDOW_NS, Plan, fingerprint, is_racy, make_plan, under_roots
 from .scan import FileEntry, ScanOptions, scan
 from .state import Skipped, load_skipped, record_run, remembered_roots, save_roots, save_skipped
@@ -30,9 +30,6 @@ if TYPE_CHECKING:
     from ..embed.preprocess import PreprocessConfig
     from ..snapshot import Snapshot
     from ..store import IndexStore, StoredFile
-
-DIRTY = "DIRTY"
-
 
 class PixelEncoder(Protocol):
     """What indexing needs from a model; ``ImageEncoder`` is the real one, tests pass a fake."""
@@ -99,7 +96,7 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
     started = time.time()
     directory = index_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    with index_lock(directory / ".lock", wait=options.wait_for_lock, on_wait=on_wait):
+    with index_lock(index_lock_file(), wait=options.wait_for_lock, on_wait=on_wait):
         root_list, missing = _resolve_roots(roots, directory)
         run = _Run(bundle, directory, root_list, options, encoder, on_progress or (lambda _: None))
         report = run.execute()
@@ -141,7 +138,7 @@ class _Run:
         self.on_progress = on_progress
         self.report = IndexReport(roots=roots)
         self.snapshot_path = snapshot_dir(bundle.bundle_id)
-        self.dirty_marker = self.snapshot_path.parent / f"{bundle.bundle_id}.{DIRTY}"
+        self.dirty_marker = dirty_marker(bundle.bundle_id)
 
     def _tick(self, **changes: object) -> None:
         for key, value in changes.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from ..errors import ClipgrepError
-from ..paths import index_dir, snapshot_dir
+from ..paths import index_dir, index_lock_file, snapshot_dir
 from .plan import under_roots
 from .state import load_skipped, remembered_roots, save_roots, save_skipped
 
@@ -21,7 +21,7 @@ def forget_root(root: str) -> int:
 
     directory = index_dir()
     path = os.path.abspath(os.path.expanduser(root))
-    with index_lock(directory / ".lock"):
+    with index_lock(index_lock_file()):
         roots = remembered_roots(directory)
         if path not in roots:
             raise ClipgrepError(f"{path} is not an indexed root", "see the indexed roots with: clipgrep status")
