@@ -10,8 +10,9 @@ its name or it does not. The temporaries in between are hidden siblings:
 A kill can leave any of them behind. ``recover`` (run under the models lock by
 every models command before it changes anything, and by ``list_models``) finishes
 the job: an ``.old`` whose NAME is missing is renamed back (the replace never
-happened), every other temporary is deleted. So after a kill at any step the
-next command sees the old model or the new one, never none.
+happened), every other temporary is deleted, and so is the trash of a killed
+``--purge`` (index/purge.py). So after a kill at any step the next command sees
+the old model or the new one, never none.
 
 Every writer holds the models lock (``$CLIPGREP_HOME/models/.lock``) for its whole
 run, conversion included: while it is held, any temporary found belongs to a
@@ -28,7 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ClipgrepError
-from .paths import models_dir
+from .index.lock import index_lock
+from .paths import index_dir, index_lock_file, models_dir
 
 LOCK_FILE = ".lock"
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>new|old|del)-[A-Za-z0-9_]+$")
@@ -37,8 +39,6 @@ _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>new|old|del)-[A-Za-z0-9_]+$"
 @contextmanager
 def models_lock(*, wait: bool = True, on_wait: Callable[[], None] | None = None) -> Iterator[Path]:
     """Hold the models lock, then clear what killed writers left; yields the models dir."""
-    from .index.lock import index_lock
-
     root = models_dir()
     root.mkdir(parents=True, exist_ok=True)
     with index_lock(root / LOCK_FILE, wait=wait, on_wait=on_wait):
@@ -68,6 +68,21 @@ def recover(root: Path) -> None:
             entry.rename(installed)  # a replace killed between its two renames: keep the old model
         else:
             _delete(entry)
+    _clear_index_trash()
+
+
+def _clear_index_trash() -> None:
+    """Delete what a killed ``models remove --purge`` left in the index dir, if no index run holds it."""
+    from .index.purge import TRASH_PREFIX, clear_trash
+
+    directory = index_dir()
+    if not any(directory.glob(f"{TRASH_PREFIX}*")):
+        return
+    try:
+        with index_lock(index_lock_file(), wait=False):
+            clear_trash(directory)
+    except ClipgrepError:
+        pass  # an index run holds the lock: the next models command clears it
 
 
 @contextmanager

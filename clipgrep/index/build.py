@@ -97,6 +97,7 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
     directory = index_dir()
     directory.mkdir(parents=True, exist_ok=True)
     with index_lock(index_lock_file(), wait=options.wait_for_lock, on_wait=on_wait):
+        _check_still_installed(bundle)
         root_list, missing = _resolve_roots(roots, directory)
         run = _Run(bundle, directory, root_list, options, encoder, on_progress or (lambda _: None))
         report = run.execute()
@@ -109,6 +110,24 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
             "added": report.added, "updated": report.updated, "removed": report.removed,
             "reused": report.reused, "skipped": report.skipped_total})
     return report
+
+
+def _check_still_installed(bundle: Bundle) -> None:
+    """Refuse to go on if the model was removed or replaced before the lock was ours.
+
+    ``models remove`` and ``models add --replace`` take the index lock, so once it is
+    held the model stays put; but they may have run while this run waited for it.
+    """
+    from ..bundle import load_bundle
+    from ..errors import BundleError, ClipgrepError
+
+    try:
+        current = load_bundle(bundle.path).bundle_id
+    except BundleError:
+        current = None
+    if current != bundle.bundle_id:
+        raise ClipgrepError(f"model {bundle.name} was {'replaced' if current else 'removed'} while this run "
+                            "waited for the index lock", "run clipgrep index again")
 
 
 def _resolve_roots(roots: Sequence[str | os.PathLike[str]], directory: Path) -> tuple[list[str], list[str]]:
