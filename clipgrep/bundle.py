@@ -145,6 +145,9 @@ def compute_bundle_id(manifest: dict[str, Any]) -> str:
             modality: {**spec, "file": files[spec["file"]]["sha256"]} for modality, spec in encoders.items()
         },
     }
+    named = {spec["file"] for spec in encoders.values()} | {tokenizer["file"]}
+    if set(files) - named:  # external weights change vectors too (only such bundles get the key)
+        identity["external_data"] = {name: files[name]["sha256"] for name in sorted(set(files) - named)}
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -155,7 +158,12 @@ def write_manifest(directory: Path, fields: dict[str, Any]) -> dict[str, Any]:
     ``fields`` holds everything but ``format``, ``files`` and ``bundle_id``, which
     are derived here so a writer cannot get them wrong.
     """
-    names = [spec["file"] for spec in fields["encoders"].values()] + [fields["tokenizer"]["file"]]
+    from .onnx_external import external_data_locations
+
+    encoders = [spec["file"] for spec in fields["encoders"].values()]
+    # Weights kept beside an encoder (models over 2 GB must) are hashed like the encoder itself.
+    names = encoders + [fields["tokenizer"]["file"]] + [
+        location for name in encoders for location in external_data_locations(directory / name)]
     files = {}
     for name in sorted(set(names)):
         path = directory / name

@@ -252,7 +252,10 @@ def models_remove(
     purge: Annotated[bool, typer.Option("--purge", help=(
         "Also delete its index and caches (also works after a plain remove)."))] = False,
 ) -> None:
-    """Delete an installed model. Its index stays (a re-install of the same model reuses it) unless --purge."""
+    """Delete an installed model; --purge deletes its index and caches too.
+
+    Without --purge they stay, and a re-install of the same model reuses them.
+    """
     from .models import remove_model
 
     render.removal(remove_model(name, purge=purge, on_wait=render.waiting))

@@ -233,6 +233,20 @@ with index_lock(Path(sys.argv[1])):
 """
 
 
+def test_add_copies_only_the_files_the_manifest_lists_and_follows_no_link(sources, tmp_path: Path) -> None:
+    """copytree followed links: out of the directory (copying outside files in), into a loop, into /dev/zero."""
+    source = tmp_path / "src"
+    shutil.copytree(sources[0], source)
+    (tmp_path / "secret.txt").write_text("outside")
+    (source / "secret.txt").symlink_to(tmp_path / "secret.txt")
+    (source / "loop").symlink_to(source / "loop")
+    (source / "zeros").symlink_to("/dev/zero")
+    (source / "notes").mkdir()
+    bundle = models.add_model("m", checkpoint=source)
+    copied = {p.name for p in bundle.path.iterdir()}
+    assert copied == {"manifest.json", ".verified.json", *bundle.manifest["files"]}
+
+
 # --- remove, purge and the index lock --------------------------------------------------------------
 
 
