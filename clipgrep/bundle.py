@@ -282,7 +282,7 @@ def _check_schema(manifest: dict[str, Any], directory: Path) -> None:
     if manifest.get("format") != FORMAT:
         raise BundleError(f"{directory}: not a clipgrep bundle manifest (format {manifest.get('format')!r})", fix)
     version = manifest.get("format_version")
-    if not _is_a(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise BundleError(f"{directory}: manifest has no integer format_version", fix)
     if version > FORMAT_VERSION:
         raise BundleError(f"{directory}: bundle format {version} is newer than this clipgrep supports "

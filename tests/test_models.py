@@ -7,7 +7,6 @@ that the old or the new model is installed, whole, with no temporaries left.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import pathlib
@@ -18,7 +17,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -26,7 +24,6 @@ from clipgrep import models
 from clipgrep.bundle import load_bundle
 from clipgrep.errors import ClipgrepError, ModelNotFound
 from clipgrep.index.build import IndexOptions, update_index
-from clipgrep.index.lock import index_lock
 from clipgrep.paths import dirty_marker, index_dir, index_lock_file, models_dir, onnx_cache_dir, snapshot_dir
 from clipgrep.store import IndexStore, list_bundle_ids
 
