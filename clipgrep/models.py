@@ -170,19 +170,18 @@ def remove_model(name: str, *, purge: bool = False, on_wait: Waiting | None = No
             if identity is None:
                 raise ModelNotFound(f"no model named {name!r} is installed", "see: clipgrep models list")
         with index_lock(index_lock_file(), on_wait=_told(on_wait, "an index run")):
-            shared = tuple(e.name for e in _installed() if e.name != name and e.bundle is not None
-                           and identity is not None and e.bundle.bundle_id == identity[0])
-            data = _model_data(identity, shared)
+            others = {e.name: _identity(e.bundle) for e in _installed() if e.name != name and e.bundle is not None}
+            shared = tuple(other for other, ident in others.items() if identity and ident[0] == identity[0])
+            data = _own_data(identity, list(others.values()))
             size = _data_bytes(*data)
             if purge:
                 _purge(*data)
                 removed.clear()
-            elif size:
+            elif size and identity is not None:
                 removed.write(identity)
             if installed:
                 take_out(path)
     return Removal(name, path if installed else None, size, purge, shared)
-
 
 
 def _told(on_wait: Waiting | None, what: str) -> Callable[[], None] | None:
@@ -196,13 +195,19 @@ def _identity(bundle: Bundle) -> tuple[str, str]:
     return bundle.bundle_id, text_cache_key(bundle)
 
 
-def _model_data(identity: tuple[str, str] | None, shared: tuple[str, ...]) -> tuple[str | None, list[Path]]:
-    """The bundle id whose index is the model's alone, and its optimised-cache entries."""
-    if identity is None or shared:
-        return None, []
+def _own_data(identity: tuple[str, str] | None, others: list[tuple[str, str]]) -> tuple[str | None, list[Path]]:
+    """The model's index (its bundle id) and optimised-cache entries, each unless another model uses it too.
+
+    A renamed copy has the same bundle id; a student that kept the teacher's text
+    tower has another bundle id but the same text cache.
+    """
     from .embed.onnx import cached_sessions
 
-    return identity[0], cached_sessions(identity[1])
+    if identity is None:
+        return None, []
+    bundle_id, cache_key = identity
+    return (None if any(bundle_id == other[0] for other in others) else bundle_id,
+            [] if any(cache_key == other[1] for other in others) else cached_sessions(cache_key))
 
 
 def _data_bytes(bundle_id: str | None, caches: list[Path]) -> int:
@@ -232,13 +237,14 @@ class _RemovedRecord:
     def read(self) -> tuple[str, str] | None:
         try:
             record = json.loads(self.path.read_text(encoding="utf-8"))
-            return str(record["bundle_id"]), str(record["cache_key"])
+            identity = str(record["bundle_id"]), str(record["cache_key"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
+        # Both name paths that a purge deletes: never trust them to be more than hex digits.
+        return identity if all(re.fullmatch(r"[0-9a-f]{16}", part) for part in identity) else None
 
-    def write(self, identity: tuple[str, str] | None) -> None:
-        if identity is not None:
-            self.path.write_text(json.dumps({"bundle_id": identity[0], "cache_key": identity[1]}), encoding="utf-8")
+    def write(self, identity: tuple[str, str]) -> None:
+        self.path.write_text(json.dumps({"bundle_id": identity[0], "cache_key": identity[1]}), encoding="utf-8")
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
