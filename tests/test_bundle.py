@@ -227,6 +227,14 @@ def test_wrong_json_types_are_refused_with_the_field_named(bundle_dir: Path, pat
     assert path[0] in info.value.message or "hash" in info.value.message
 
 
+def test_preprocess_values_the_runtime_cannot_use_are_a_bundle_error(bundle_dir: Path) -> None:
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    fields = {k: manifest[k] for k in ("name", "embed_dim", "precision", "preprocess", "tokenizer", "encoders")}
+    write_manifest(bundle_dir, {**fields, "preprocess": {**fields["preprocess"], "interpolation": "sinc"}})
+    with pytest.raises(BundleError, match="bad preprocess config: unknown interpolation 'sinc'"):
+        load_bundle(bundle_dir).image_encoder()
+
+
 # --- files the manifest does not hash: external ONNX weights, links ---------------------------------
 
 

@@ -154,10 +154,15 @@ class ImageEncoder:
 
     def __init__(self, bundle: Bundle, *, batch_size: int = 16, draft: bool = True,
                  threads: int | None = None) -> None:
+        from ..errors import BundleError
         from .preprocess import PreprocessConfig
 
         spec = bundle.image
-        self.config = PreprocessConfig.from_dict(bundle.preprocess_config)
+        try:
+            self.config = PreprocessConfig.from_dict(bundle.preprocess_config)
+        except ValueError as e:  # bundle.py checks types only; the values are checked here
+            raise BundleError(f"bundle {bundle.path}: bad preprocess config: {e}",
+                              "re-create it: clipgrep models add ...") from None
         self.batch_size = batch_size
         self.draft = draft
         self.embed_dim = bundle.embed_dim
