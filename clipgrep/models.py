@@ -212,11 +212,9 @@ def _own_data(identity: tuple[str, str] | None, others: list[tuple[str, str]]) -
 
 def _data_bytes(bundle_id: str | None, caches: list[Path]) -> int:
     from .index.purge import index_bytes
+    from .status import disk_bytes
 
-    total = index_bytes(bundle_id) if bundle_id else 0
-    for cache in caches:
-        total += sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
-    return total
+    return (index_bytes(bundle_id) if bundle_id else 0) + sum(disk_bytes(cache) for cache in caches)
 
 
 def _purge(bundle_id: str | None, caches: list[Path]) -> None:

@@ -9,7 +9,6 @@ trash is deleted next, or by ``clear_trash`` after a kill. Callers hold the inde
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,12 +28,10 @@ def index_paths(bundle_id: str) -> list[Path]:
 
 
 def index_bytes(bundle_id: str) -> int:
-    """Bytes on disk of ``index_paths`` (what a purge frees)."""
-    total = 0
-    for top in index_paths(bundle_id):
-        for directory, _, files in os.walk(top) if top.is_dir() else [(str(top.parent), [], [top.name])]:
-            total += sum(os.lstat(os.path.join(directory, name)).st_size for name in files)
-    return total
+    """Bytes on disk of ``index_paths`` (what a purge frees; the dirty marker is empty)."""
+    from ..status import disk_bytes
+
+    return sum(disk_bytes(path) for path in index_paths(bundle_id))
 
 
 def purge_index(bundle_id: str) -> None:
