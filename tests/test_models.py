@@ -63,8 +63,8 @@ def installed_id(name: str) -> str | None:
 # --- kill -9 at every write step ----------------------------------------------------------------
 
 
-def _die_at(step: int, counter: Path) -> None:
-    """In a forked child: SIGKILL this process just before its ``step``-th write (0: never)."""
+def _die_at(step: int) -> None:
+    """In a forked child: SIGKILL this process just before its ``step``-th write."""
     count = 0
 
     def wrap(owner: object, name: str) -> None:
@@ -73,7 +73,6 @@ def _die_at(step: int, counter: Path) -> None:
         def write(*args, **kwargs):
             nonlocal count
             count += 1
-            counter.write_bytes(str(count).encode()) if step == 0 else None
             if count == step:
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(*args, **kwargs)
@@ -86,13 +85,13 @@ def _die_at(step: int, counter: Path) -> None:
     wrap(pathlib.Path, "write_text")
 
 
-def run_killed(step: int, command: Callable[[], object], counter: Path) -> int:
+def run_killed(step: int, command: Callable[[], object]) -> int:
     """Run ``command`` in a child killed at write ``step``; its wait status."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 3
         try:
-            _die_at(step, counter)
+            _die_at(step)
             command()
             code = 0
         finally:
@@ -103,13 +102,12 @@ def run_killed(step: int, command: Callable[[], object], counter: Path) -> int:
 def kill_at_every_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setup: Callable[[], None],
                        command: Callable[[], object], check: Callable[[], None]) -> int:
     """For N = 1, 2, ... until the command completes: a fresh home, ``setup``, kill at N, ``check``."""
-    counter = tmp_path / "writes"
     step = 0
     while True:
         step += 1
         monkeypatch.setenv("CLIPGREP_HOME", str(tmp_path / f"home-{step}"))
         setup()
-        status = run_killed(step, command, counter)
+        status = run_killed(step, command)
         check()
         assert leftovers() == [], f"killed at write {step}: temporaries left"
         if os.WIFEXITED(status):
