@@ -233,7 +233,7 @@ def models_add(
                                                  "install")) as on_progress:
         bundle = add_model(name, arch=arch, pretrained=pretrained, checkpoint=checkpoint,
                            precision=precision.value, random_init=random_init, replace=replace,
-                           on_progress=on_progress)
+                           on_progress=on_progress, on_wait=render.waiting)
     render.note(f"installed {bundle.name} ({bundle.precision}, {render.human_bytes(bundle.size_bytes())}) "
                 f"at {bundle.path}")
 
@@ -276,13 +276,18 @@ def models_info(
 
 @models_app.command("remove")
 @handle_errors
-def models_remove(name: Annotated[str, typer.Argument(help="Installed model name.",
-                                                     autocompletion=complete_model_names)]) -> None:
-    """Delete an installed model."""
+def models_remove(
+    name: Annotated[str, typer.Argument(help="Installed model name.", autocompletion=complete_model_names)],
+    purge: Annotated[bool, typer.Option("--purge", help=(
+        "Also delete its index and caches (also works after a plain remove)."))] = False,
+) -> None:
+    """Delete an installed model; --purge deletes its index and caches too.
+
+    Without --purge they stay, and a re-install of the same model reuses them.
+    """
     from .models import remove_model
 
-    path = remove_model(name)
-    render.note(f"removed {name} ({path})")
+    render.removal(remove_model(name, purge=purge, on_wait=render.waiting))
 
 
 def main() -> None:

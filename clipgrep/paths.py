@@ -31,3 +31,18 @@ def index_dir() -> Path:
 
 def snapshot_dir(bundle_id: str) -> Path:
     return index_dir() / "snapshots" / bundle_id
+
+
+def index_lock_file() -> Path:
+    """Held by every writer of the index (index, forget, models remove): see index/lock.py."""
+    return index_dir() / ".lock"
+
+
+def dirty_marker(bundle_id: str) -> Path:
+    """Present while the snapshot of ``bundle_id`` may lag its table (index/build.py)."""
+    return index_dir() / "snapshots" / f"{bundle_id}.DIRTY"
+
+
+def onnx_cache_dir() -> Path:
+    """Optimised ONNX sessions, one entry per model file, onnxruntime version and CPU (embed/onnx.py)."""
+    return home() / "cache" / "onnx"

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .index.build import IndexProgress, IndexReport
     from .index.forget import Forgotten
     from .index.state import Skipped
-    from .models import ModelEntry
+    from .models import ModelEntry, Removal
     from .search import Hit
 
 
@@ -72,6 +72,22 @@ def model_summary(entry: ModelEntry) -> dict[str, Any]:
     b = entry.bundle
     return {"name": b.name, "path": str(b.path), "bundle_id": b.bundle_id, "precision": b.precision,
             "embed_dim": b.embed_dim, "bytes": b.size_bytes(), "provenance": b.manifest.get("provenance", {})}
+
+
+def waiting(what: str) -> None:
+    note(f"{what} holds the lock; waiting for it to finish")
+
+
+def removal(r: Removal) -> None:
+    if r.path is not None:
+        note(f"removed {r.name} ({r.path})")
+    if r.shared_with:
+        note(f"its index stays: {', '.join(r.shared_with)} is the same model and uses it")
+    elif r.purged:
+        note(f"deleted its index and caches ({human_bytes(r.data_bytes)})")
+    elif r.data_bytes:
+        note(f"its index and caches ({human_bytes(r.data_bytes)}) stay, for a re-install of the same model; "
+             f"delete them with: clipgrep models remove {r.name} --purge")
 
 
 def model_info(bundle: Bundle) -> None:

@@ -11,7 +11,8 @@ if TYPE_CHECKING:
     from .index.state import Skipped
 
 
-def _disk_bytes(path: Path) -> int:
+def disk_bytes(path: Path) -> int:
+    """Bytes of the files under directory ``path`` (links not followed)."""
     total = 0
     for directory, _, files in os.walk(path):
         for name in files:
@@ -49,7 +50,7 @@ def index_status(model: str | None = None) -> dict[str, Any]:
         "bundle_id": bundle.bundle_id,
         "rows": len(snapshot) if snapshot is not None else 0,
         "skipped": len(load_skipped(directory, bundle.bundle_id)),
-        "disk_bytes": _disk_bytes(directory) if directory.exists() else 0,
+        "disk_bytes": disk_bytes(directory) if directory.exists() else 0,
         "last_run": run.get("finished", "never"),
         # Recorded by the last index run, so status need not load LanceDB (~1 s).
         "vector_index": bool(snapshot.meta.get("vector_index")) if snapshot is not None else False,

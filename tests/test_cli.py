@@ -87,6 +87,34 @@ def test_models_list_shows_broken_models(installed: Path, clipgrep_home: Path) -
     assert "broken:" in result.stdout and "missing text.onnx" in result.stdout
 
 
+@pytest.mark.parametrize("manifest, reason", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    (None, "manifest field tokenizer must be an object, not str"),
+    (" " * (2 << 20), "larger than 1024 KiB"),
+])
+def test_models_list_shows_a_hostile_manifest_as_broken(installed: Path, clipgrep_home: Path,
+                                                        manifest: str | None, reason: str) -> None:
+    """A RecursionError, an AttributeError and 2 GB of RAM before; now a broken entry with its reason."""
+    path = clipgrep_home / "models" / "tiny" / "manifest.json"
+    if manifest is None:
+        manifest = json.dumps({**json.loads(path.read_text()), "tokenizer": "clip-bpe"})
+    path.write_text(manifest)
+    result = run("models", "list")
+    assert result.exit_code == 0, result.stderr
+    assert "broken:" in result.stdout and reason in result.stdout
+
+
+def test_models_add_refuses_a_bundle_with_a_linked_file(tmp_path: Path) -> None:
+    """A link was followed and the outside file copied in."""
+    source = make_contract_bundle(tmp_path / "src")
+    outside = tmp_path / "outside.onnx"
+    (source / "text.onnx").rename(outside)
+    (source / "text.onnx").symlink_to(outside)
+    result = run("models", "add", "tiny", "--checkpoint", str(source))
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "text.onnx is not a regular file" in result.stderr
+
+
 def test_models_info(installed: Path) -> None:
     text = run("models", "info", "tiny")
     assert text.exit_code == 0

@@ -38,7 +38,6 @@ import numpy as np
 
 from ..errors import ClipgrepError
 from .checkpoint import (
-    STAGE_CONFIG,
     capture_rng_states,
     load_training_state,
     restore_rng_states,
@@ -65,9 +64,9 @@ from .training import (
     param_groups,
     resolve_device,
     seed_everything,
+    start_run_dir,
     tower_of,
     warmup_cosine,
-    write_text_atomic,
 )
 
 __all__ = ["CHECKPOINT", "Stage1Config", "Stage1Progress", "run", "trained_towers"]
@@ -158,8 +157,7 @@ def run(config: Stage1Config, on_progress: Progress | None = None) -> Path:
     config, spec = _resolve(config)
     towers, resume, items = _check_inputs(config, spec)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / STAGE_CONFIG, config.to_json())
+    start_run_dir(out, config)
     seed_everything(config.seed)  # before the teacher: a random-init teacher draws from it
     teacher = load_teacher(config.teacher, config.device)
     targets = {kind: cached_embeddings(teacher, kind, items[kind], config.cache_dir, _CACHE_BATCH, on_progress)

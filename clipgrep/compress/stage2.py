@@ -97,9 +97,9 @@ from .training import (
     param_groups,
     resolve_device,
     seed_everything,
+    start_run_dir,
     tower_of,
     warmup_cosine,
-    write_text_atomic,
 )
 
 __all__ = ["CHECKPOINT", "STEPS", "HardNegativeProgress", "Stage2Config", "Stage2Progress", "run"]
@@ -227,8 +227,7 @@ def run(config: Stage2Config, on_progress: Progress | None = None) -> Path:
     student_digest = _file_digest(student_dir / WEIGHTS)
     resume = _load_resume(Path(config.out) / CHECKPOINT, config, _pairs_digests(train), student_digest)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / STAGE_CONFIG, config.to_json())
+    start_run_dir(out, config)
     seed_everything(config.seed)  # before the teacher: a random-init teacher draws from it
     teacher = load_teacher(config.teacher, config.device)
     kinds = ("text", "image") if config.weight_kd else ("text",)  # teacher images only feed L_KD

@@ -44,7 +44,6 @@ import numpy as np
 from ..convert.torch_env import import_open_clip
 from ..errors import ClipgrepError
 from .checkpoint import (
-    STAGE_CONFIG,
     capture_rng_states,
     load_training_state,
     restore_rng_states,
@@ -61,8 +60,8 @@ from .training import (
     is_int,
     param_groups,
     resolve_device,
+    start_run_dir,
     warmup_cosine,
-    write_text_atomic,
 )
 
 __all__ = ["CHECKPOINT", "TEACHER_DIR", "TINY_TEACHER_CFG", "TINY_TEACHER_IMAGE_SIZE", "TOKEN_EMBEDDING_STD",
@@ -189,8 +188,7 @@ def train_teacher(config: TeacherTrainConfig, on_progress: Progress | None = Non
     pairs = load_pairs(config.pairs)
     train, val = split_pairs(pairs, config.val_fraction, config.seed) if config.val_fraction else (pairs, None)
     resume = _load_resume(out / CHECKPOINT, config, train)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / STAGE_CONFIG, config.to_json())
+    start_run_dir(out, config)
     torch.manual_seed(config.seed)
     model = build_clip(config.model_cfg).to(config.device)
     preprocess = dict(import_open_clip().get_model_preprocess_cfg(model))

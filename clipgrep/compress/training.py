@@ -145,6 +145,29 @@ def data_digests(items: dict[str, list[Any]]) -> dict[str, str]:
     return {kind: data_digest(values) for kind, values in items.items()}
 
 
+def start_run_dir(out: Path, config: JsonConfig) -> None:
+    """Make ``out`` the run's directory and write ``config.json`` (STAGE_CONFIG) into it.
+
+    ``out`` must be new, empty, or an earlier run of the same kind (its config.json
+    reads back as ``config``'s class, so the run resumes or starts over there).
+    Anything else is someone else's data: refused before a byte of it changes.
+    """
+    from .checkpoint import STAGE_CONFIG
+
+    if out.exists() and not out.is_dir():
+        raise ClipgrepError(f"--out {out} is a file, not a directory", "pass a new or empty directory")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            type(config).from_json((out / STAGE_CONFIG).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ClipgrepError):
+            raise ClipgrepError(f"--out {out} is not empty and is not a {config.config_kind.removesuffix(' config')} "
+                                f"run directory (no readable {STAGE_CONFIG} of one)",
+                                "pass a new or empty directory, or the --out of an earlier run to resume it") \
+                from None
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / STAGE_CONFIG, config.to_json())
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` in one rename: a kill leaves the old file or the new one."""
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")

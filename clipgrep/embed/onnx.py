@@ -91,9 +91,21 @@ def _create_and_cache(ort: Any, path: Path, target: Path, threads: int | None, p
 
 def _optimized_dir(ort: Any, cache_key: str) -> Path:
     """Cache entries are per model file, onnxruntime version and CPU: optimised graphs are hardware specific."""
-    from ..paths import home
+    from ..paths import onnx_cache_dir
 
-    return home() / "cache" / "onnx" / f"{cache_key}-ort{ort.__version__}-{_cpu_id()}"
+    return onnx_cache_dir() / f"{cache_key}-ort{ort.__version__}-{_cpu_id()}"
+
+
+def text_cache_key(bundle: Bundle) -> str:
+    """The optimised-cache key of a bundle's text tower: its file's hash, so copies of a model share it."""
+    return bundle.manifest["files"][bundle.text.file]["sha256"][:16]
+
+
+def cached_sessions(cache_key: str) -> list[Path]:
+    """The optimised-cache entries of one model file (any onnxruntime version or CPU)."""
+    from ..paths import onnx_cache_dir
+
+    return sorted(onnx_cache_dir().glob(f"{cache_key}-*"))
 
 
 def _cpu_id() -> str:
@@ -142,10 +154,15 @@ class ImageEncoder:
 
     def __init__(self, bundle: Bundle, *, batch_size: int = 16, draft: bool = True,
                  threads: int | None = None) -> None:
+        from ..errors import BundleError
         from .preprocess import PreprocessConfig
 
         spec = bundle.image
-        self.config = PreprocessConfig.from_dict(bundle.preprocess_config)
+        try:
+            self.config = PreprocessConfig.from_dict(bundle.preprocess_config)
+        except ValueError as e:  # bundle.py checks types only; the values are checked here
+            raise BundleError(f"bundle {bundle.path}: bad preprocess config: {e}",
+                              "re-create it: clipgrep models add ...") from None
         self.batch_size = batch_size
         self.draft = draft
         self.embed_dim = bundle.embed_dim
@@ -190,8 +207,8 @@ class TextEncoder:
         self.batch_size = batch_size
         self.embed_dim = bundle.embed_dim
         # Text sessions start every search, so they load from the per-machine optimised cache.
-        file_hash = bundle.manifest["files"][spec.file]["sha256"][:16]
-        self._session = _LazySession(bundle.file(spec.file), spec.input, spec.output, threads, cache_key=file_hash)
+        self._session = _LazySession(bundle.file(spec.file), spec.input, spec.output, threads,
+                                     cache_key=text_cache_key(bundle))
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
         return self.tokenizer.encode(list(texts))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from ..paths import index_dir, snapshot_dir
+from ..paths import dirty_marker, index_dir, index_lock_file, snapshot_dir
 from .plan import RACY_WINDOW_NS, Plan, fingerprint, is_racy, make_plan, under_roots
 from .roots import RootSet, Selection
 from .scan import FileEntry, ScanOptions, ScanProblem, ScanResult, scan
@@ -31,9 +31,6 @@ if TYPE_CHECKING:
     from ..embed.preprocess import PreprocessConfig
     from ..snapshot import Snapshot
     from ..store import IndexStore, StoredFile
-
-DIRTY = "DIRTY"
-
 
 class PixelEncoder(Protocol):
     """What indexing needs from a model; ``ImageEncoder`` is the real one, tests pass a fake."""
@@ -108,7 +105,8 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
     started = time.time()
     directory = index_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    with index_lock(directory / ".lock", wait=options.wait_for_lock, on_wait=on_wait):
+    with index_lock(index_lock_file(), wait=options.wait_for_lock, on_wait=on_wait):
+        _check_still_installed(bundle)
         tracked = RootSet.load(directory)
         args = [os.path.abspath(os.path.expanduser(os.fspath(r))) for r in roots]
         tracked.remove_excludes(options.remove_excludes, args)
@@ -125,6 +123,24 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
             "added": report.added, "updated": report.updated, "removed": report.removed,
             "reused": report.reused, "skipped": report.skipped_total})
     return report
+
+
+def _check_still_installed(bundle: Bundle) -> None:
+    """Refuse to go on if the model was removed or replaced before the lock was ours.
+
+    ``models remove`` and ``models add --replace`` take the index lock, so once it is
+    held the model stays put; but they may have run while this run waited for it.
+    """
+    from ..bundle import load_bundle
+    from ..errors import BundleError, ClipgrepError
+
+    try:
+        current = load_bundle(bundle.path).bundle_id
+    except BundleError:
+        current = None
+    if current != bundle.bundle_id:
+        raise ClipgrepError(f"model {bundle.name} was {'replaced' if current else 'removed'} while this run "
+                            "waited for the index lock", "run clipgrep index again")
 
 
 class _Run:
@@ -145,7 +161,7 @@ class _Run:
         self.on_progress = on_progress
         self.report = IndexReport(roots=[u.path for u in self.units])
         self.snapshot_path = snapshot_dir(bundle.bundle_id)
-        self.dirty_marker = self.snapshot_path.parent / f"{bundle.bundle_id}.{DIRTY}"
+        self.dirty_marker = dirty_marker(bundle.bundle_id)
 
     def _tick(self, **changes: object) -> None:
         for key, value in changes.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..paths import index_dir, snapshot_dir
+from ..paths import index_dir, index_lock_file, snapshot_dir
 from .plan import under_roots
 from .roots import RootSet
 from .state import load_skipped, save_skipped
@@ -30,7 +30,7 @@ def forget_root(root: str) -> Forgotten:
 
     directory = index_dir()
     path = os.path.abspath(os.path.expanduser(root))
-    with index_lock(directory / ".lock"):
+    with index_lock(index_lock_file()):
         tracked = RootSet.load(directory)
         outer = tracked.root_of(path)
         pattern = tracked.forget(path)  # raises for a path that is not indexed

@@ -121,3 +121,12 @@ def load_skipped(index_dir: Path, bundle_id: str) -> dict[str, Skipped]:
 def save_skipped(index_dir: Path, bundle_id: str, skipped: dict[str, Skipped]) -> None:
     write_json_atomic(_skipped_path(index_dir, bundle_id),
                       {s.path: [s.size, s.mtime_ns, s.reason] for s in skipped.values()})
+
+
+def forget_bundle(index_dir: Path, bundle_id: str) -> None:
+    """Drop the run record and skip notes of ``bundle_id`` (its model's index is being purged)."""
+    _skipped_path(index_dir, bundle_id).unlink(missing_ok=True)
+    state = load_state(index_dir)
+    if bundle_id in state.get("runs", {}):
+        del state["runs"][bundle_id]
+        write_json_atomic(index_dir / STATE_FILE, state)

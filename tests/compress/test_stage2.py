@@ -238,6 +238,20 @@ def test_config_round_trips_and_bad_values_are_refused(two_steps: dict[str, Any]
         run(replace(resolved, student=str(tmp_path), out=str(tmp_path / "x")))
 
 
+def test_a_foreign_out_directory_is_refused_before_anything_is_written(teacher_dir: Path, stage1_dir: Path,
+                                                                        pairs: Path, tmp_path: Path) -> None:
+    """``--out`` naming someone's project dir overwrote its config.json before failing."""
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}\n')
+    result = CliRunner().invoke(app, [
+        "compress", "stage2", "--teacher", str(teacher_dir), "--student", str(stage1_dir), "--pairs", str(pairs),
+        "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "is not empty and is not a stage-2 run directory" in result.stderr
+    assert (out / "config.json").read_text() == '{"mine": true}\n' and len(list(out.iterdir())) == 1
+
+
 # --- (f) the command line -----------------------------------------------------------------------------
 
 
