@@ -29,6 +29,12 @@ class ExportPrecision(str, Enum):
 class Split(str, Enum):
     all = "all"
     val = "val"
+    test = "test"
+
+
+ImageRootOption = Annotated[Optional[Path], typer.Option(
+    help="Where the pairs' image paths start (default: the pairs file's dir), e.g. coco/ for Karpathy's "
+         "val2014/... paths.", show_default=False)]
 
 
 @compress_app.command("stage1")
@@ -80,8 +86,8 @@ def stage1(
 def stage2(
     teacher: Annotated[str, typer.Option(help="Teacher SPEC, as for stage1 (the KD target and 2a's text side).")],
     student: Annotated[Path, typer.Option(help="The stage-1 output dir (or its student/ local dir).")],
-    pairs: Annotated[Path, typer.Option(help="JSONL or CSV of (image, caption) pairs; trains on the split's "
-                                             "training side.")],
+    pairs: Annotated[Path, typer.Option(help="Pairs: JSONL/CSV, COCO captions_*.json or a Karpathy "
+                                             "dataset_*.json; trains on the split's training side.")],
     out: Annotated[Path, typer.Option(help="Output directory (checkpoints, cache, student/).")],
     epochs_image: Annotated[int, typer.Option(help="Step 2a: passes over the training images.")] = 5,
     epochs_text: Annotated[int, typer.Option(help="Step 2b: passes over the training images.")] = 5,
@@ -104,6 +110,7 @@ def stage2(
     checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.")] = 100,
     device: Annotated[str, typer.Option(help="auto (CUDA with mixed precision when present), cpu, cuda.")] = "auto",
     max_steps: Annotated[Optional[int], typer.Option(help="Stop early (the schedule is unchanged).")] = None,
+    image_root: ImageRootOption = None,
 ) -> None:
     """Stage 2: fine-tune the image tower, then the text tower, with KD and hard negatives.
 
@@ -123,7 +130,8 @@ def stage2(
         epochs_text=epochs_text, steps=tuple(s.strip() for s in steps.split(",")), batch_size=batch_size, lr=lr,
         temperature=temperature, kd_temperature=kd_temperature, weight_t2v=weight_t2v, weight_v2t=weight_v2t,
         weight_kd=weight_kd, weight_hn=weight_hn, hard_negatives_k=hard_negatives, refresh_every=refresh_every,
-        val_fraction=val_fraction, seed=seed, checkpoint_every=checkpoint_every, device=device, max_steps=max_steps)
+        val_fraction=val_fraction, seed=seed, checkpoint_every=checkpoint_every, device=device, max_steps=max_steps,
+        image_root=str(image_root) if image_root else None)
     with render.training_progress(sys.stderr.isatty()) as on_progress:
         student_dir = run(config, on_progress=on_progress)
     render.note(f"stage 2 done: {student_dir} (export it with: clipgrep compress export {out} NAME)")
@@ -157,10 +165,13 @@ def export(
 @compress_app.command("eval")
 @handle_errors
 def evaluate(
-    pairs: Annotated[Path, typer.Option(help="JSONL or CSV of (image, caption) pairs; several captions per image.")],
+    pairs: Annotated[Path, typer.Option(help="Pairs: JSONL/CSV, COCO captions_*.json or a Karpathy "
+                                             "dataset_*.json; several captions per image.")],
     model: Annotated[list[str], typer.Option("--model", "-m", help="Model to evaluate (repeat; the first is the "
                                                                    "reference, usually the teacher).")],
-    split: Annotated[Split, typer.Option(help="'val': only the held-out images of the training split.")] = Split.all,
+    split: Annotated[Split, typer.Option(help="'val': only the held-out images of the training split; 'test': "
+                                              "a Karpathy file's test split (the paper's tables).")] = Split.all,
+    image_root: ImageRootOption = None,
     seed: Annotated[int, typer.Option(help="Split seed (as used for training).")] = 0,
     val_fraction: Annotated[float, typer.Option(help="Split fraction (as used for training).")] = 0.1,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per model.")] = False,
@@ -177,7 +188,7 @@ def evaluate(
     from .compress.eval import evaluate as run_eval
 
     config = EvalConfig(pairs=str(pairs), models=tuple(model), split=split.value, seed=seed,
-                        val_fraction=val_fraction)
+                        val_fraction=val_fraction, image_root=str(image_root) if image_root else None)
     rows = compare(run_eval(config, on_progress=render.note))
     if json_output:
         for row in rows:

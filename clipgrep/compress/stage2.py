@@ -155,6 +155,7 @@ class Stage2Config(JsonConfig):
     max_steps: int | None = None
     steps: tuple[str, ...] = STEPS
     cache_dir: str | None = None
+    image_root: str | None = None  # where the pairs' image paths start (default: the pairs file's dir)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(self.steps))  # JSON gives a list
@@ -257,7 +258,7 @@ def run(config: Stage2Config, on_progress: Progress | None = None) -> Path:
 def _resolve(config: Stage2Config) -> tuple[Stage2Config, Path]:
     """Canonical teacher, absolute paths, a concrete device, and the student's local dir."""
     absolute = {name: os.path.abspath(Path(getattr(config, name)).expanduser())
-                for name in ("student", "pairs", "out", "cache_dir") if getattr(config, name)}
+                for name in ("student", "pairs", "out", "cache_dir", "image_root") if getattr(config, name)}
     absolute.setdefault("cache_dir", os.path.join(absolute["out"], "cache"))
     given = Path(absolute["student"])
     student_dir = given / "student" if (given / "student" / OPEN_CLIP_CONFIG).is_file() else given
@@ -286,7 +287,7 @@ def _check_dims(config: Stage2Config, student_dir: Path) -> None:
 
 
 def _training_pairs(config: Stage2Config) -> PairSet:
-    train, _ = split_pairs(load_pairs(config.pairs), config.val_fraction, config.seed)
+    train, _ = split_pairs(load_pairs(config.pairs, config.image_root), config.val_fraction, config.seed)
     if len(train.images) < 2:
         raise ClipgrepError(f"the training split of {config.pairs} has {len(train.images)} image; contrastive "
                             "fine-tuning needs at least 2", "add pairs or lower --val-fraction")
