@@ -13,6 +13,7 @@ import typer
 
 from . import render
 from .cli_errors import handle_errors
+from .errors import ClipgrepError
 
 compress_app = typer.Typer(
     help="Distil a small, fast student from a big CLIP teacher (Leaner and Faster, NAACL 2022).",
@@ -49,7 +50,15 @@ def stage1(
     out: Annotated[Path, typer.Option(help="Output directory (checkpoints, cache, student/).")],
     images: Annotated[Optional[Path], typer.Option(help="Image folder or list file (for the image student).")]
     = None,
-    texts: Annotated[Optional[Path], typer.Option(help="Text file, one per line (for the text student).")] = None,
+    texts: Annotated[Optional[str], typer.Option(help=(
+        "Text file, one per line (for the text student); builtin:generic is a shipped corpus of 30,000 "
+        "generated photo captions and queries."))] = None,
+    images_from_index: Annotated[bool, typer.Option(
+        "--images-from-index", help="Use the photos indexed with --model, and the teacher embeddings the index "
+                                    "stored for them (no teacher pass over the images).")] = False,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="With --images-from-index: the installed model your photos are indexed with; it "
+                              "must be the teacher.", show_default="the default model")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the larger of the two sets.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Items per tower per step (the InfoNCE negatives).")] = 64,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 1e-4,
@@ -69,11 +78,17 @@ def stage1(
     Example:
       clipgrep compress stage1 --teacher ViT-B-32:laion2b_s34b_b79k --student image=b32-6l,text=4 \\
         --images ~/Pictures --texts captions.txt --out runs/s1
+      clipgrep compress stage1 --teacher ViT-B-32:laion2b_s34b_b79k --student image=b32-6l,text=4 \\
+        --images-from-index --model vit-b-32 --texts builtin:generic --out runs/mine
     """
     from .compress.stage1 import Stage1Config, run
+    from .models import default_model_name
 
+    if model and not images_from_index:
+        raise ClipgrepError("--model only applies with --images-from-index", "add --images-from-index")
     config = Stage1Config(teacher=teacher, student=student, images=str(images) if images else None,
-                          texts=str(texts) if texts else None, out=str(out), epochs=epochs,
+                          images_from_index=(model or default_model_name()) if images_from_index else None,
+                          texts=texts, out=str(out), epochs=epochs,
                           batch_size=batch_size, lr=lr, temperature=temperature, queue_size=queue, seed=seed,
                           checkpoint_every=checkpoint_every, device=device, max_steps=max_steps)
     with render.training_progress(sys.stderr.isatty()) as on_progress:

@@ -46,6 +46,8 @@ from .checkpoint import (
     save_training_state,
 )
 from .data import load_image_set, load_texts
+from .generic_texts import BUILTIN_GENERIC, generic_texts
+from .library import IndexedImages, check_made_by_teacher, indexed_images
 from .losses import intra_modal_distill_loss
 from .students import StudentSpec, build_student, parse_student, plan_student
 from .teacher import (
@@ -76,6 +78,7 @@ CHECKPOINT = "checkpoint.pt"
 # Settings that do not change what training computes: a resume may differ in these.
 RESUME_FREE = frozenset({"out", "cache_dir", "device", "checkpoint_every", "max_steps"})
 _CACHE_BATCH = 256
+_PROBE_TEXTS = 64
 
 
 @dataclass(frozen=True)
@@ -114,8 +117,14 @@ class Stage1Config(JsonConfig):
     device: str = "auto"
     max_steps: int | None = None
     cache_dir: str | None = None
+    # An installed model whose index holds the teacher's embeddings of the user's photos:
+    # they are the image targets (library.py), and the indexed files the image set.
+    images_from_index: str | None = None
 
     def __post_init__(self) -> None:
+        if self.images and self.images_from_index:
+            raise ClipgrepError("both --images and --images-from-index name the image set",
+                                "pass one of them")
         check_counts(self, {"epochs": 1, "batch_size": 2, "warmup_steps": 0, "queue_size": 0, "seed": 0,
                             "checkpoint_every": 1})
         for name in ("lr", "temperature"):
@@ -156,13 +165,16 @@ def run(config: Stage1Config, on_progress: Progress | None = None) -> Path:
     PosixPath('runs/s1/student')
     """
     config, spec = _resolve(config)
-    towers, resume, items = _check_inputs(config, spec)
+    towers, resume, items, indexed = _check_inputs(config, spec)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / STAGE_CONFIG, config.to_json())
     seed_everything(config.seed)  # before the teacher: a random-init teacher draws from it
     teacher = load_teacher(config.teacher, config.device)
-    targets = {kind: cached_embeddings(teacher, kind, items[kind], config.cache_dir, _CACHE_BATCH, on_progress)
+    if indexed is not None:  # before any long work: the stored vectors must be this teacher's
+        check_made_by_teacher(indexed, teacher, config.teacher, items.get("text") or generic_texts(_PROBE_TEXTS))
+    targets = {kind: indexed.vectors if kind == "image" and indexed is not None else
+               cached_embeddings(teacher, kind, items[kind], config.cache_dir, _CACHE_BATCH, on_progress)
                for kind in towers}
     student, model_cfg = build_student(teacher.model, teacher.model_cfg, spec)
     r = _Run(config, towers, student.to(config.device), items, targets, teacher.tokenizer, teacher.preprocess_config)
@@ -180,7 +192,8 @@ def run(config: Stage1Config, on_progress: Progress | None = None) -> Path:
     return save_local_dir(r.student.eval(), model_cfg, preprocess, out / "student", extra)
 
 
-def _check_inputs(config: Stage1Config, spec: StudentSpec) -> tuple[tuple[str, ...], Any, dict[str, list[Any]]]:
+def _check_inputs(config: Stage1Config, spec: StudentSpec
+                  ) -> tuple[tuple[str, ...], Any, dict[str, list[Any]], IndexedImages | None]:
     """Everything that can be refused before a model loads: towers, resume state, data."""
     towers = trained_towers(spec)
     if not towers:
@@ -188,18 +201,20 @@ def _check_inputs(config: Stage1Config, spec: StudentSpec) -> tuple[tuple[str, .
                             "shrink a tower, e.g. --student image=b32-6l,text=4")
     checkpoint = Path(config.out) / CHECKPOINT
     resume = _load_resume(checkpoint, config)
-    items = _load_items(config, towers)
+    indexed = indexed_images(config.images_from_index) if config.images_from_index and "image" in towers else None
+    items = _load_items(config, towers, indexed)
     if resume is not None and resume.extra.get("data") != data_digests(items):
         raise ClipgrepError(f"the image or text set changed since {checkpoint} was written",
                             "resume with the same data, use another --out, or delete the checkpoint")
-    return towers, resume, items
+    return towers, resume, items, indexed
 
 
 def _resolve(config: Stage1Config) -> tuple[Stage1Config, StudentSpec]:
     """Canonical specs, absolute paths and a concrete device, so configs compare by value."""
     spec = parse_student(config.student)
     absolute = {name: os.path.abspath(Path(getattr(config, name)).expanduser())
-                for name in ("images", "texts", "out", "cache_dir") if getattr(config, name)}
+                for name in ("images", "texts", "out", "cache_dir")
+                if getattr(config, name) and getattr(config, name) != BUILTIN_GENERIC}
     absolute.setdefault("cache_dir", os.path.join(absolute["out"], "cache"))
     resolved = dataclasses.replace(config, teacher=format_teacher(parse_teacher(config.teacher)),
                                    student=str(spec), device=resolve_device(config.device), **absolute)
@@ -219,17 +234,22 @@ def _load_resume(path: Path, config: Stage1Config) -> Any:
     return state
 
 
-def _load_items(config: Stage1Config, towers: tuple[str, ...]) -> dict[str, list[Any]]:
+def _load_items(config: Stage1Config, towers: tuple[str, ...], indexed: IndexedImages | None
+                ) -> dict[str, list[Any]]:
     items: dict[str, list[Any]] = {}
-    for kind, source in (("image", config.images), ("text", config.texts)):
+    for kind, source in (("image", config.images or config.images_from_index), ("text", config.texts)):
         if kind not in towers:
             continue  # a frozen tower gets no data, even when some is given
         if source is None:
-            flag = "--images" if kind == "image" else "--texts"
+            flag = "--images or --images-from-index" if kind == "image" else f"--texts (or {BUILTIN_GENERIC})"
             raise ClipgrepError(f"the student's {kind} tower differs from the teacher's, so stage 1 needs "
                                 f"{kind}s to distil it on", f"pass {flag}")
-        # A duplicate text would sit in its own batch as a negative identical to its positive.
-        found = load_image_set(source) if kind == "image" else list(dict.fromkeys(load_texts(source)))
+        if kind == "image":
+            found: list[Any] = indexed.paths if indexed is not None else load_image_set(source)
+        elif source == BUILTIN_GENERIC:
+            found = generic_texts()
+        else:  # a duplicate text would sit in its own batch as a negative identical to its positive
+            found = list(dict.fromkeys(load_texts(source)))
         if len(found) < 2:
             raise ClipgrepError(f"{source} holds {len(found)} {kind}; contrastive KD needs at least 2",
                                 f"add more {kind}s")
