@@ -210,3 +210,52 @@ def evaluate(
             render.json_line(row)
     else:
         render.eval_table(rows)
+
+
+@compress_app.command("auto")
+@handle_errors
+def auto(
+    teacher: Annotated[str, typer.Option(help="The installed model your photos are indexed with, or a teacher SPEC "
+                                              "(as for stage1).")],
+    out: Annotated[Path, typer.Option(help="Output directory (stage-1 run, fidelity.json).")],
+    name: Annotated[str, typer.Option(help="Model name to install the student under.")],
+    images_from_index: Annotated[bool, typer.Option(
+        "--images-from-index", help="Distil on the photos indexed with --model (the only source auto uses; "
+                                    "the flag is accepted for symmetry with stage1).")] = True,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="The installed model the photos are indexed with.",
+        show_default="--teacher when it is a model, else the default model")] = None,
+    student: Annotated[Optional[str], typer.Option(help="Student SPEC, as for stage1.",
+                                                   show_default="half the image layers, a third of the text layers")]
+    = None,
+    texts: Annotated[str, typer.Option(help="Texts for the text tower: a file, or builtin:generic.")]
+    = "builtin:generic",
+    epochs: Annotated[int, typer.Option(help="Passes over the larger of the two sets.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Items per tower per step.")] = 64,
+    device: Annotated[str, typer.Option(help="auto (CUDA with mixed precision when present), cpu, cuda.")] = "auto",
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop early (the schedule is unchanged).")] = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Replace a model already installed as NAME.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+) -> None:
+    """Distil a student for your own library: stage 1 on the indexed photos, export, fidelity report.
+
+    The report needs no labels: for generic text queries and for image queries sampled from the
+    library, how much of the teacher's top 10 the student's top 10 holds, and the rank correlation.
+    Rerunning resumes where it stopped.
+
+    \b
+    Example:
+      clipgrep compress auto --teacher vit-b-32 --images-from-index --out runs/mine --name mine
+      clipgrep index --model mine
+    """
+    from .compress.auto import AutoConfig, run_auto
+
+    config = AutoConfig(teacher=teacher, out=str(out), name=name, model=model, student=student, texts=texts,
+                        epochs=epochs, batch_size=batch_size, device=device, max_steps=max_steps, replace=replace)
+    with render.training_progress(sys.stderr.isatty()) as on_training:
+        result = run_auto(config, on_training, on_step=render.note)
+    if json_output:
+        render.json_line(result.report)
+    else:
+        render.fidelity_report(result.report)
+    render.note(f"re-index with the student: clipgrep index --model {result.model}")

@@ -156,7 +156,7 @@ def evaluate(config: EvalConfig, on_progress: Progress | None = None) -> list[Mo
         result.recall = recall_at_k(text_emb, emb, pairs.caption_image, config.ks)
         results.append(result)
     speed_texts = [pairs.captions[i % len(pairs.captions)] for i in range(SPEED_ITEMS)]
-    timings = _time_models(images, texts, speed_pixels, speed_texts, config.speed_repeats, step)
+    timings = time_models(images, texts, speed_pixels, speed_texts, config.speed_repeats, step)
     for result, timing in zip(results, timings):
         for key, ms in timing.items():
             setattr(result, key, ms)
@@ -249,7 +249,7 @@ def _decoded_batches(pairs: PairSet, preprocess: Any, config: EvalConfig) -> Ite
         yield np.stack(batch)
 
 
-def _time_models(images: list[Any], texts: list[Any], pixels: list[np.ndarray], captions: list[str],
+def time_models(images: list[Any], texts: list[Any], pixels: list[np.ndarray], captions: list[str],
                  repeats: int, step: Progress) -> list[dict[str, float]]:
     """Median milliseconds per item for each model: ``{"image_ms_b1": ..., "text_ms_b16": ...}``.
 

@@ -1,6 +1,7 @@
 """Stage 1 on the user's own library: the index's stored teacher embeddings are the image targets."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,39 @@ def test_generic_texts_are_deterministic_distinct_and_sized() -> None:
     assert generic_texts(500) == texts[:500] and generic_texts(500, seed=1) != texts[:500]
     assert all(0 < len(t) < 120 and t == " ".join(t.split()) for t in texts)
     assert BUILTIN_GENERIC == "builtin:generic"
+
+
+def test_auto_distils_exports_and_reports_then_the_student_indexes(teacher_dir: Path, library: Path,
+                                                                    tmp_path: Path) -> None:
+    from clipgrep.compress.auto import REPORT, AutoConfig, default_student, resolve_teacher, run_auto
+
+    index_with("teacher-bundle", teacher_dir, library)
+    assert resolve_teacher("teacher-bundle") == (str(teacher_dir), "teacher-bundle")  # from its provenance
+    assert default_student(str(teacher_dir)) == "image=2,text=1"
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(generic_texts(64)), encoding="utf-8")
+    steps: list[str] = []
+    result = run_auto(AutoConfig("teacher-bundle", str(tmp_path / "auto"), "mine", texts=str(texts), epochs=1,
+                                 batch_size=8, device="cpu", fidelity_sample=24),
+                      on_step=steps.append)
+    report = json.loads((tmp_path / "auto" / REPORT).read_text(encoding="utf-8"))
+    assert report == result.report and report["student"] == "mine" and report["n_images"] == 24
+    for key in ("text_recall_at_10", "image_recall_at_10"):
+        assert 0.0 <= report[key] <= 1.0
+    assert -1.0 <= report["text_spearman"] <= 1.0 and report["size_ratio"] < 1.0
+    assert load_model("mine", auto_install=False).precision == "int8"
+    update_index([library], bundle=load_model("mine", auto_install=False), options=IndexOptions(workers=0))
+    assert len(indexed_images("mine").paths) == 24
+
+
+def test_auto_refuses_a_model_without_torch_weights(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    from clipgrep.compress.auto import resolve_teacher
+
+    from ..factories import make_contract_bundle
+
+    add_model("numpy-only", checkpoint=make_contract_bundle(tmp_path / "b"))
+    with pytest.raises(ClipgrepError, match="does not record torch weights") as info:
+        resolve_teacher("numpy-only")
+    assert "--teacher" in info.value.hint
+    assert resolve_teacher("ViT-B-32:random") == ("ViT-B-32:random", None)
