@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..convert import local_dir
 from ..errors import ClipgrepError
 from .checkpoint import (
     STAGE_CONFIG,
@@ -189,7 +190,7 @@ def run(config: Stage1Config, on_progress: Progress | None = None) -> Path:
     extra.update(steps=r.step, total_steps=r.total_steps, complete=r.step == r.total_steps,
                  resumed_from=None if resume is None else resume.step, final_losses=final_losses,
                  precision=str(r.amp_dtype).removeprefix("torch.") if r.amp_dtype else "float32")
-    return save_local_dir(r.student.eval(), model_cfg, preprocess, out / "student", extra)
+    return save_local_dir(r.student.eval(), model_cfg, preprocess, out / local_dir.STAGE_STUDENT, extra)
 
 
 def _check_inputs(config: Stage1Config, spec: StudentSpec

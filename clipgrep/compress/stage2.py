@@ -64,9 +64,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..convert import local_dir
 from ..errors import ClipgrepError
 from .checkpoint import (
-    OPEN_CLIP_CONFIG,
     STAGE_CONFIG,
     WEIGHTS,
     capture_rng_states,
@@ -252,7 +252,7 @@ def run(config: Stage2Config, on_progress: Progress | None = None) -> Path:
              "steps": r.step, "total_steps": r.total_steps, "complete": r.step == r.total_steps,
              "resumed_from": None if resume is None else resume.step, "final_losses": final_losses,
              "precision": str(r.amp_dtype).removeprefix("torch.") if r.amp_dtype else "float32"}
-    return save_local_dir(r.student.eval(), model_cfg, preprocess, out / "student", extra)
+    return save_local_dir(r.student.eval(), model_cfg, preprocess, out / local_dir.STAGE_STUDENT, extra)
 
 
 def _resolve(config: Stage2Config) -> tuple[Stage2Config, Path]:
@@ -261,11 +261,11 @@ def _resolve(config: Stage2Config) -> tuple[Stage2Config, Path]:
                 for name in ("student", "pairs", "out", "cache_dir", "image_root") if getattr(config, name)}
     absolute.setdefault("cache_dir", os.path.join(absolute["out"], "cache"))
     given = Path(absolute["student"])
-    student_dir = given / "student" if (given / "student" / OPEN_CLIP_CONFIG).is_file() else given
-    if not (student_dir / OPEN_CLIP_CONFIG).is_file():
+    student_dir = local_dir.find_local_dir(given)
+    if student_dir is None:
         raise ClipgrepError(f"{given} is neither a stage-1 output nor an open_clip local dir",
                             "pass the --out of clipgrep compress stage1 (or its student/ directory)")
-    if student_dir == Path(absolute["out"]) / "student":
+    if student_dir == Path(absolute["out"]) / local_dir.STAGE_STUDENT:
         raise ClipgrepError(f"the student to fine-tune is {student_dir}, which stage 2 would overwrite",
                             "pass another --out")
     absolute["student"] = str(student_dir)

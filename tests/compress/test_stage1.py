@@ -251,7 +251,7 @@ def test_inputs_are_checked_before_any_model_loads(teacher_dir: Path, data: Path
         run(config(teacher_dir, data, tmp_path / "a", student="image=teacher,text=teacher"))
     with pytest.raises(ClipgrepError, match="needs texts") as info:
         run(config(teacher_dir, data, tmp_path / "b", student="text=2", texts=None))
-    assert info.value.hint == "pass --texts"
+    assert info.value.hint == "pass --texts (or builtin:generic)"
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     for bad in ({"batch_size": 1}, {"lr": 0}, {"max_steps": 0}, {"temperature": -1.0}):
         with pytest.raises(ClipgrepError):
