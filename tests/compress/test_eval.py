@@ -13,7 +13,7 @@ import pytest
 from clipgrep.bundle import MANIFEST, write_manifest
 from clipgrep.compress.data import PairSet, load_pairs, split_pairs
 from clipgrep.compress.eval import EvalConfig, ModelEval, compare, evaluate
-from clipgrep.compress.synthetic import generate_dataset
+from benchmarks.synthetic import generate_dataset
 from clipgrep.errors import ClipgrepError, ModelNotFound
 from clipgrep.models import add_model, load_model
 

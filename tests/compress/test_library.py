@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 from clipgrep.compress.generic_texts import BUILTIN_GENERIC, generic_texts
 from clipgrep.compress.library import indexed_images
 from clipgrep.compress.stage1 import Stage1Config, run
-from clipgrep.compress.synthetic import generate_dataset
+from benchmarks.synthetic import generate_dataset
 from clipgrep.compress.teacher import Teacher
 from clipgrep.errors import ClipgrepError
 from clipgrep.index.build import IndexOptions, update_index

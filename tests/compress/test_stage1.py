@@ -18,7 +18,7 @@ from clipgrep.compress.data import load_image_set, load_texts
 from clipgrep.compress.losses import intra_modal_distill_loss
 from clipgrep.compress.stage1 import CHECKPOINT, Stage1Config, Stage1Progress, run
 from clipgrep.compress.students import build_student, parse_student, teacher_model_cfg
-from clipgrep.compress.synthetic import generate_dataset
+from benchmarks.synthetic import generate_dataset
 from clipgrep.compress.teacher import (
     CacheProgress,
     Teacher,

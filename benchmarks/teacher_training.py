@@ -41,9 +41,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..convert.torch_env import import_open_clip
-from ..errors import ClipgrepError
-from .checkpoint import (
+from clipgrep.convert.torch_env import import_open_clip
+from clipgrep.errors import ClipgrepError
+from clipgrep.compress.checkpoint import (
     STAGE_CONFIG,
     capture_rng_states,
     load_training_state,
@@ -51,9 +51,9 @@ from .checkpoint import (
     save_local_dir,
     save_training_state,
 )
-from .data import PairSet, load_pairs, split_pairs
-from .metrics import recall_at_k
-from .training import (
+from clipgrep.compress.data import PairSet, load_pairs, split_pairs
+from clipgrep.compress.metrics import recall_at_k
+from clipgrep.compress.training import (
     JsonConfig,
     check_counts,
     config_changes,
@@ -246,8 +246,8 @@ def evaluate_torch(model: Any, pairs: PairSet, *, batch_size: int = 256, ks: Seq
     >>> evaluate_torch(load_local_dir("runs/teacher/teacher")[0], val)["t2i_R@1"]  # doctest: +SKIP
     0.41
     """
-    from ..embed.preprocess import PreprocessConfig
-    from .teacher import image_decode_pool, load_image_batch
+    from clipgrep.embed.preprocess import PreprocessConfig
+    from clipgrep.compress.teacher import image_decode_pool, load_image_batch
 
     device = device or next(model.parameters()).device
     cfg = PreprocessConfig.from_dict(import_open_clip().get_model_preprocess_cfg(model))
@@ -271,8 +271,8 @@ def _encode(encode: Callable[..., Any], inputs: np.ndarray, device: Any) -> np.n
 
 @lru_cache(maxsize=4)
 def _tokenizer(context_length: int) -> Any:
-    from ..convert.tokenizer_export import open_clip_bpe_path
-    from ..embed.tokenizer import ClipTokenizer
+    from clipgrep.convert.tokenizer_export import open_clip_bpe_path
+    from clipgrep.embed.tokenizer import ClipTokenizer
 
     return ClipTokenizer.from_file(open_clip_bpe_path(), context_length=context_length)
 
@@ -319,8 +319,8 @@ class _TrainSet:
 
     @classmethod
     def load(cls, train: PairSet, preprocess: dict[str, Any], model_cfg: dict[str, Any]) -> _TrainSet:
-        from ..embed.preprocess import PreprocessConfig
-        from .teacher import image_decode_pool, load_image_batch
+        from clipgrep.embed.preprocess import PreprocessConfig
+        from clipgrep.compress.teacher import image_decode_pool, load_image_batch
 
         cfg = PreprocessConfig.from_dict(preprocess)
         size = len(train.images) * 3 * cfg.height * cfg.width * 4
@@ -379,7 +379,7 @@ class _Run:
     def train_step(self) -> float:
         import torch
 
-        from .losses import contrastive_losses
+        from clipgrep.compress.losses import contrastive_losses
 
         images, captions = self.batch_at(self.step)
         device = self.config.device
