@@ -11,10 +11,10 @@ import pytest
 pytestmark = pytest.mark.convert
 torch = pytest.importorskip("torch")
 
+from benchmarks.synthetic import generate_dataset
 from clipgrep.compress.generic_texts import BUILTIN_GENERIC, generic_texts
 from clipgrep.compress.library import indexed_images
 from clipgrep.compress.stage1 import Stage1Config, run
-from benchmarks.synthetic import generate_dataset
 from clipgrep.compress.teacher import Teacher
 from clipgrep.errors import ClipgrepError
 from clipgrep.index.build import IndexOptions, update_index
