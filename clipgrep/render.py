@@ -350,3 +350,20 @@ def _phase(progress: Any) -> str:
     """The tower a stage-2 report trains, as a prefix ("image ", "text "); empty for other reports."""
     phase = getattr(progress, "phase", None)
     return f"{phase} " if phase else ""
+
+
+def fidelity_report(report: dict[str, Any]) -> None:
+    """``compress auto``'s label-free report: how closely the student ranks the library like the teacher."""
+    print(f"{report['student']} vs {report['teacher']} on {report['n_images']} library images")
+    for line in _columns([
+        ("", f"{report['n_text_queries']} text queries", f"{report['n_image_queries']} image queries"),
+        ("recall@10 vs teacher", f"{report['text_recall_at_10']:.3f}", f"{report['image_recall_at_10']:.3f}"),
+        ("Spearman", f"{report['text_spearman']:.3f}", f"{report['image_spearman']:.3f}"),
+    ]):
+        print(line)
+    print(f"size   {human_bytes(report['student_bytes'])} vs {human_bytes(report['teacher_bytes'])} "
+          f"({report['size_ratio']:.2f}x)")
+    print(f"image  {report['student_image_ms_b16']:.2f} vs {report['teacher_image_ms_b16']:.2f} ms per image at "
+          f"batch 16 ({report['image_speedup_b16']:.2f}x faster)")
+    print(f"text   {report['student_text_ms_b1']:.2f} vs {report['teacher_text_ms_b1']:.2f} ms per query "
+          f"({report['text_speedup_b1']:.2f}x faster)")

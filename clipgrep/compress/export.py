@@ -10,19 +10,18 @@ import os
 from pathlib import Path
 
 from ..bundle import Bundle
+from ..convert import local_dir
 from ..errors import ClipgrepError
 from ..models import Progress, add_model
-
-LOCAL_DIR_CONFIG = "open_clip_config.json"
 
 
 def student_dir(checkpoint: str | os.PathLike[str]) -> Path:
     """The open_clip local-dir inside a stage output (``OUT/student``), or ``checkpoint`` itself."""
+    found = local_dir.find_local_dir(checkpoint)
+    if found is not None:
+        return found
     path = Path(checkpoint).expanduser()
-    for candidate in (path / "student", path):
-        if (candidate / LOCAL_DIR_CONFIG).is_file():
-            return candidate
-    raise ClipgrepError(f"{path} holds no trained student ({LOCAL_DIR_CONFIG} not found)",
+    raise ClipgrepError(f"{path} holds no trained student ({local_dir.CONFIG} not found)",
                         "pass the --out directory of clipgrep compress stage1/stage2, or an open_clip local-dir")
 
 

@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..convert import local_dir
 from ..convert.onnx_export import count_params
 from ..convert.torch_env import import_open_clip
 from ..errors import ClipgrepError
@@ -432,17 +433,10 @@ def teacher_model_cfg(model: str | Path) -> dict[str, Any]:
     >>> teacher_model_cfg("ViT-B-32")["vision_cfg"]["layers"]  # doctest: +SKIP
     12
     """
-    import json
-
     name = str(model)
     local = Path(name.removeprefix("local-dir:")).expanduser()
     if isinstance(model, Path) or name.startswith("local-dir:") or local.is_dir():
-        path = local / "open_clip_config.json"
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))["model_cfg"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise ClipgrepError(f"{path} is missing or has no model_cfg", "pass an open_clip architecture "
-                                "name or a directory written by clipgrep compress") from None
+        return local_dir.model_cfg(local)
     cfg = import_open_clip().get_model_config(name)
     if cfg is None:
         raise ClipgrepError(f"open_clip has no architecture {name!r}", "pass e.g. ViT-B-32, or a local dir path")

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..convert import local_dir
 from ..convert.source import LoadedModel, ModelSource, load_model
 from ..embed.preprocess import PreprocessConfig, load_image
 from ..errors import ClipgrepError
@@ -96,8 +97,8 @@ def _looks_like_dir(text: str) -> bool:
 
 def _local_dir(text: str) -> Path:
     path = _absolute(text)
-    if not (path / "open_clip_config.json").is_file():
-        raise ClipgrepError(f"teacher {path} is not an open_clip local dir (no open_clip_config.json)",
+    if not local_dir.is_local_dir(path):
+        raise ClipgrepError(f"teacher {path} is not an open_clip local dir (no {local_dir.CONFIG})",
                             _SPEC_HINT)
     return path
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConversionError, first_line
+from . import local_dir
 from .torch_env import import_open_clip, quiet_open_clip_logging
 
 
@@ -83,7 +84,7 @@ def load_model(source: ModelSource) -> LoadedModel:
     if checkpoint is not None and checkpoint.is_file():
         preprocess = _preprocess_for_checkpoint(open_clip, model_name, source.pretrained, preprocess)
     provenance = {
-        "arch": source.arch or _local_dir_arch(checkpoint),
+        "arch": source.arch or local_dir.arch_name(checkpoint),
         "weights": weights,
         "open_clip_version": importlib.metadata.version("open_clip_torch"),
         "torch_version": importlib.metadata.version("torch"),
@@ -193,11 +194,4 @@ def _reparameterize(model: Any) -> Any:
     return reparameterize_model(model)
 
 
-def _local_dir_arch(checkpoint: Path | None) -> str | None:
-    import json
 
-    try:
-        config = json.loads((checkpoint / "open_clip_config.json").read_text())  # type: ignore[operator]
-    except (OSError, ValueError, TypeError):
-        return None
-    return config.get("model_name") or config.get("model_cfg", {}).get("name")

@@ -53,7 +53,7 @@ def test_export_of_a_directory_without_a_student_is_one_error_line(tmp_path: Pat
 
 
 def test_eval_prints_a_table_and_json(stage_output: Path, tmp_path: Path) -> None:
-    from clipgrep.compress.synthetic import generate_dataset
+    from benchmarks.synthetic import generate_dataset
 
     assert run("export", str(stage_output), "st").exit_code == 0
     pairs = generate_dataset(tmp_path / "data", 12, image_size=64)
@@ -71,7 +71,7 @@ def test_eval_prints_a_table_and_json(stage_output: Path, tmp_path: Path) -> Non
 def test_stage1_then_export_from_the_command_line(tmp_path: Path) -> None:
     import torch
 
-    from clipgrep.compress.synthetic import generate_dataset
+    from benchmarks.synthetic import generate_dataset
 
     torch.set_num_threads(1)  # tiny model: extra threads only contend on a shared 2-core machine
     arch = register_tiny_arch(tmp_path)

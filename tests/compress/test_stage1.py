@@ -18,7 +18,7 @@ from clipgrep.compress.data import load_image_set, load_texts
 from clipgrep.compress.losses import intra_modal_distill_loss
 from clipgrep.compress.stage1 import CHECKPOINT, Stage1Config, Stage1Progress, run
 from clipgrep.compress.students import build_student, parse_student, teacher_model_cfg
-from clipgrep.compress.synthetic import generate_dataset
+from benchmarks.synthetic import generate_dataset
 from clipgrep.compress.teacher import (
     CacheProgress,
     Teacher,
@@ -251,7 +251,7 @@ def test_inputs_are_checked_before_any_model_loads(teacher_dir: Path, data: Path
         run(config(teacher_dir, data, tmp_path / "a", student="image=teacher,text=teacher"))
     with pytest.raises(ClipgrepError, match="needs texts") as info:
         run(config(teacher_dir, data, tmp_path / "b", student="text=2", texts=None))
-    assert info.value.hint == "pass --texts"
+    assert info.value.hint == "pass --texts (or builtin:generic)"
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     for bad in ({"batch_size": 1}, {"lr": 0}, {"max_steps": 0}, {"temperature": -1.0}):
         with pytest.raises(ClipgrepError):

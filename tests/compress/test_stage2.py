@@ -26,7 +26,7 @@ from clipgrep.compress.stage2 import (
     run,
 )
 from clipgrep.compress.students import build_student, parse_student
-from clipgrep.compress.synthetic import generate_dataset
+from benchmarks.synthetic import generate_dataset
 from clipgrep.compress.teacher import CacheProgress, load_teacher
 from clipgrep.errors import ClipgrepError
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from clipgrep.compress.data import load_pairs, load_texts, split_pairs
-from clipgrep.compress.synthetic import (
+from benchmarks.synthetic import (
     CAPTIONS_PER_IMAGE,
     COLOURS,
     COUNT_WORDS,

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..errors import ClipgrepError
+from clipgrep.errors import ClipgrepError
 
 CAPTIONS_PER_IMAGE = 5
 
@@ -114,7 +114,7 @@ def generate_dataset(out_dir: str | os.PathLike[str], n_images: int, seed: int =
         render(scene, rng, image_size).save(out / name)
         rows.append({"image": name, "captions": captions, "scene": scene.to_json()})
     (out / "texts.txt").write_text("".join(f"{c}\n" for row in rows for c in row["captions"]), encoding="utf-8")
-    config = {"generator": "clipgrep.compress.synthetic", "n_images": n_images, "seed": seed,
+    config = {"generator": "benchmarks.synthetic", "n_images": n_images, "seed": seed,
               "image_size": image_size}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     # Written last: a run that dies half-way leaves no pairs file to train on by mistake.
