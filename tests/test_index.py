@@ -30,7 +30,7 @@ from clipgrep.index.forget import forget_root
 from clipgrep.index.scan import ScanOptions
 from clipgrep.index.state import remembered_roots
 from clipgrep.paths import index_dir, snapshot_dir
-from clipgrep.search import search
+from clipgrep.ranking import search
 from clipgrep.snapshot import Snapshot, read_snapshot
 
 from .factories import make_contract_bundle
