@@ -26,7 +26,7 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}  # inherited by every
 
 @contextmanager
 def _output_errors() -> Iterator[None]:
-    """Commands handle their own errors (``handle_errors``); what reaches here is Click writing help or usage."""
+    """Commands handle their own errors (``handle_errors``); what reaches here is Click writing help."""
     try:
         yield
     except OSError as e:
@@ -40,7 +40,7 @@ def _output_errors() -> Iterator[None]:
 
 
 class ClipgrepGroup(TyperGroup):
-    """The root command: its own help is written while making its context, every subcommand's while invoking."""
+    """The root command: its help is written while making its context, every subcommand's while invoking."""
 
     def make_context(self, *args: Any, **kwargs: Any) -> Any:
         with _output_errors():
@@ -58,7 +58,8 @@ class SearchCommand(TyperCommand):
     """
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        value_options = {opt for p in self.params if isinstance(p, TyperOption) and not p.is_flag for opt in p.opts}
+        value_options = {opt for p in self.params if isinstance(p, TyperOption) and not p.is_flag
+                         for opt in p.opts}
         return super().parse_args(ctx, negative_terms_last(args, value_options))
 
 

@@ -79,9 +79,9 @@ def query_vector(terms: Sequence[QueryTerm], encoder: QueryEncoder, snapshot: Sn
     if pending:
         for i, v in zip(pending, _encode_image_queries(encoder, [terms[i].image for i in pending])):
             vectors[i] = v
-    # Only the weights' ratios matter; scaling them to at most 1 keeps the float32 sum finite for any weight.
-    scale = max(abs(t.weight) for t in terms) or 1.0
-    combined = sum((t.weight / scale) * v for t, v in zip(terms, vectors))  # type: ignore[operator]
+    weights = np.array([t.weight for t in terms])
+    weights /= np.abs(weights).max() or 1.0  # only ratios matter; at most 1, float32 sums stay finite
+    combined = weights.astype(np.float32) @ np.stack(vectors)  # type: ignore[arg-type]  # every slot is filled
     norm = float(np.linalg.norm(combined))
     if norm < 1e-9:
         raise ClipgrepError("the query terms cancel out", "change the weights or the --sub terms")

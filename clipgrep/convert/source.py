@@ -38,7 +38,7 @@ class ModelSource:
     random_init: bool = False
 
     def check(self) -> None:
-        """Refuse what is wrong before torch is imported (~3 s): missing paths, options that exclude each other.
+        """Refuse what is wrong before importing torch (~3 s): missing paths, options that exclude each other.
 
         The architecture and tag names need open_clip's registry; ``load_model`` checks those.
         """
@@ -47,8 +47,8 @@ class ModelSource:
         if self.checkpoint is not None:
             if self.checkpoint.is_dir():
                 if not (self.checkpoint / "open_clip_config.json").is_file():
-                    raise ConversionError(f"{self.checkpoint} is neither a clipgrep bundle nor an open_clip model "
-                                          "directory (no manifest.json or open_clip_config.json)",
+                    raise ConversionError(f"{self.checkpoint} is neither a clipgrep bundle nor an open_clip "
+                                          "model directory (no manifest.json or open_clip_config.json)",
                                           "pass a bundle directory, a local-dir or a weights file")
                 return
             if not self.checkpoint.is_file():
@@ -57,8 +57,8 @@ class ModelSource:
             raise ConversionError("no architecture given", "pass --arch, e.g. --arch ViT-B-32")
         if self.checkpoint is None and not self.random_init and not self.pretrained:
             raise ConversionError(f"no weights given for {self.arch}",
-                                  "pass --pretrained TAG (e.g. laion2b_s34b_b79k for ViT-B-32), --checkpoint FILE "
-                                  "or --random-init")
+                                  "pass --pretrained TAG (e.g. laion2b_s34b_b79k for ViT-B-32), "
+                                  "--checkpoint FILE or --random-init")
 
     def describe(self) -> str:
         if self.checkpoint is not None:
