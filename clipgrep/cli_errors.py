@@ -4,7 +4,6 @@ from __future__ import annotations
 import errno
 import functools
 import os
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -55,8 +54,8 @@ def output_failed(error: OSError) -> int:
     The reader went away (`| head`): stop quietly with 0, as grep does. Anything
     else (`> /dev/full`, a full disk) is one line on stderr and 2.
     """
+    render.abandon_stdout()
     if error.errno == errno.EPIPE:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - nothing more may reach the closed pipe
         return 0
     try:
         render.error(render.output_error(error))

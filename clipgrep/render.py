@@ -33,7 +33,7 @@ def note(message: str) -> None:
 
 
 def output_error(error: OSError) -> ClipgrepError:
-    """What to say when stdout cannot take the output (`> /dev/full`, a full disk): the user's to fix, not a bug."""
+    """What to say when stdout cannot take the output (`> /dev/full`, a full disk): not a bug."""
     return ClipgrepError(f"cannot write the output: {error.strerror or error}",
                          "free some space, or send the output elsewhere")
 
@@ -49,7 +49,13 @@ def _stdout() -> Iterator[None]:
     except BrokenPipeError:
         raise
     except OSError as e:
+        abandon_stdout()
         raise output_error(e) from None
+
+
+def abandon_stdout() -> None:
+    """Send what is still printed, or left in the buffer, to /dev/null: stdout cannot take it."""
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives until the process exits
 
 
 def json_line(obj: Any) -> None:

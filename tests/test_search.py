@@ -330,16 +330,30 @@ def test_words_after_double_dash_are_all_terms(indexed: Path) -> None:
     assert result.stdout.splitlines() == [f"{h.score:.4f}\t{h.path}" for h in expected]
 
 
+def search_process(indexed: Path, stdout: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clipgrep", "search", "--model", "tiny", str(indexed / "red.png")],
+                          stdout=stdout, stderr=subprocess.PIPE, text=True, check=False)
+
+
 def test_output_to_a_full_device_is_one_line_and_exit_2(indexed: Path) -> None:
     if not os.path.exists("/dev/full"):
         pytest.skip("needs /dev/full")
     with open("/dev/full", "w") as full:
-        result = subprocess.run([sys.executable, "-m", "clipgrep", "search", "--model", "tiny",
-                                 str(indexed / "red.png")], stdout=full, stderr=subprocess.PIPE, text=True,
-                                check=False)
+        result = search_process(indexed, full)
     assert result.returncode == 2
     assert result.stderr == ("clipgrep: error: cannot write the output: No space left on device "
                              "(free some space, or send the output elsewhere)\n")
+
+
+def test_results_into_a_closed_pipe_exit_0_quietly(indexed: Path) -> None:
+    """`clipgrep search x | head -1`: the reader leaving early is not an error (as with grep)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = search_process(indexed, write)
+    finally:
+        os.close(write)
+    assert result.returncode == 0 and result.stderr == ""
 
 
 def test_conflicting_formats_exit_2(indexed: Path) -> None:
