@@ -27,8 +27,8 @@ _API = {
     "update_index": "clipgrep.index.build",
     "IndexOptions": "clipgrep.index.build",
     "IndexReport": "clipgrep.index.build",
-    "search": "clipgrep.search",
-    "Hit": "clipgrep.search",
+    "search": "clipgrep.ranking",
+    "Hit": "clipgrep.ranking",
 }
 
 __all__ = ["__version__", *_API]

@@ -14,12 +14,15 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__, render
+from .cli_commands import CONTEXT_SETTINGS, ClipgrepGroup, SearchCommand
 from .cli_compress import compress_app
-from .cli_errors import EXIT_ERROR, EXIT_NO_MATCH, handle_errors
+from .cli_errors import EXIT_ERROR, EXIT_NO_MATCH, handle_errors, output_failed
 from .errors import ClipgrepError
 
 app = typer.Typer(
     name="clipgrep",
+    cls=ClipgrepGroup,
+    context_settings=CONTEXT_SETTINGS,
     help="Semantic image search from the command line.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -120,16 +123,19 @@ def index(
     render.index_summary(report, verbose)
 
 
-@app.command("search")
+@app.command("search", cls=SearchCommand)
 @handle_errors
 def search(
     query: Annotated[list[str], typer.Argument(help=(
-        "Text, or an image file, to search for. 'W:term' weights a term (e.g. '2:golden retriever'); "
-        "'text:...' forces text; a leading backslash keeps a literal 'N:'."), show_default=False)],
+        "Text, or an image file, to search for. 'W:term' weights a term (e.g. '2:golden retriever', '-0.5:cat'); "
+        "'text:...' forces text; a leading backslash keeps a literal 'N:'; after '--' every word is a term."),
+        show_default=False)],
     add: Annotated[Optional[list[str]], typer.Option("--add", "-a", help="Add a term (text or image).")] = None,
     sub: Annotated[Optional[list[str]], typer.Option("--sub", "-s", help="Subtract a term (text or image).")] = None,
-    top: Annotated[int, typer.Option("--top", "-k", min=1, help="How many results.")] = 10,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", "-t", help="Only scores >= this.")] = None,
+    top: Annotated[Optional[int], typer.Option("--top", "-k", help="How many results.",
+                                               show_default="10, or all with --threshold")] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", "-t",
+                                                       help="Only scores >= this cosine (-1 to 1).")] = None,
     under: Annotated[Optional[Path], typer.Option("--under", "-u", help="Only images inside this directory.")] = None,
     model: ModelOption = None,
     paths: Annotated[bool, typer.Option("--paths", "-p", help="Print paths only.")] = False,
@@ -145,13 +151,15 @@ def search(
       clipgrep search "2:golden retriever" --add ./pool.jpg --sub fruit -k 20
       clipgrep search sunset --under ~/Pictures/2024 --paths -0 | xargs -0 feh
     """
-    from .search import search as run_search
+    from .ranking import search as run_search
 
     if paths and json_output:
         raise ClipgrepError("--paths and --json exclude each other", "pick one output format")
     hits = run_search(query, add=add or (), sub=sub or (), model=model, k=top, threshold=threshold,
-                      under=str(under) if under else None)
+                      under=str(under) if under is not None else None)
     render.hits(hits, "json" if json_output else "paths" if paths else "scores", null)
+    if threshold is not None and hits.left_out:
+        render.note(f"{hits.left_out} more results score {threshold:g} or more; raise -k to see them")
     if not hits:
         raise typer.Exit(EXIT_NO_MATCH)
 
@@ -300,9 +308,12 @@ def main() -> None:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_ERROR)
     try:
         sys.stdout.flush()
+    except OSError as e:  # output printed but still buffered (e.g. --version) fails only here
+        code = output_failed(e) or code
+    try:
         sys.stderr.flush()
-    except (BrokenPipeError, OSError):  # e.g. `clipgrep search x | head -1`
-        code = code or 0
+    except OSError:
+        pass
     os._exit(code)
 
 

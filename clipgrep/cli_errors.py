@@ -1,9 +1,9 @@
 """How every command turns errors into one stderr line and a grep-like exit code."""
 from __future__ import annotations
 
+import errno
 import functools
 import os
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -34,9 +34,8 @@ def handle_errors(command: F) -> F:
             raise typer.Exit(EXIT_ERROR) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
-        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as grep does
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - nothing more may reach the closed pipe
-            raise typer.Exit(0) from None
+        except BrokenPipeError as e:
+            raise typer.Exit(output_failed(e)) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as e:  # a bug: still one line, with the way to see more
@@ -47,3 +46,19 @@ def handle_errors(command: F) -> F:
             raise typer.Exit(EXIT_ERROR) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def output_failed(error: OSError) -> int:
+    """The exit code once stdout could not be written (results, help text, the final flush).
+
+    The reader went away (`| head`): stop quietly with 0, as grep does. Anything
+    else (`> /dev/full`, a full disk) is one line on stderr and 2.
+    """
+    render.abandon_stdout()
+    if error.errno == errno.EPIPE:
+        return 0
+    try:
+        render.error(render.output_error(error))
+    except OSError:  # stderr is gone too: the exit code is all that is left
+        pass
+    return EXIT_ERROR

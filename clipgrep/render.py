@@ -11,14 +11,15 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from .errors import ClipgrepError
+
 if TYPE_CHECKING:
     from .bundle import Bundle
-    from .errors import ClipgrepError
     from .index.build import IndexProgress, IndexReport
     from .index.forget import Forgotten
     from .index.state import Skipped
     from .models import ModelEntry, Removal
-    from .search import Hit
+    from .ranking import Hit
 
 
 def error(e: ClipgrepError) -> None:
@@ -33,8 +34,35 @@ def note(message: str) -> None:
     print(f"clipgrep: {message}", file=sys.stderr)
 
 
+def output_error(error: OSError) -> ClipgrepError:
+    """What to say when stdout cannot take the output (`> /dev/full`, a full disk): not a bug."""
+    return ClipgrepError(f"cannot write the output: {error.strerror or error}",
+                         "free some space, or send the output elsewhere")
+
+
+@contextmanager
+def _stdout() -> Iterator[None]:
+    """Wrap every write to stdout. A closed pipe stays a BrokenPipeError, on which the CLI edge stops
+    quietly as grep does (`| head`); any other write error becomes ``output_error``. Flushes on the way
+    out, since a redirected stdout is block-buffered and would only fail later, at exit."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        abandon_stdout()
+        raise output_error(e) from None
+
+
+def abandon_stdout() -> None:
+    """Send what is still printed, or left in the buffer, to /dev/null: stdout cannot take it."""
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives until the process exits
+
+
 def json_line(obj: Any) -> None:
-    print(json.dumps(obj, ensure_ascii=False))
+    with _stdout():
+        print(json.dumps(obj, ensure_ascii=False))
 
 
 def human_bytes(n: int) -> str:
@@ -62,8 +90,9 @@ def models_table(entries: Sequence[ModelEntry], default: str) -> None:
         provenance = b.manifest.get("provenance", {})
         rows.append((name, b.precision, str(b.embed_dim), human_bytes(b.size_bytes()),
                      str(provenance.get("arch", "?")), str(provenance.get("weights", "?"))))
-    for line in _columns(rows):
-        print(line)
+    with _stdout():
+        for line in _columns(rows):
+            print(line)
 
 
 def model_summary(entry: ModelEntry) -> dict[str, Any]:
@@ -121,9 +150,14 @@ def model_info(bundle: Bundle) -> None:
         timings = ", ".join(f"{k} {v:.1f} ms" for k, v in q["ms_per_item"].items())
         lines.append((f"int8 {modality}", f"quantized {q['chosen']} ({timings})"))
     lines += [(f"{k}", str(v)) for k, v in provenance.items() if k not in ("arch", "weights")]
+    _key_values(lines)
+
+
+def _key_values(lines: Sequence[tuple[str, Any]]) -> None:
     width = max(len(k) for k, _ in lines)
-    for key, value in lines:
-        print(f"{key.ljust(width)}  {value}")
+    with _stdout():
+        for key, value in lines:
+            print(f"{key.ljust(width)}  {value}")
 
 
 @contextmanager
@@ -165,18 +199,18 @@ def _write_path_line(prefix: str, path: str, end: bytes) -> None:
 
 def hits(results: Sequence[Hit], fmt: str, null: bool) -> None:
     """Search results on stdout: ``score<TAB>path`` (default), ``paths``, or ``json`` lines."""
-    sys.stdout.flush()
     end = b"\0" if null else b"\n"
-    for hit in results:
-        if fmt == "json":
-            line = json.dumps({"score": round(hit.score, 6), "path": hit.path}, ensure_ascii=False)
-            # A non-UTF-8 name holds lone surrogates; backslashreplace writes them as JSON \udcXX escapes.
-            sys.stdout.buffer.write(line.encode("utf-8", "backslashreplace") + end)
-        elif fmt == "paths":
-            _write_path_line("", hit.path, end)
-        else:
-            _write_path_line(f"{hit.score:.4f}\t", hit.path, end)
-    sys.stdout.buffer.flush()
+    with _stdout():
+        sys.stdout.flush()
+        for hit in results:
+            if fmt == "json":
+                line = json.dumps({"score": round(hit.score, 6), "path": hit.path}, ensure_ascii=False)
+                # A non-UTF-8 name holds lone surrogates; backslashreplace writes them as JSON \udcXX escapes.
+                sys.stdout.buffer.write(line.encode("utf-8", "backslashreplace") + end)
+            elif fmt == "paths":
+                _write_path_line("", hit.path, end)
+            else:
+                _write_path_line(f"{hit.score:.4f}\t", hit.path, end)
 
 
 def index_summary(report: IndexReport, verbose: bool) -> None:
@@ -200,7 +234,8 @@ def index_report_json(report: IndexReport) -> None:
     data["skipped"] = [{"path": s.path, "reason": s.reason} for s in report.skipped]
     data["scan_problems"] = [{"path": p, "reason": r} for p, r in report.scan_problems]
     line = json.dumps(data, ensure_ascii=False)
-    sys.stdout.buffer.write(line.encode("utf-8", "backslashreplace") + b"\n")
+    with _stdout():
+        sys.stdout.buffer.write(line.encode("utf-8", "backslashreplace") + b"\n")
 
 
 @contextmanager
@@ -267,9 +302,7 @@ def status(info: dict[str, Any]) -> None:
         elif isinstance(value, bool):
             value = "yes" if value else "no"
         lines.append((key.replace("_", " "), value))
-    width = max(len(k) for k, _ in lines)
-    for key, value in lines:
-        print(f"{key.ljust(width)}  {value}")
+    _key_values(lines)
 
 
 _EVAL_COLUMNS = (
@@ -303,9 +336,10 @@ def eval_table(rows: Sequence[dict[str, Any]]) -> None:
     for columns in (_EVAL_COLUMNS, _RATIO_COLUMNS):
         table = [tuple(title for title, _, _ in columns)]
         table += [tuple(_cell(row, key, fmt) for _, key, fmt in columns) for row in rows]
-        for line in _columns(table):
-            print(line)
-        print()
+        with _stdout():
+            for line in _columns(table):
+                print(line)
+            print()
 
 
 @contextmanager

@@ -30,7 +30,7 @@ from clipgrep.index.forget import forget_root
 from clipgrep.index.scan import ScanOptions
 from clipgrep.index.state import remembered_roots
 from clipgrep.paths import index_dir, snapshot_dir
-from clipgrep.search import search
+from clipgrep.ranking import search
 from clipgrep.snapshot import Snapshot, read_snapshot
 
 from .factories import make_contract_bundle
@@ -644,12 +644,14 @@ def test_cli_index_status_search_and_forget(bundle, photos: Path) -> None:
     assert cli("search", "a photo", "--model", "tiny").exit_code == 1  # an empty index: no results
 
 
-@pytest.mark.parametrize("model", ["tiny", "not-installed"])
-def test_cli_search_without_an_index_says_how_to_build_one(bundle, model: str) -> None:
+@pytest.mark.parametrize("model, advice", [("tiny", "clipgrep index DIR --model tiny"),
+                                            ("not-installed", "no model named 'not-installed' is installed"),
+                                            ("not-installed", "clipgrep models list")])
+def test_cli_search_without_an_index_says_how_to_build_one(bundle, model: str, advice: str) -> None:
     result = cli("search", "a red bicycle", "--model", model)
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("clipgrep: error: ")
-    assert "clipgrep index" in result.stderr
+    assert advice in result.stderr
 
 
 def test_cli_index_errors_are_one_line(bundle, tmp_path: Path) -> None:

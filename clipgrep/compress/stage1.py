@@ -57,6 +57,7 @@ from .training import (
     check_counts,
     config_changes,
     data_digests,
+    is_number,
     resolve_device,
     seed_everything,
     start_run_dir,
@@ -119,10 +120,10 @@ class Stage1Config(JsonConfig):
         check_counts(self, {"epochs": 1, "batch_size": 2, "warmup_steps": 0, "queue_size": 0, "seed": 0,
                             "checkpoint_every": 1})
         for name in ("lr", "temperature"):
-            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
+            if not is_number(getattr(self, name)) or not getattr(self, name) > 0:
                 raise ClipgrepError(f"{name} must be a positive number, not {getattr(self, name)!r}",
                                     f"e.g. {name}={getattr(Stage1Config, name)}")
-        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+        if not is_number(self.weight_decay) or self.weight_decay < 0:
             raise ClipgrepError(f"weight_decay must be >= 0, not {self.weight_decay!r}", "e.g. 0.05")
         if not self.out:
             raise ClipgrepError("no output directory given", "pass --out DIR")

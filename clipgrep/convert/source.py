@@ -38,6 +38,29 @@ class ModelSource:
     checkpoint: Path | None = None
     random_init: bool = False
 
+    def check(self) -> None:
+        """Refuse what is wrong before importing torch (~3 s): missing paths, options that exclude each other.
+
+        The architecture and tag names need open_clip's registry; ``load_model`` checks those.
+        """
+        if self.random_init and (self.checkpoint is not None or self.pretrained):
+            raise ConversionError("--random-init excludes --checkpoint and --pretrained", "drop one of them")
+        if self.checkpoint is not None:
+            if self.checkpoint.is_dir():
+                if not (self.checkpoint / "open_clip_config.json").is_file():
+                    raise ConversionError(f"{self.checkpoint} is neither a clipgrep bundle nor an open_clip "
+                                          "model directory (no manifest.json or open_clip_config.json)",
+                                          "pass a bundle directory, a local-dir or a weights file")
+                return
+            if not self.checkpoint.is_file():
+                raise ConversionError(f"checkpoint {self.checkpoint} does not exist", "check the path")
+        if not self.arch:
+            raise ConversionError("no architecture given", "pass --arch, e.g. --arch ViT-B-32")
+        if self.checkpoint is None and not self.random_init and not self.pretrained:
+            raise ConversionError(f"no weights given for {self.arch}",
+                                  "pass --pretrained TAG (e.g. laion2b_s34b_b79k for ViT-B-32), "
+                                  "--checkpoint FILE or --random-init")
+
     def describe(self) -> str:
         if self.checkpoint is not None:
             return str(self.checkpoint)
@@ -56,20 +79,19 @@ class LoadedModel:
 
 def load_model(source: ModelSource) -> LoadedModel:
     """Build the open_clip model for ``source``, weights loaded, in eval mode."""
+    source.check()
     open_clip = import_open_clip()
     checkpoint = source.checkpoint
     if checkpoint is not None and checkpoint.is_dir():
         model_name, pretrained, weights = f"local-dir:{checkpoint}", None, f"local-dir {checkpoint}"
     else:
-        model_name = _checked_arch(open_clip, source.arch)
+        model_name = _checked_arch(open_clip, source.arch or "")
         if checkpoint is not None:
-            if not checkpoint.is_file():
-                raise ConversionError(f"checkpoint {checkpoint} does not exist", "check the path")
             pretrained, weights = str(checkpoint), f"checkpoint {checkpoint.name}"
         elif source.random_init:
             pretrained, weights = None, "random init"
         else:
-            pretrained = _checked_tag(open_clip, model_name, source.pretrained)
+            pretrained = _checked_tag(open_clip, model_name, source.pretrained or "")
             _download(open_clip, model_name, pretrained)
             weights = f"open_clip pretrained tag {pretrained}"
     try:
@@ -92,9 +114,7 @@ def load_model(source: ModelSource) -> LoadedModel:
     return LoadedModel(_reparameterize(model), tokenizer, preprocess, provenance)
 
 
-def _checked_arch(open_clip: Any, arch: str | None) -> str:
-    if not arch:
-        raise ConversionError("no architecture given", "pass --arch, e.g. --arch ViT-B-32")
+def _checked_arch(open_clip: Any, arch: str) -> str:
     if arch.startswith("hf-hub:"):
         return arch
     if open_clip.get_model_config(arch) is None:
@@ -105,11 +125,8 @@ def _checked_arch(open_clip: Any, arch: str | None) -> str:
     return arch
 
 
-def _checked_tag(open_clip: Any, arch: str, tag: str | None) -> str:
+def _checked_tag(open_clip: Any, arch: str, tag: str) -> str:
     tags = open_clip.list_pretrained_tags_by_model(arch)
-    if not tag:
-        raise ConversionError(f"no weights given for {arch}",
-                              f"pass --pretrained TAG ({', '.join(tags[:6]) or 'none known'}) or --checkpoint FILE")
     if tag not in tags:
         raise ConversionError(f"open_clip has no pretrained tag {tag!r} for {arch}",
                               f"known tags: {', '.join(tags) or 'none'}")

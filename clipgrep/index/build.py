@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from ..errors import ClipgrepError
 from ..paths import dirty_marker, index_dir, index_lock_file, snapshot_dir
 from .plan import RACY_WINDOW_NS, Plan, fingerprint, is_racy, make_plan, under_roots
 from .roots import RootSet, Selection
@@ -52,6 +53,11 @@ class IndexOptions:
     retry_skipped: bool = False          # decode previously skipped files again even if unchanged
     draft: bool = True                   # reduced-size JPEG decoding
     vector_index_min_rows: int = 50_000
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 0:  # checked before the lock, the model and the scan
+            raise ClipgrepError(f"the number of decoding workers must be 0 or more, not {self.workers}",
+                                "e.g. --workers 2; 0 decodes in the indexing process itself")
 
 
 @dataclass

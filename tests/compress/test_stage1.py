@@ -80,6 +80,14 @@ def test_teacher_spec_syntax(tmp_path: Path) -> None:
         assert info.value.hint
 
 
+@pytest.mark.parametrize("bad", [{"lr": float("inf")}, {"temperature": float("inf")},
+                                 {"weight_decay": float("nan")}, {"weight_decay": float("inf")}])
+def test_numbers_that_are_not_finite_are_refused(bad: dict[str, float]) -> None:
+    """nan passes every `< 0` check and inf every `> 0` one (issue 12, item 20)."""
+    with pytest.raises(ClipgrepError, match="must be"):
+        Stage1Config("ViT-B-32:random", "text=2", None, "texts.txt", "out", **bad)
+
+
 # --- (a) the teacher embedding cache --------------------------------------------------------------
 
 

@@ -231,7 +231,8 @@ def test_config_round_trips_and_bad_values_are_refused(two_steps: dict[str, Any]
     assert Stage2Config.from_json(resolved.to_json()) == resolved
     for bad in ({"steps": ("text", "image")}, {"steps": ()}, {"weight_t2v": 0, "weight_v2t": 0, "weight_kd": 0,
                                                               "weight_hn": 0},
-                {"hard_negatives_k": 0}, {"refresh_every": -1}, {"kd_temperature": 0.0}, {"val_fraction": 1.0}):
+                {"hard_negatives_k": 0}, {"refresh_every": -1}, {"kd_temperature": 0.0}, {"val_fraction": 1.0},
+                {"weight_kd": float("nan")}, {"lr": float("inf")}, {"val_fraction": float("nan")}):
         with pytest.raises(ClipgrepError):
             replace(resolved, **bad)
     with pytest.raises(ClipgrepError, match="neither a stage-1 output"):
