@@ -102,10 +102,10 @@ def resolve_teacher(teacher: str) -> tuple[str, str | None]:
 def default_student(teacher: str) -> str:
     """Half the teacher's image layers and a third of its text layers: for ViT-B/32, the paper's
     CPU-fast shape (image 1.6x, text 2.9x faster; ../docs/stack.md §5)."""
+    from ..convert.source import ModelSource
     from .students import teacher_model_cfg
-    from .teacher import parse_teacher
 
-    source = parse_teacher(teacher)
+    source = ModelSource.parse(teacher)
     cfg = teacher_model_cfg(source.checkpoint if source.arch is None else source.arch)
     image_layers, text_layers = cfg["vision_cfg"].get("layers"), cfg["text_cfg"].get("layers", 12)
     parts = [f"image={max(1, image_layers // 2)}"] if isinstance(image_layers, int) else []

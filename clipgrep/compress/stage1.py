@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..convert import local_dir
+from ..convert.source import ModelSource
 from ..errors import ClipgrepError
 from .checkpoint import load_training_state, save_local_dir
 from .data import load_image_set, load_texts
@@ -46,11 +47,9 @@ from .students import StudentSpec, build_student, parse_student, plan_student
 from .teacher import (
     CacheProgress,
     cached_embeddings,
-    format_teacher,
     image_decode_pool,
     load_image_batch,
     load_teacher,
-    parse_teacher,
 )
 from .training import (
     JsonConfig,
@@ -77,7 +76,7 @@ _PROBE_TEXTS = 64
 class Stage1Config(JsonConfig):
     """Everything stage 1 needs; ``out/config.json`` holds the resolved copy.
 
-    ``teacher`` is a teacher SPEC (``teacher.parse_teacher``), ``student`` a
+    ``teacher`` is a teacher SPEC (``ModelSource.parse``), ``student`` a
     ``--student`` value (``students.parse_student``). ``images`` is a directory or
     list file (``data.load_image_set``), ``texts`` a file of one text per line;
     each is needed only when the student changes that tower. ``epochs`` count
@@ -207,7 +206,7 @@ def _resolve(config: Stage1Config) -> tuple[Stage1Config, StudentSpec]:
                 for name in ("images", "texts", "out", "cache_dir")
                 if getattr(config, name) and getattr(config, name) != BUILTIN_GENERIC}
     absolute.setdefault("cache_dir", os.path.join(absolute["out"], "cache"))
-    resolved = dataclasses.replace(config, teacher=format_teacher(parse_teacher(config.teacher)),
+    resolved = dataclasses.replace(config, teacher=ModelSource.parse(config.teacher).spec(),
                                    student=str(spec), device=resolve_device(config.device), **absolute)
     return resolved, spec
 

@@ -64,6 +64,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..convert import local_dir
+from ..convert.source import ModelSource
 from ..errors import ClipgrepError
 from .checkpoint import (
     STAGE_CONFIG,
@@ -88,11 +89,9 @@ from .mining import mine_caption_negatives
 from .teacher import (
     CacheProgress,
     cached_embeddings,
-    format_teacher,
     image_decode_pool,
     load_image_batch,
     load_teacher,
-    parse_teacher,
 )
 from .training import (
     JsonConfig,
@@ -119,7 +118,7 @@ _STEP_NAMES = {"image": "2a", "text": "2b"}
 class Stage2Config(JsonConfig):
     """Everything stage 2 needs; ``out/config.json`` holds the resolved copy.
 
-    ``teacher`` is a teacher SPEC (``teacher.parse_teacher``); ``student`` a stage-1
+    ``teacher`` is a teacher SPEC (``ModelSource.parse``); ``student`` a stage-1
     output directory or its ``student/`` local dir; ``pairs`` a JSONL/CSV of
     caption-image pairs (``data.load_pairs``). ``epochs_image``/``epochs_text`` are
     passes over the training images in steps 2a/2b, ``steps`` which of the two to
@@ -273,7 +272,7 @@ def _resolve(config: Stage2Config) -> tuple[Stage2Config, Path]:
         raise ClipgrepError(f"the student to fine-tune is {student_dir}, which stage 2 would overwrite",
                             "pass another --out")
     absolute["student"] = str(student_dir)
-    resolved = dataclasses.replace(config, teacher=format_teacher(parse_teacher(config.teacher)),
+    resolved = dataclasses.replace(config, teacher=ModelSource.parse(config.teacher).spec(),
                                    device=resolve_device(config.device), **absolute)
     return resolved, student_dir
 
@@ -282,7 +281,7 @@ def _check_dims(config: Stage2Config, student_dir: Path) -> None:
     """Step 2a compares student image and teacher text embeddings directly: their sizes must agree."""
     from .students import teacher_model_cfg
 
-    source = parse_teacher(config.teacher)
+    source = ModelSource.parse(config.teacher)
     teacher_dim = teacher_model_cfg(source.checkpoint if source.arch is None else source.arch)["embed_dim"]
     student_dim = teacher_model_cfg(student_dir)["embed_dim"]
     if student_dim != teacher_dim:

@@ -20,10 +20,13 @@ from ..errors import ConversionError, first_line
 from . import local_dir
 from .torch_env import import_open_clip, quiet_open_clip_logging
 
+SPEC_HINT = ("use ARCH:TAG (e.g. ViT-B-32-quickgelu:openai), ARCH:random, ARCH@FILE.safetensors "
+             "or the path of an open_clip local dir")
+
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model's architecture and weights come from.
+    """Where a model's architecture and weights come from; ``parse``/``spec`` give its one-word form.
 
     - ``arch`` + ``pretrained``: an open_clip pretrained tag (downloaded via the HF hub);
     - ``arch`` + ``checkpoint`` file: local weights (safetensors, or torch with weights_only);
@@ -38,6 +41,60 @@ class ModelSource:
     checkpoint: Path | None = None
     random_init: bool = False
 
+    @classmethod
+    def parse(cls, spec: str) -> ModelSource:
+        """A model SPEC (``--teacher``), one of::
+
+            ARCH:TAG              an open_clip pretrained tag, downloaded once   ViT-B-32-quickgelu:openai
+            ARCH:random           random weights (tests, benchmarks)             ViT-B-32:random
+            ARCH@FILE             local weights for ARCH (.safetensors / .pt)    ViT-B-32@~/w/clip.safetensors
+            ARCH:TAG@FILE         local weights, TAG's preprocessing (no download)
+            local-dir:DIR | DIR   an open_clip local dir (open_clip_config.json + weights),
+                                  e.g. the student/ a compress stage wrote
+
+        A bare path is read as a directory when it exists or contains a ``/``; a
+        ``local-dir:`` prefix says so explicitly. ``ARCH`` alone is refused: the weights
+        must be named. ``hf-hub:`` names are not supported (download the weights and use
+        ``ARCH@FILE``). Paths become absolute.
+
+        >>> ModelSource.parse("ViT-B-32:random")
+        ModelSource(arch='ViT-B-32', pretrained=None, checkpoint=None, random_init=True)
+        """
+        text = spec.strip()
+        if not text:
+            raise ConversionError("the model SPEC is empty", SPEC_HINT)
+        if text.startswith("hf-hub:"):
+            raise ConversionError(f"hf-hub models are not supported here ({text})",
+                                  "download its open_clip_model.safetensors and pass ARCH@FILE")
+        if text.startswith("local-dir:") or ("@" not in text and _looks_like_dir(text)):
+            path = _absolute(text.removeprefix("local-dir:"))
+            if not local_dir.is_local_dir(path):
+                raise ConversionError(f"{path} is not an open_clip local dir (no {local_dir.CONFIG})", SPEC_HINT)
+            return cls(checkpoint=path)
+        name, at, file = text.partition("@")
+        arch, colon, tag = name.partition(":")
+        if not arch or (colon and not tag):
+            raise ConversionError(f"invalid model SPEC {spec!r}", SPEC_HINT)
+        if at:
+            if not file or tag == "random":
+                raise ConversionError(f"invalid model SPEC {spec!r}: name the weights file after @", SPEC_HINT)
+            return cls(arch=arch, pretrained=tag or None, checkpoint=_absolute(file))
+        if tag == "random":
+            return cls(arch=arch, random_init=True)
+        if not tag:
+            raise ConversionError(f"{spec!r} names no weights",
+                                  f"add a pretrained tag or a file: {arch}:TAG, {arch}@FILE or {arch}:random")
+        return cls(arch=arch, pretrained=tag)
+
+    def spec(self) -> str:
+        """The canonical SPEC: ``ModelSource.parse(s.spec()) == s``."""
+        if self.checkpoint is not None and self.arch is None:
+            return f"local-dir:{self.checkpoint}"
+        name = self.arch if self.pretrained is None else f"{self.arch}:{self.pretrained}"
+        if self.checkpoint is not None:
+            return f"{name}@{self.checkpoint}"
+        return f"{self.arch}:random" if self.random_init else str(name)
+
     def check(self) -> None:
         """Refuse what is wrong before importing torch (~3 s): missing paths, options that exclude each other.
 
@@ -47,7 +104,7 @@ class ModelSource:
             raise ConversionError("--random-init excludes --checkpoint and --pretrained", "drop one of them")
         if self.checkpoint is not None:
             if self.checkpoint.is_dir():
-                if not (self.checkpoint / "open_clip_config.json").is_file():
+                if not local_dir.is_local_dir(self.checkpoint):
                     raise ConversionError(f"{self.checkpoint} is neither a clipgrep bundle nor an open_clip "
                                           "model directory (no manifest.json or open_clip_config.json)",
                                           "pass a bundle directory, a local-dir or a weights file")
@@ -211,4 +268,9 @@ def _reparameterize(model: Any) -> Any:
     return reparameterize_model(model)
 
 
+def _looks_like_dir(text: str) -> bool:
+    return "/" in text or os.sep in text or Path(text).expanduser().is_dir()
 
+
+def _absolute(text: str) -> Path:
+    return Path(os.path.abspath(Path(text).expanduser()))

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.synthetic import generate_dataset
 from clipgrep.bundle import MANIFEST, write_manifest
 from clipgrep.compress.data import PairSet, load_pairs, split_pairs
 from clipgrep.compress.eval import EvalConfig, ModelEval, compare, evaluate
-from benchmarks.synthetic import generate_dataset
 from clipgrep.errors import ClipgrepError, ModelNotFound
 from clipgrep.models import add_model, load_model
 

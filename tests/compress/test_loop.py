@@ -2,6 +2,7 @@
 for prepare where it must, losses average per group, CPU trains in fp32."""
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ class ToyTask:
         self.out, self.step, self.steps_per_epoch = out, 0, STEPS_PER_EPOCH
         self.prefetch_within_epoch = prefetch_within_epoch
         self.events: list[tuple[str, int]] = []
+        self.loaded_on: dict[int, bool] = {}  # step -> loaded on the main thread (not prefetched)
 
     def prepare(self, step: int, pool: Any) -> None:
         self.events.append(("prepare", step))
@@ -48,6 +50,7 @@ class ToyTask:
 
     def load_batch(self, step: int, pool: Any) -> tuple[Any, Any]:
         self.events.append(("load", step))
+        self.loaded_on[step] = threading.current_thread() is threading.main_thread()
         rng = np.random.default_rng(step)
         x = torch.from_numpy(rng.normal(size=(16, 3)).astype(np.float32))
         return x, x.sum(dim=1, keepdim=True)
@@ -93,10 +96,10 @@ def test_a_batch_is_prefetched_only_where_the_task_allows(tmp_path: Path) -> Non
     run_steps(task, 9, checkpoint_every=100)
     order = [event for event in task.events if event[0] != "save"]
     for step in range(9):
-        loaded, prepared = order.index(("load", step)), order.index(("prepare", step))
-        if step % STEPS_PER_EPOCH == 0:
-            assert loaded > prepared, f"step {step} starts an epoch: its batch waits for prepare()"
-    assert order.index(("load", 2)) < order.index(("prepare", 2))  # within an epoch: loaded a step ahead
+        if step % STEPS_PER_EPOCH == 0:  # an epoch starts: its batch waits for prepare(), on the main thread
+            assert order.index(("load", step)) > order.index(("prepare", step)) and task.loaded_on[step]
+        else:  # within an epoch: loaded a step ahead, in the prefetch thread
+            assert not task.loaded_on[step], step
 
 
 def test_losses_average_over_each_groups_last_epoch(tmp_path: Path) -> None:

@@ -13,21 +13,19 @@ import pytest
 pytestmark = pytest.mark.convert
 torch = pytest.importorskip("torch")
 
+from benchmarks.synthetic import generate_dataset
 from clipgrep.compress.checkpoint import load_local_dir, load_training_state
 from clipgrep.compress.data import load_image_set, load_texts
 from clipgrep.compress.losses import intra_modal_distill_loss
 from clipgrep.compress.stage1 import CHECKPOINT, Stage1Config, Stage1Progress, run
 from clipgrep.compress.students import build_student, parse_student, teacher_model_cfg
-from benchmarks.synthetic import generate_dataset
 from clipgrep.compress.teacher import (
     CacheProgress,
     Teacher,
     cache_key,
     cached_embeddings,
-    format_teacher,
     load_image_batch,
     load_teacher,
-    parse_teacher,
 )
 from clipgrep.convert.source import ModelSource, load_model
 from clipgrep.errors import ClipgrepError
@@ -70,13 +68,13 @@ def test_teacher_spec_syntax(tmp_path: Path) -> None:
         str(tmp_path): ModelSource(checkpoint=tmp_path),
     }
     for spec, source in cases.items():
-        assert parse_teacher(spec) == source, spec
-        assert parse_teacher(format_teacher(source)) == source
+        assert ModelSource.parse(spec) == source, spec
+        assert ModelSource.parse(source.spec()) == source
     for bad, message in [("ViT-B-32", "names no weights"), ("hf-hub:org/x", "not supported"),
                          ("ViT-B-32:random@w.pt", "after @"), ("ViT-B-32:", "invalid"), (" ", "empty"),
                          (str(tmp_path.parent), "not an open_clip local dir")]:
         with pytest.raises(ClipgrepError, match=message) as info:
-            parse_teacher(bad)
+            ModelSource.parse(bad)
         assert info.value.hint
 
 
@@ -106,7 +104,7 @@ class CountingTeacher(Teacher):
 
 
 def test_cache_is_computed_once_and_keyed_by_items(teacher_dir: Path, data: Path, tmp_path: Path) -> None:
-    teacher = CountingTeacher(load_model(parse_teacher(str(teacher_dir))), teacher_model_cfg(teacher_dir))
+    teacher = CountingTeacher(load_model(ModelSource.parse(str(teacher_dir))), teacher_model_cfg(teacher_dir))
     images, texts = load_image_set(data / "images"), load_texts(data / "texts.txt")[:20]
     events: list[CacheProgress] = []
     first = np.array(cached_embeddings(teacher, "image", images, tmp_path, batch_size=12, on_progress=events.append))

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 
 from typer.testing import CliRunner
 
+from benchmarks.synthetic import generate_dataset
 from clipgrep.cli import app
 from clipgrep.compress.checkpoint import load_local_dir, load_training_state, save_local_dir
 from clipgrep.compress.data import PairSet, load_pairs, split_pairs
@@ -26,7 +27,6 @@ from clipgrep.compress.stage2 import (
     run,
 )
 from clipgrep.compress.students import build_student, parse_student
-from benchmarks.synthetic import generate_dataset
 from clipgrep.compress.teacher import CacheProgress, load_teacher
 from clipgrep.errors import ClipgrepError
 

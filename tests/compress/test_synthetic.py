@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipgrep.compress.data import load_pairs, load_texts, split_pairs
 from benchmarks.synthetic import (
     CAPTIONS_PER_IMAGE,
     COLOURS,
@@ -23,6 +22,7 @@ from benchmarks.synthetic import (
     render,
     sample_scene,
 )
+from clipgrep.compress.data import load_pairs, load_texts, split_pairs
 from clipgrep.errors import ClipgrepError
 
 

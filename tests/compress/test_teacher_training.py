@@ -12,9 +12,6 @@ import pytest
 pytestmark = pytest.mark.convert
 torch = pytest.importorskip("torch")
 
-from clipgrep.compress.checkpoint import load_local_dir, load_training_state
-from clipgrep.compress.data import load_pairs, split_pairs
-from clipgrep.compress.losses import contrastive_losses
 from benchmarks.synthetic import generate_dataset
 from benchmarks.teacher_training import (
     CHECKPOINT,
@@ -25,6 +22,9 @@ from benchmarks.teacher_training import (
     evaluate_torch,
     train_teacher,
 )
+from clipgrep.compress.checkpoint import load_local_dir, load_training_state
+from clipgrep.compress.data import load_pairs, split_pairs
+from clipgrep.compress.losses import contrastive_losses
 from clipgrep.embed.preprocess import PreprocessConfig
 from clipgrep.errors import ClipgrepError
 
@@ -65,8 +65,8 @@ def batch_loss(model: Any, pixels: Any, tokens: Any) -> float:
 
 def fixed_batch(pairs: Path, model: Any) -> tuple[Any, Any]:
     """Every training image with its first caption, through the runtime's preprocessing and tokenizer."""
-    from clipgrep.compress.teacher import load_image_batch
     from benchmarks.teacher_training import _tokenizer
+    from clipgrep.compress.teacher import load_image_batch
     from clipgrep.convert.torch_env import import_open_clip
 
     train, _ = split_pairs(load_pairs(pairs), 0.2, 0)
