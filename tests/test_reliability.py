@@ -43,14 +43,21 @@ def table_state(bundle) -> dict[str, np.ndarray]:
     return dict(zip(paths, rows.vectors))
 
 
+def searched_paths(bundle) -> list[str]:
+    """Every path search returns (none when nothing was published yet)."""
+    if read_snapshot(snapshot_dir(bundle.bundle_id)) is None:
+        return []
+    paths = sorted(hit.path for hit in search(["red"], model="tiny", encoder=FakeQueryEncoder(), k=None))
+    assert len(paths) == len(set(paths)), "search returned a path twice"
+    return paths
+
+
 def searched(bundle) -> dict[str, np.ndarray]:
-    """Every row search can return, with its vector (empty when nothing was published yet)."""
+    """Every row search can return, with its vector; only while no writer runs."""
     snap = read_snapshot(snapshot_dir(bundle.bundle_id))
     if snap is None:
         return {}
-    assert len(snap.paths) == len(set(snap.paths)), "duplicate rows in the snapshot"
-    hits = search(["red"], model="tiny", encoder=FakeQueryEncoder(), k=None)
-    assert sorted(h.path for h in hits) == snap.paths
+    assert searched_paths(bundle) == snap.paths
     return {p: np.array(snap.vectors[i]) for i, p in enumerate(snap.paths)}
 
 
@@ -193,7 +200,7 @@ def test_forget_killed_after_any_write_step_never_shows_forgotten_rows_and_a_rer
     assert steps >= 6  # marker, snapshot, delete, maintain, snapshot, marker, skip notes, roots
 
 
-def test_a_damaged_index_state_is_repaired_by_forget_and_by_index(bundle, tmp_path: Path) -> None:
+def test_a_rerun_of_forget_repairs_the_snapshot_even_when_no_row_is_left_to_delete(bundle, tmp_path: Path) -> None:
     """The old bug: a kill between forget's delete and its snapshot left search showing forgotten
     rows, with no DIRTY marker, and a rerun of forget deleted nothing and so fixed nothing."""
     a, b = tmp_path / "a", tmp_path / "b"
@@ -224,14 +231,14 @@ class SlowEncoder(FakeImageEncoder):
         return super().encode_pixels(pixels)
 
 clipgrep.bundle.Bundle.image_encoder = lambda self, **_: SlowEncoder()
-build.IndexOptions = functools.partial(build.IndexOptions, commit_seconds=0.2)
+build.IndexOptions = functools.partial(build.IndexOptions, {options})
 sys.argv = ["clipgrep", *sys.argv[1:]]
 cli.main()
 """
 
 
-def slow_cli(root: Path, delay: float) -> subprocess.Popen:
-    script = SLOW_CLI.format(repo=str(REPO_ROOT), delay=delay)
+def slow_cli(root: Path, delay: float, options: str = "") -> subprocess.Popen:
+    script = SLOW_CLI.format(repo=str(REPO_ROOT), delay=delay, options=options)
     return subprocess.Popen([sys.executable, "-c", script, "index", str(root), "--model", "tiny", "--workers", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
                             start_new_session=True)
@@ -246,7 +253,7 @@ def committed_versions(bundle) -> int:
 def test_an_interrupted_first_index_keeps_its_work_and_says_so(bundle, tmp_path: Path, signum: int) -> None:
     root = tmp_path / "many"
     paths = many_images(root, 60)  # fewer than one commit_rows batch: only the time-based commit keeps them
-    process = slow_cli(root, delay=0.05)
+    process = slow_cli(root, delay=0.05, options="commit_seconds=0.2")
     try:
         wait_for(lambda: committed_versions(bundle) >= 3, process, "two commits")
         if signum == signal.SIGINT:
@@ -327,7 +334,7 @@ def test_search_during_an_index_run_shows_the_old_or_the_new_index_never_a_half_
     root = tmp_path / "many"
     many_images(root, 20)
     index(root, bundle)
-    before = frozenset(searched(bundle))
+    before = frozenset(searched_paths(bundle))
     added = many_images(tmp_path / "more", 40)
     process = subprocess.Popen(
         [sys.executable, "-c", KILL_AT_STEP.format(repo=str(REPO_ROOT), call=INDEX_CALL), "0", str(tmp_path)],
@@ -335,14 +342,14 @@ def test_search_during_an_index_run_shows_the_old_or_the_new_index_never_a_half_
     seen = []
     try:
         while process.poll() is None:
-            seen.append(frozenset(searched(bundle)))  # never raises, never a mix
+            seen.append(frozenset(searched_paths(bundle)))  # never raises, never a mix
         assert process.returncode == 0, process.stderr.read()
     finally:
         process.kill()
         process.wait()
         process.stdout.close()
         process.stderr.close()
-    seen.append(frozenset(searched(bundle)))
+    seen.append(frozenset(searched_paths(bundle)))
     after = before | {str(p) for p in added}
     assert set(seen) <= {before, after}  # the whole old index or the whole new one
     assert seen[-1] == after and len(seen) > 1
