@@ -76,12 +76,12 @@ def _describe(code: int, filename: object) -> ClipgrepError:
     state = str(home())
     path = os.fsdecode(filename) if isinstance(filename, (str, bytes)) else state
     where = state if _inside(path, state) else path
-    move = f"or set CLIPGREP_HOME to move clipgrep's state ({state}) elsewhere"
+    elsewhere = "or point CLIPGREP_HOME at another directory"
     if code in (errno.ENOSPC, errno.EDQUOT):
-        return ClipgrepError(f"no space left on {_mount_point(where)} (writing {path})", f"free some space, {move}")
+        return ClipgrepError(f"no space left on {_mount_point(where)}", f"free some space there, {elsewhere}")
     if code == errno.EROFS:
-        return ClipgrepError(f"{where} is read-only", f"make it writable, {move}")
-    return ClipgrepError(f"permission denied: {path}", f"make {where} writable for you, {move}")
+        return ClipgrepError(f"{where} is read-only", f"remount it read-write, {elsewhere}")
+    return ClipgrepError(f"permission denied: {path}", f"make {where} writable for you, {elsewhere}")
 
 
 def _inside(path: str, directory: str) -> bool:
