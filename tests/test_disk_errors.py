@@ -18,7 +18,10 @@ from clipgrep import models
 from clipgrep.cli import app
 from clipgrep.cli_errors import storage_error
 
-from .test_index import BLUE, GREEN, PLAIN, RED, YELLOW, age, bundle_source, write_image  # noqa: F401
+from . import test_index
+from .test_index import BLUE, GREEN, PLAIN, RED, YELLOW, age, write_image
+
+bundle_source = test_index.bundle_source  # the fixture
 
 
 def cli(*args: str):
@@ -26,7 +29,7 @@ def cli(*args: str):
 
 
 def mount(*args: str) -> None:
-    done = subprocess.run(["mount", *args], capture_output=True, text=True)
+    done = subprocess.run(["mount", *args], check=False, capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount here (mount {' '.join(args)}: {done.stderr.strip() or done.returncode})")
 
@@ -37,7 +40,7 @@ def mounts():
     points: list[Path] = []
     yield points
     for point in reversed(points):
-        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+        subprocess.run(["umount", "-l", str(point)], check=False, capture_output=True)
 
 
 def one_error_line(result) -> str:

@@ -57,7 +57,8 @@ def test_a_tampered_cache_is_rebuilt_not_used(bundle, clipgrep_home: Path) -> No
 
 
 def test_a_build_killed_mid_way_leaves_no_temporary_files(bundle, clipgrep_home: Path) -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                          capture_output=True, text=True)
     abandoned = clipgrep_home / "cache" / "onnx" / f".tmp-{int(dead.stdout)}-x1y2"
     abandoned.mkdir(parents=True)
     (abandoned / "model.onnx").write_bytes(b"half written")

@@ -20,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from clipgrep.cli import app
-from clipgrep.index.build import IndexOptions, dirty_marker, update_index
+from clipgrep.index.build import dirty_marker
 from clipgrep.index.forget import forget_root
 from clipgrep.index.state import remembered_roots
 from clipgrep.paths import index_dir, snapshot_dir
@@ -28,9 +28,11 @@ from clipgrep.search import search
 from clipgrep.snapshot import read_snapshot
 from clipgrep.store import IndexStore
 
-from .fakes import FakeImageEncoder, FakeQueryEncoder
-from .test_index import (BLUE, GREEN, PLAIN, RED, REPO_ROOT, YELLOW, age, bundle, bundle_source, index,  # noqa: F401
-                         many_images, wait_for, write_image)
+from . import test_index
+from .fakes import FakeQueryEncoder
+from .test_index import BLUE, GREEN, RED, REPO_ROOT, YELLOW, age, index, many_images, wait_for, write_image
+
+bundle_source, bundle = test_index.bundle_source, test_index.bundle  # the fixtures
 
 # --- what search shows against what the table holds ------------------------------------------
 
@@ -122,8 +124,8 @@ forget_root(sys.argv[2])
 
 def run_killed_at(step: int, call: str, argument: Path) -> str:
     script = KILL_AT_STEP.format(repo=str(REPO_ROOT), call=call)
-    done = subprocess.run([sys.executable, "-c", script, str(step), str(argument)], capture_output=True,
-                          text=True, timeout=120, env=os.environ.copy())
+    done = subprocess.run([sys.executable, "-c", script, str(step), str(argument)], check=False,
+                          capture_output=True, text=True, timeout=120, env=os.environ.copy())
     assert done.returncode in (0, -signal.SIGKILL), done.stderr
     return done.stdout
 
@@ -375,11 +377,11 @@ def test_a_damaged_snapshot_is_one_line_for_search_and_rebuilt_by_index(bundle, 
     index(root, bundle)
     damage(bundle)
     runner = CliRunner()
-    result = runner.invoke(app, ["search", "red", "--model", "tiny"], env=PLAIN)
+    result = runner.invoke(app, ["search", "red", "--model", "tiny"], env=test_index.PLAIN)
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "damaged" in result.stderr and "clipgrep index" in result.stderr
 
-    result = runner.invoke(app, ["index", "--model", "tiny"], env=PLAIN)  # what the message says to run
+    result = runner.invoke(app, ["index", "--model", "tiny"], env=test_index.PLAIN)  # what the message says to run
     assert result.exit_code == 0, result.stderr
     assert_search_equals_table(bundle)
     assert len(searched(bundle)) == 2

@@ -57,7 +57,7 @@ def create_session(path: Path, *, threads: int | None = None, cache_key: str | N
         try:
             return ort.InferenceSession(str(entry / "model.onnx"), providers=providers,
                                         sess_options=_options(ort, threads, preoptimized=True))
-        except Exception:  # noqa: BLE001 - unreadable despite its stamp: rebuilt below
+        except Exception:  # noqa: BLE001, S110 - unreadable despite its stamp: rebuilt below
             pass
     return _create_and_cache(ort, path, entry, threads, providers)
 
@@ -98,7 +98,7 @@ def _create_and_cache(ort: Any, path: Path, target: Path, threads: int | None, p
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         _write_stamp(staging)
         staging.rename(target)  # atomic: a concurrent process either sees all of it or builds its own
-    except Exception:  # noqa: BLE001 - e.g. no space left for the optimised graph
+    except Exception:  # noqa: BLE001, S110 - e.g. no space left for the optimised graph
         pass
     finally:  # also on Ctrl-C: no staging dir is left behind
         shutil.rmtree(staging, ignore_errors=True)
