@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import ClipgrepError
 from ..paths import index_dir, snapshot_dir
-from .interrupt import IndexInterrupted, StopRequest
+from .interrupt import IndexInterrupted, StopRequest, stop_on_signals
 from .plan import RACY_WINDOW_NS, Plan, fingerprint, is_racy, make_plan, under_roots
 from .scan import FileEntry, ScanOptions, scan
 from .state import Skipped, load_skipped, record_run, remembered_roots, save_roots, save_skipped
@@ -125,7 +125,6 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
     >>> report.added, report.removed, len(report.skipped)            # doctest: +SKIP
     """
     from ..models import load_model
-    from .interrupt import stop_on_signals
     from .lock import index_lock
 
     bundle = bundle or load_model()

@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM during an index run: stop at the next commit instead of dying between two.
+"""Ctrl-C and SIGTERM during an index run: stop at the next image and keep the work done.
 
 ``stop_on_signals()`` turns SIGINT and SIGTERM into a flag that the run polls. The run then
 commits what it has encoded, publishes the snapshot and raises ``IndexInterrupted``, so the
@@ -63,7 +63,8 @@ def stop_on_signals() -> Iterator[StopRequest]:
         if request.signum is None:
             request.signum = signum
             return
-        signal.signal(signum, previous[signum])  # asked twice: stop the way it would have stopped
+        # Asked twice: stop the way it would have stopped (None: a handler not set from Python).
+        signal.signal(signum, previous[signum] or signal.SIG_DFL)
         signal.raise_signal(signum)
 
     for signum in SIGNALS:
