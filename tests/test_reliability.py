@@ -113,7 +113,7 @@ from clipgrep.index.build import IndexOptions, update_index
 from clipgrep.models import load_model
 from tests.fakes import FakeImageEncoder
 update_index([sys.argv[2]], bundle=load_model("tiny"), encoder=FakeImageEncoder(),
-             options=IndexOptions(workers=0, commit_rows=2))
+             options=IndexOptions(workers=0, commit_rows=3))
 """
 
 FORGET_CALL = """
