@@ -103,6 +103,7 @@ def index(
       clipgrep index . --remove-exclude '*.png'
     """
     from .index.build import IndexOptions, update_index
+    from .index.interrupt import IndexInterrupted
     from .index.scan import ScanOptions
     from .models import load_model
 
@@ -114,10 +115,14 @@ def index(
     with render.step_progress("adding the default model", ("load model", "export ONNX", "quantize",
                                                              "check parity", "install")) as on_step:
         bundle = load_model(model, on_progress=on_step)
-    with render.index_progress(show) as on_progress:
-        report = update_index([str(r) for r in roots or ()], bundle=bundle, options=options,
-                              on_progress=on_progress,
-                              on_wait=lambda: render.note("another index run holds the lock; waiting for it"))
+    try:
+        with render.index_progress(show) as on_progress:
+            report = update_index([str(r) for r in roots or ()], bundle=bundle, options=options,
+                                  on_progress=on_progress,
+                                  on_wait=lambda: render.note("another index run holds the lock; waiting for it"))
+    except IndexInterrupted as stopped:
+        render.note(f"interrupted: {stopped.kept} images kept; rerun to resume")
+        raise typer.Exit(128 + stopped.signum) from None  # as a shell reports a process its signal ended
     if json_output:
         render.index_report_json(report)
     render.index_summary(report, verbose)

@@ -1,4 +1,4 @@
-"""Where clipgrep keeps its state: ``$CLIPGREP_HOME`` or the platform data dir."""
+"""Where clipgrep keeps its state (``$CLIPGREP_HOME`` or the platform data dir) and its caches."""
 from __future__ import annotations
 
 import os
@@ -45,4 +45,18 @@ def dirty_marker(bundle_id: str) -> Path:
 
 def onnx_cache_dir() -> Path:
     """Optimised ONNX sessions, one entry per model file, onnxruntime version and CPU (embed/onnx.py)."""
-    return home() / "cache" / "onnx"
+    return cache_dir() / "onnx"
+
+
+def cache_dir() -> Path:
+    """Derived files that can be rebuilt at any time (optimised ONNX graphs).
+
+    The platform cache dir (``~/.cache/clipgrep`` on Linux), so backups and disk-usage
+    tools treat them as caches; ``$CLIPGREP_HOME/cache`` when ``CLIPGREP_HOME`` is set,
+    so that one variable still relocates (and isolates) everything.
+    """
+    if os.environ.get(HOME_ENV):
+        return home() / "cache"
+    from platformdirs import user_cache_path
+
+    return user_cache_path("clipgrep", appauthor=False)

@@ -128,6 +128,14 @@ class IndexStore:
         self.table_dir = self.directory / f"{self.name}.lance"
         self._table: Any = None
 
+    @classmethod
+    def existing(cls, directory: Path, bundle_id: str) -> IndexStore:
+        """The store of an existing table, with the vector size its schema records (no model needed)."""
+        table = _import_lancedb().connect(str(directory)).open_table(table_name(bundle_id))
+        store = cls(directory, bundle_id, table.schema.field("vector").type.list_size)
+        store._table = table
+        return store
+
     # -- reading ---------------------------------------------------------------------------
 
     def exists(self) -> bool:

@@ -2,17 +2,21 @@
 
 Crash safety: rows are written in bounded batches, each its own LanceDB
 commit, so a killed run loses at most the batch in flight; the next run sees
-committed rows as unchanged and redoes only the rest. A DIRTY marker says the
-snapshot may lag the table; it is cleared only after a fresh snapshot is
+committed rows as unchanged and redoes only the rest. Rows are also committed
+every ``commit_seconds``, so a slow run keeps its work too. A DIRTY marker says
+the snapshot may lag the table; it is cleared only after a fresh snapshot is
 written, so search never trusts a snapshot older than a half-finished run
-without the next run fixing it.
+without the next run fixing it. A damaged snapshot is rebuilt from the table.
+
+SIGINT/SIGTERM stop a run at its next image: it commits what it encoded, publishes
+the snapshot and raises ``IndexInterrupted`` (see ``interrupt.py``).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -21,6 +25,7 @@ import numpy as np
 
 from ..errors import ClipgrepError
 from ..paths import dirty_marker, index_dir, index_lock_file, snapshot_dir
+from .interrupt import IndexInterrupted, StopRequest, stop_on_signals
 from .plan import RACY_WINDOW_NS, Plan, fingerprint, is_racy, make_plan, under_roots
 from .roots import RootSet, Selection
 from .scan import FileEntry, ScanOptions, ScanProblem, ScanResult, scan
@@ -32,6 +37,23 @@ if TYPE_CHECKING:
     from ..embed.preprocess import PreprocessConfig
     from ..snapshot import Snapshot
     from ..store import IndexStore, StoredFile
+
+def publish_snapshot(store: IndexStore, *, vector_index: bool, without: Collection[str] = ()) -> int:
+    """Export the table's rows, less the paths ``without``, as the search snapshot; returns its rows."""
+    from ..snapshot import write_snapshot
+    from ..store import TableRows
+
+    rows = store.snapshot_rows()
+    if without:
+        dropped = {os.fsencode(p) for p in without}
+        keep = [i for i, p in enumerate(rows.paths) if p not in dropped]
+        rows = TableRows([rows.paths[i] for i in keep], rows.vectors[keep], rows.sizes[keep], rows.mtimes_ns[keep],
+                         rows.indexed_ns[keep], [rows.fingerprints[i] for i in keep])
+    write_snapshot(snapshot_dir(store.bundle_id), *rows, meta={
+        "bundle_id": store.bundle_id, "embed_dim": store.embed_dim, "table_version": store.version(),
+        "vector_index": vector_index})
+    return len(rows.paths)
+
 
 class PixelEncoder(Protocol):
     """What indexing needs from a model; ``ImageEncoder`` is the real one, tests pass a fake."""
@@ -49,6 +71,7 @@ class IndexOptions:
     prune: bool = False                  # drop rows of files left out now, and of roots that look unmounted
     workers: int | None = None          # decode processes; None = one per available CPU
     commit_rows: int = 256              # rows per LanceDB commit: the most a crash can lose
+    commit_seconds: float = 10.0         # ... or the rows encoded in this long, whichever comes first
     wait_for_lock: bool = True
     retry_skipped: bool = False          # decode previously skipped files again even if unchanged
     draft: bool = True                   # reduced-size JPEG decoding
@@ -101,6 +124,9 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
     are still there but left out now, and of roots that look unmounted, are kept (counted in
     ``report.kept``, with a warning in ``report.scan_problems``) unless ``options.prune``.
 
+    On SIGINT/SIGTERM (main thread only) it stops at the next image, keeps what it encoded
+    and raises ``IndexInterrupted`` (a KeyboardInterrupt) with the report.
+
     >>> report = update_index(["~/Pictures"], bundle=load_model())  # doctest: +SKIP
     >>> report.added, report.removed, len(report.skipped)            # doctest: +SKIP
     """
@@ -111,19 +137,23 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
     started = time.time()
     directory = index_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    with index_lock(index_lock_file(), wait=options.wait_for_lock, on_wait=on_wait):
+    # Signals are caught only once the lock is held: Ctrl-C while waiting for it just quits.
+    with index_lock(index_lock_file(), wait=options.wait_for_lock, on_wait=on_wait), \
+            stop_on_signals() as stop:
         _check_still_installed(bundle)
         tracked = RootSet.load(directory)
         args = [os.path.abspath(os.path.expanduser(os.fspath(r))) for r in roots]
         tracked.remove_excludes(options.remove_excludes, args)
         excludes = options.scan.excludes
         selection = tracked.select(args, (excludes,) if isinstance(excludes, str) else tuple(excludes))
-        run = _Run(bundle, directory, selection, tracked, options, encoder, on_progress or (lambda _: None))
+        run = _Run(bundle, directory, selection, tracked, options, encoder, on_progress or (lambda _: None), stop)
         report = run.execute()
         missing = "not found (unmounted?); its images stay indexed, 'clipgrep forget PATH' drops them"
         report.scan_problems += [(path, missing) for path in selection.missing]
-        tracked.save(directory)
+        tracked.save(directory)  # also when interrupted, so that a rerun resumes these roots
         report.seconds = round(time.time() - started, 3)
+        if stop.signum is not None:
+            raise IndexInterrupted(stop.signum, report)
         record_run(directory, bundle.bundle_id, {
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": report.seconds, "rows": report.rows,
             "added": report.added, "updated": report.updated, "removed": report.removed,
@@ -149,9 +179,14 @@ def _check_still_installed(bundle: Bundle) -> None:
                             "waited for the index lock", "run clipgrep index again")
 
 
+class _Stopped(Exception):
+    """A signal arrived before this run wrote anything."""
+
+
 class _Run:
     def __init__(self, bundle: Bundle, directory: Path, selection: Selection, tracked: RootSet,
-                 options: IndexOptions, encoder: PixelEncoder | None, on_progress: Progress) -> None:
+                 options: IndexOptions, encoder: PixelEncoder | None, on_progress: Progress,
+                 stop: StopRequest) -> None:
         self.bundle = bundle
         self.directory = directory
         self.units = selection.units
@@ -166,15 +201,24 @@ class _Run:
         self.progress = IndexProgress()
         self.on_progress = on_progress
         self.report = IndexReport(roots=[u.path for u in self.units])
+        self.stop = stop
         self.snapshot_path = snapshot_dir(bundle.bundle_id)
         self.dirty_marker = dirty_marker(bundle.bundle_id)
 
     def _tick(self, **changes: object) -> None:
         for key, value in changes.items():
             setattr(self.progress, key, value)
+        if self.stop.signum is not None and self.progress.phase in ("scanning", "planning"):
+            raise _Stopped  # nothing written yet: nothing to finish
         self.on_progress(self.progress)
 
     def execute(self) -> IndexReport:
+        try:
+            return self._execute()
+        except _Stopped:
+            return self.report
+
+    def _execute(self) -> IndexReport:
         # Taken before any file is stat'ed or read: the indexed_ns of every row this run encodes,
         # so that a file rewritten after the decoder read it, within its mtime's tick, is racy.
         self.started_ns = time.time_ns()
@@ -277,7 +321,10 @@ class _Run:
 
         if self.dirty_marker.exists() or self.options.retry_skipped:
             return False
-        snapshot = read_snapshot(self.snapshot_path)
+        try:
+            snapshot = read_snapshot(self.snapshot_path)
+        except ClipgrepError:  # damaged: the full run below writes a new one from the table
+            return False
         if snapshot is None:
             return False
         # Vectorised: at 100k files a per-row loop over the memory-mapped arrays took ~0.4 s.
@@ -402,14 +449,17 @@ class _Run:
         from .decode import decode_images
 
         self._tick(phase="encoding", to_encode=len(items))
-        if not items:
+        if not items or self.stop.signum is not None:
             return
         encoder = self.encoder or self.bundle.image_encoder()
-        writer = BatchWriter(encoder, store, self.options.commit_rows, indexed_ns=self.started_ns)
+        writer = BatchWriter(encoder, store, self.options.commit_rows, self.options.commit_seconds,
+                             indexed_ns=self.started_ns)
         decoded = decode_images([e.path for e, _ in items], encoder.config, workers=self.options.workers,
                                 draft=self.options.draft)
         with contextlib.closing(decoded):  # stops the worker processes even if encoding fails
             for result in decoded:
+                if self.stop.signum is not None:
+                    break  # what was encoded so far is committed just below
                 entry, fp = items[result.index]
                 if result.pixels is None:
                     skipped[entry.path] = Skipped(entry.path, entry.size, entry.mtime_ns,
@@ -438,19 +488,15 @@ class _Run:
         save_skipped(self.directory, self.bundle.bundle_id, skipped)
 
     def _finish(self, store: IndexStore, skipped: dict[str, Skipped]) -> None:
-        from ..snapshot import write_snapshot
-
         self._tick(phase="finishing")
         save_skipped(self.directory, self.bundle.bundle_id, skipped)
-        # Index first: maintain() then folds the newest rows into it and prunes old versions.
-        self.report.vector_index = store.ensure_vector_index(self.options.vector_index_min_rows)
-        store.maintain()
-        rows = store.snapshot_rows()
-        write_snapshot(self.snapshot_path, *rows, meta={"bundle_id": self.bundle.bundle_id,
-                                                         "embed_dim": self.bundle.embed_dim,
-                                                         "table_version": store.version(),
-                                                         "vector_index": self.report.vector_index})
-        self.report.rows = len(rows.paths)
+        if self.stop.signum is None:  # an interrupted run leaves the slow upkeep to the next one
+            # Index first: maintain() then folds the newest rows into it and prunes old versions.
+            self.report.vector_index = store.ensure_vector_index(self.options.vector_index_min_rows)
+            store.maintain()
+        else:
+            self.report.vector_index = store.has_vector_index()
+        self.report.rows = publish_snapshot(store, vector_index=self.report.vector_index)
         self.report.skipped_total = len(skipped)
         self.report.skipped_files = sorted(skipped.values(), key=lambda s: s.path)
         self.dirty_marker.unlink(missing_ok=True)

@@ -38,6 +38,7 @@ import multiprocessing
 import os
 import signal
 import struct
+import threading
 import warnings
 import zlib
 from collections import deque
@@ -407,7 +408,8 @@ def _start_pool(workers: int) -> ProcessPoolExecutor:
     by spawn/forkserver, a broken environment) would look like a decoder crash on every
     file, and every file would be recorded as skipped.
     """
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(), initializer=_init_worker)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(), initializer=_init_worker,
+                               initargs=(_lifeline(),))
     try:
         pool.submit(os.getpid).result(timeout=_START_TIMEOUT_S)
     except (BrokenProcessPool, FutureTimeout, OSError) as e:
@@ -436,7 +438,32 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-def _init_worker() -> None:
+_lifeline_ends: tuple[Any, Any] | None = None
+
+
+def _lifeline() -> Any:
+    """The read end of a pipe whose write end only this process holds, for workers to watch.
+
+    Workers are children of the fork server, not of this process, so nothing tells them when
+    it dies (kill -9 left them, and the resource tracker, running for minutes). The kernel
+    closes the write end however this process ends; the workers then read EOF and exit.
+    """
+    global _lifeline_ends
+    if _lifeline_ends is None:
+        _lifeline_ends = _mp_context().Pipe(duplex=False)
+    return _lifeline_ends[0]
+
+
+def _exit_with_parent(lifeline: Any) -> None:
+    try:
+        lifeline.recv_bytes()  # nothing is ever sent: this returns (EOFError) when the parent is gone
+    except (EOFError, OSError):
+        pass
+    os._exit(0)
+
+
+def _init_worker(lifeline: Any) -> None:
+    threading.Thread(target=_exit_with_parent, args=(lifeline,), name="lifeline", daemon=True).start()
     # Ctrl-C reaches the whole process group; only the parent should act on it (it shuts the
     # pool down), rather than each worker dying mid-task and breaking the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
