@@ -48,7 +48,7 @@ def searched_paths(bundle) -> list[str]:
     """Every path search returns (none when nothing was published yet)."""
     if read_snapshot(snapshot_dir(bundle.bundle_id)) is None:
         return []
-    paths = sorted(hit.path for hit in search(["red"], model="tiny", encoder=FakeQueryEncoder(), k=None))
+    paths = sorted(hit.path for hit in search(["red"], model="tiny", encoder=FakeQueryEncoder(), threshold=-1))
     assert len(paths) == len(set(paths)), "search returned a path twice"
     return paths
 
