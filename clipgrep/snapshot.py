@@ -173,6 +173,8 @@ def _write_durably(path: Path, write: Any) -> None:
 
 
 def _fsync_dir(directory: Path) -> None:
+    if os.name == "nt":  # Windows cannot open a directory; its renames need no directory fsync
+        return
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
