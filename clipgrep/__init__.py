@@ -31,7 +31,7 @@ _API = {
     "Hit": "clipgrep.search",
 }
 
-__all__ = ["__version__", *_API]
+__all__ = ["__version__", *_API]  # noqa: PLE0604 - _API's keys are the names
 
 
 def __getattr__(name: str) -> Any:

@@ -244,8 +244,8 @@ def _check_files(manifest: dict[str, Any], directory: Path, *, full: bool) -> No
             raise BundleError(f"bundle {directory} is missing {name}",
                               "re-install the model: clipgrep models add ...") from None
         key = [st.st_size, st.st_mtime_ns, st.st_ino, expected["sha256"]]
-        if stamp.get(name) != key:
-            if st.st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
+        if stamp.get(name) != key and (st.st_size != expected["bytes"]
+                                       or sha256_file(path) != expected["sha256"]):
                 raise BundleError(f"bundle {directory}: {name} does not match its sha256 (corrupt or modified)",
                                   "re-install the model: clipgrep models add ...")
         verified[name] = key

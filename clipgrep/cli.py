@@ -9,7 +9,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -38,7 +38,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
 ) -> None:
     """Semantic image search from the command line.
@@ -58,7 +58,7 @@ def complete_model_names(incomplete: str) -> list[str]:
     return [n for n in names if n.startswith(incomplete)]
 
 
-ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Model name or bundle dir.",
+ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Model name or bundle dir.",
                                                     show_default="the default model",
                                                     autocompletion=complete_model_names)]
 
@@ -66,18 +66,18 @@ ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Model
 @app.command("index")
 @handle_errors
 def index(
-    roots: Annotated[Optional[list[Path]], typer.Argument(
+    roots: Annotated[list[Path] | None, typer.Argument(
         help="Directories (or image files) to index. Default: every root indexed before, else the current dir.",
         show_default=False)] = None,
     model: ModelOption = None,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help=(
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", "-x", help=(
         "gitignore-style pattern to skip (repeatable); .clipgrepignore files work too."))] = None,
     hidden: Annotated[bool, typer.Option("--hidden", help="Include hidden files and directories.")] = False,
     follow_symlinks: Annotated[bool, typer.Option("--follow-symlinks", help="Follow symbolic links.")] = False,
-    workers: Annotated[Optional[int], typer.Option(help="Decoding processes.", show_default="one per CPU")] = None,
+    workers: Annotated[int | None, typer.Option(help="Decoding processes.", show_default="one per CPU")] = None,
     retry_skipped: Annotated[bool, typer.Option("--retry-skipped", help="Try files skipped before again.")] = False,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Exit if another index run holds the lock.")] = False,
-    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar on stderr.",
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar on stderr.",
                                                      show_default="on a terminal")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List skipped files and why.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the run's report as JSON on stdout.")] = False,
@@ -116,11 +116,11 @@ def search(
     query: Annotated[list[str], typer.Argument(help=(
         "Text, or an image file, to search for. 'W:term' weights a term (e.g. '2:golden retriever'); "
         "'text:...' forces text; a leading backslash keeps a literal 'N:'."), show_default=False)],
-    add: Annotated[Optional[list[str]], typer.Option("--add", "-a", help="Add a term (text or image).")] = None,
-    sub: Annotated[Optional[list[str]], typer.Option("--sub", "-s", help="Subtract a term (text or image).")] = None,
+    add: Annotated[list[str] | None, typer.Option("--add", "-a", help="Add a term (text or image).")] = None,
+    sub: Annotated[list[str] | None, typer.Option("--sub", "-s", help="Subtract a term (text or image).")] = None,
     top: Annotated[int, typer.Option("--top", "-k", min=1, help="How many results.")] = 10,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", "-t", help="Only scores >= this.")] = None,
-    under: Annotated[Optional[Path], typer.Option("--under", "-u", help="Only images inside this directory.")] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", "-t", help="Only scores >= this.")] = None,
+    under: Annotated[Path | None, typer.Option("--under", "-u", help="Only images inside this directory.")] = None,
     model: ModelOption = None,
     paths: Annotated[bool, typer.Option("--paths", "-p", help="Print paths only.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per result.")] = False,
@@ -181,10 +181,10 @@ class Precision(str, Enum):
 @handle_errors
 def models_add(
     name: Annotated[str, typer.Argument(help="Name to install the model under.")],
-    arch: Annotated[Optional[str], typer.Option(help="open_clip architecture, e.g. ViT-B-32, MobileCLIP-S1.")] = None,
-    pretrained: Annotated[Optional[str], typer.Option(
+    arch: Annotated[str | None, typer.Option(help="open_clip architecture, e.g. ViT-B-32, MobileCLIP-S1.")] = None,
+    pretrained: Annotated[str | None, typer.Option(
         help="open_clip pretrained tag (downloaded); with --checkpoint, only its preprocessing is used.")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(
+    checkpoint: Annotated[Path | None, typer.Option(
         help="Local weights file (.safetensors, .pt/.bin), a local open_clip dir, or a bundle dir to copy.")] = None,
     precision: Annotated[Precision, typer.Option(help="int8 is ~2x faster on CPU; fp32 is exact.")] = Precision.int8,
     random_init: Annotated[bool, typer.Option("--random-init", help="Random weights (for benchmarks and tests).")] = False,

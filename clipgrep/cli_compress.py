@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -41,9 +41,9 @@ def stage1(
         "Student: image=teacher|N|b32-6l|s32|timm:NAME, text=teacher|N, text_width=W, map=uniform|first, "
         "init=teacher|random|PATH; e.g. image=b32-6l,text=4."))],
     out: Annotated[Path, typer.Option(help="Output directory (checkpoints, cache, student/).")],
-    images: Annotated[Optional[Path], typer.Option(help="Image folder or list file (for the image student).")]
+    images: Annotated[Path | None, typer.Option(help="Image folder or list file (for the image student).")]
     = None,
-    texts: Annotated[Optional[Path], typer.Option(help="Text file, one per line (for the text student).")] = None,
+    texts: Annotated[Path | None, typer.Option(help="Text file, one per line (for the text student).")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the larger of the two sets.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Items per tower per step (the InfoNCE negatives).")] = 64,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 1e-4,
@@ -52,7 +52,7 @@ def stage1(
     seed: Annotated[int, typer.Option(help="Seed for initialisation and batch order.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.")] = 100,
     device: Annotated[str, typer.Option(help="auto (CUDA with mixed precision when present), cpu, cuda.")] = "auto",
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop early (the schedule is unchanged).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop early (the schedule is unchanged).")] = None,
 ) -> None:
     """Stage 1: intra-modal contrastive distillation of each student tower from the teacher's.
 
@@ -90,7 +90,7 @@ def stage2(
     batch_size: Annotated[int, typer.Option(help="Pairs per step: distinct images, one caption each.")] = 64,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 2e-5,
     temperature: Annotated[float, typer.Option(help="Contrastive temperature (fixed).")] = 0.01,
-    kd_temperature: Annotated[Optional[float], typer.Option(
+    kd_temperature: Annotated[float | None, typer.Option(
         help="KD temperature (unset: the same as --temperature).")] = None,
     weight_t2v: Annotated[float, typer.Option(help="Weight of L_t2v (0 switches a term off).")] = 1.0,
     weight_v2t: Annotated[float, typer.Option(help="Weight of L_v2t.")] = 1.0,
@@ -103,7 +103,7 @@ def stage2(
     seed: Annotated[int, typer.Option(help="Seed for the split and batch order.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.")] = 100,
     device: Annotated[str, typer.Option(help="auto (CUDA with mixed precision when present), cpu, cuda.")] = "auto",
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop early (the schedule is unchanged).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop early (the schedule is unchanged).")] = None,
 ) -> None:
     """Stage 2: fine-tune the image tower, then the text tower, with KD and hard negatives.
 

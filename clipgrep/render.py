@@ -244,9 +244,7 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None:
         return "-"
-    if key == "params":
-        value = value / 1e6
-    elif key == "bytes":
+    if key == "params" or key == "bytes":
         value = value / 1e6
     return fmt.format(value)
 

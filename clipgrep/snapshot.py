@@ -34,10 +34,12 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import pairwise
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +85,7 @@ class Snapshot:
         """Every path (~50 ms for 100k rows); prefer ``path(i)`` on the search path."""
         blob = self.path_bytes.tobytes()
         bounds = self.path_offsets.tolist()
-        return [os.fsdecode(blob[a:b]) for a, b in zip(bounds, bounds[1:])]
+        return [os.fsdecode(blob[a:b]) for a, b in pairwise(bounds)]
 
     @cached_property
     def fingerprints(self) -> list[str]:
@@ -146,7 +148,7 @@ def _row_arrays(encoded: list[bytes], order: list[int], vectors: np.ndarray, siz
                 mtimes_ns: Sequence[int], indexed_ns: Sequence[int],
                 fingerprints: Sequence[str]) -> dict[str, np.ndarray]:
     n = len(encoded)
-    if any(encoded[a] == encoded[b] for a, b in zip(order, order[1:])):
+    if any(encoded[a] == encoded[b] for a, b in pairwise(order)):
         raise ValueError("snapshot rows must have distinct paths")
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or len(vectors) != n:

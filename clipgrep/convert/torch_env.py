@@ -34,7 +34,7 @@ def _import_torchvision(torch: ModuleType) -> None:
     (nms, roi_align, decode_jpeg) stay unavailable, and open_clip uses none.
     """
     try:
-        import torchvision  # noqa: F401
+        import torchvision
 
         return
     except RuntimeError as e:

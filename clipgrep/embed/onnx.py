@@ -53,7 +53,7 @@ def create_session(path: Path, *, threads: int | None = None, cache_key: str | N
         try:
             return ort.InferenceSession(str(cached), sess_options=_options(ort, threads, preoptimized=True),
                                         providers=providers)
-        except Exception:  # a damaged cache entry: rebuild it below
+        except Exception:  # noqa: BLE001 - a damaged cache entry: rebuild it below
             shutil.rmtree(cached.parent, ignore_errors=True)
     return _create_and_cache(ort, path, cached.parent, threads, providers)
 

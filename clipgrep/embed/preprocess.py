@@ -153,18 +153,18 @@ def _parse_size(size: Any) -> tuple[int, int]:
     # open_clip treats an int, [s] and [s, s] the same in every resize mode.
     if _is_int(size):
         return (int(size), int(size))
-    if isinstance(size, Sequence) and not isinstance(size, str) and len(size) in (1, 2):
-        if all(_is_int(v) for v in size):
-            return (int(size[0]), int(size[-1]))
+    if isinstance(size, Sequence) and not isinstance(size, str) and len(size) in (1, 2) \
+            and all(_is_int(v) for v in size):
+        return (int(size[0]), int(size[-1]))
     raise ValueError(f"size must be an int or [height, width], got {size!r}")
 
 
 def _parse_triple(name: str, values: Any) -> tuple[float, float, float]:
     if _is_number(values):  # open_clip broadcasts a scalar mean/std to three channels
         return (float(values),) * 3
-    if isinstance(values, Sequence) and not isinstance(values, str) and len(values) == 3:
-        if all(_is_number(v) for v in values):
-            return (float(values[0]), float(values[1]), float(values[2]))
+    if isinstance(values, Sequence) and not isinstance(values, str) and len(values) == 3 \
+            and all(_is_number(v) for v in values):
+        return (float(values[0]), float(values[1]), float(values[2]))
     raise ValueError(f"{name} must be a number or three numbers, got {values!r}")
 
 
@@ -237,8 +237,8 @@ def _center_crop_or_pad(img: Image.Image, size: tuple[int, int], fill: int) -> I
         img = _pad(img, (dw // 2, dh // 2, (dw + 1) // 2, (dh + 1) // 2), fill)
         if img.size == (crop_w, crop_h):
             return img
-    top = int(round((img.height - crop_h) / 2.0))
-    left = int(round((img.width - crop_w) / 2.0))
+    top = round((img.height - crop_h) / 2.0)
+    left = round((img.width - crop_w) / 2.0)
     return img.crop((left, top, left + crop_w, top + crop_h))
 
 

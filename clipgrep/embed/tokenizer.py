@@ -18,6 +18,7 @@ import re
 import zlib
 from collections.abc import Sequence
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +161,7 @@ class ClipTokenizer:
         parts = [*word[:-1], word[-1] + END_OF_WORD]
         ranks = self._ranks
         while len(parts) > 1:
-            pairs = {f"{a} {b}" for a, b in zip(parts, parts[1:])}
+            pairs = {f"{a} {b}" for a, b in pairwise(parts)}
             best = min(pairs, key=lambda pair: ranks.get(pair, 1 << 30))
             if best not in ranks:
                 break

@@ -45,7 +45,7 @@ class PixelEncoder(Protocol):
 
 @dataclass(frozen=True)
 class IndexOptions:
-    scan: ScanOptions = ScanOptions()
+    scan: ScanOptions = field(default_factory=ScanOptions)
     workers: int | None = None          # decode processes; None = one per available CPU
     commit_rows: int = 256              # rows per LanceDB commit: the most a crash can lose
     wait_for_lock: bool = True
@@ -103,8 +103,8 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
         root_list, missing = _resolve_roots(roots, directory)
         run = _Run(bundle, directory, root_list, options, encoder, on_progress or (lambda _: None))
         report = run.execute()
-        report.scan_problems += [(root, "root not found (unmounted?); its images stay indexed, "
-                                        "'clipgrep forget ROOT' drops them") for root in missing]
+        report.scan_problems += [(root, ("root not found (unmounted?); its images stay indexed, "
+                                         "'clipgrep forget ROOT' drops them")) for root in missing]
         save_roots(directory, remembered_roots(directory) + root_list)
         report.seconds = round(time.time() - started, 3)
         record_run(directory, bundle.bundle_id, {
