@@ -172,6 +172,21 @@ def forget(root: Annotated[Path, typer.Argument(help="A root given to 'clipgrep 
     render.note(f"forgot {os.path.abspath(root)} ({removed} rows removed)")
 
 
+class Shell(str, Enum):
+    bash = "bash"
+    zsh = "zsh"
+    fish = "fish"
+
+
+@app.command("completions")
+@handle_errors
+def completions(shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish.", show_default=False)]) -> None:
+    """Print the shell completion script (the README says where to put it)."""
+    from .completions import completion_script
+
+    sys.stdout.write(completion_script(shell.value))
+
+
 class Precision(str, Enum):
     int8 = "int8"
     fp32 = "fp32"
