@@ -153,8 +153,10 @@ class ImageEncoder:
 
     def load(self, source: str | os.PathLike[str] | BinaryIO) -> np.ndarray:
         """Decode and preprocess one image into a [3,H,W] float32 array."""
+        from ..index.decode import register_heif_if_needed
         from .preprocess import load_image
 
+        register_heif_if_needed(source)
         return load_image(source, self.config, draft=self.draft)
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:

@@ -241,6 +241,20 @@ def _register_heif() -> bool:
     return _heif_registered
 
 
+def register_heif_if_needed(source: str | os.PathLike[str] | BinaryIO) -> None:
+    """Let Pillow open ``source`` (a path, or a seekable file at its start) if it is HEIC/HEIF.
+
+    For decodes outside the workers: image queries and API callers of ``encode_files``.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            heif = _is_heif(f)
+    else:
+        heif = source.seekable() and _is_heif(source)
+    if heif:
+        _register_heif()
+
+
 def classify_error(exc: BaseException) -> str:
     """The short, human skip reason for an exception raised while opening or decoding a file."""
     if isinstance(exc, SkipImage):
