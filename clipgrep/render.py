@@ -35,7 +35,7 @@ def json_line(obj: Any) -> None:
     print(json.dumps(obj, ensure_ascii=False))
 
 
-def human_bytes(n: int) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -110,7 +110,7 @@ def query_vector(terms: Sequence[QueryTerm], encoder: QueryEncoder, snapshot: Sn
     if pending:
         for i, v in zip(pending, _encode_image_queries(encoder, [terms[i].image for i in pending])):
             vectors[i] = v
-    combined = sum(t.weight * v for t, v in zip(terms, vectors))  # type: ignore[operator]
+    combined = np.asarray(sum(t.weight * v for t, v in zip(terms, vectors)))  # type: ignore[misc, operator]
     norm = float(np.linalg.norm(combined))
     if norm < 1e-9:
         raise ClipgrepError("the query terms cancel out", "change the weights or the --sub terms")

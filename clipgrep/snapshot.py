@@ -45,6 +45,8 @@ import numpy as np
 
 from .errors import ClipgrepError
 
+IntColumn = Sequence[int] | np.ndarray  # a list, or a column straight from the table
+
 FORMAT = "clipgrep-snapshot"
 FORMAT_VERSION = 1
 POINTER = "CURRENT"
@@ -119,8 +121,8 @@ class Snapshot:
         return slice(start, bisect.bisect_left(rows, upper, lo=start, key=self.raw_path))
 
 
-def write_snapshot(directory: Path, paths: Sequence[str | bytes], vectors: np.ndarray, sizes: Sequence[int],
-                   mtimes_ns: Sequence[int], indexed_ns: Sequence[int], fingerprints: Sequence[str],
+def write_snapshot(directory: Path, paths: Sequence[str | bytes], vectors: np.ndarray, sizes: IntColumn,
+                   mtimes_ns: IntColumn, indexed_ns: IntColumn, fingerprints: Sequence[str],
                    meta: dict[str, Any]) -> None:
     """Write a new generation under ``directory`` and switch readers to it atomically.
 
@@ -144,8 +146,8 @@ def write_snapshot(directory: Path, paths: Sequence[str | bytes], vectors: np.nd
     _remove_other_generations(directory, keep=generation.name)
 
 
-def _row_arrays(encoded: list[bytes], order: list[int], vectors: np.ndarray, sizes: Sequence[int],
-                mtimes_ns: Sequence[int], indexed_ns: Sequence[int],
+def _row_arrays(encoded: list[bytes], order: list[int], vectors: np.ndarray, sizes: IntColumn,
+                mtimes_ns: IntColumn, indexed_ns: IntColumn,
                 fingerprints: Sequence[str]) -> dict[str, np.ndarray]:
     n = len(encoded)
     if any(encoded[a] == encoded[b] for a, b in pairwise(order)):

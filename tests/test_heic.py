@@ -35,5 +35,5 @@ def test_heic_files_are_indexed_and_found_by_a_heic_query(tmp_path: Path) -> Non
 
     query = save_heic(tmp_path / "query.heic", (230, 30, 30))  # not indexed: decoded for the query
     hits = search([str(query)], model="tiny", k=3)
-    assert [os.path.basename(hit.path) for hit in hits][0] == "red.heic"
+    assert os.path.basename(hits[0].path) == "red.heic"
     assert hits[0].score > hits[1].score

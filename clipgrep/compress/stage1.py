@@ -162,7 +162,9 @@ def run(config: Stage1Config, on_progress: Progress | None = None) -> Path:
     write_text_atomic(out / STAGE_CONFIG, config.to_json())
     seed_everything(config.seed)  # before the teacher: a random-init teacher draws from it
     teacher = load_teacher(config.teacher, config.device)
-    targets = {kind: cached_embeddings(teacher, kind, items[kind], config.cache_dir, _CACHE_BATCH, on_progress)
+    # _resolve set cache_dir; towers are "image"/"text"
+    targets = {kind: cached_embeddings(teacher, kind, items[kind], config.cache_dir, _CACHE_BATCH,  # type: ignore[arg-type]
+                                       on_progress)
                for kind in towers}
     student, model_cfg = build_student(teacher.model, teacher.model_cfg, spec)
     r = _Run(config, towers, student.to(config.device), items, targets, teacher.tokenizer, teacher.preprocess_config)
@@ -198,7 +200,7 @@ def _check_inputs(config: Stage1Config, spec: StudentSpec) -> tuple[tuple[str, .
 def _resolve(config: Stage1Config) -> tuple[Stage1Config, StudentSpec]:
     """Canonical specs, absolute paths and a concrete device, so configs compare by value."""
     spec = parse_student(config.student)
-    absolute = {name: os.path.abspath(Path(getattr(config, name)).expanduser())
+    absolute: dict[str, Any] = {name: os.path.abspath(Path(getattr(config, name)).expanduser())
                 for name in ("images", "texts", "out", "cache_dir") if getattr(config, name)}
     absolute.setdefault("cache_dir", os.path.join(absolute["out"], "cache"))
     resolved = dataclasses.replace(config, teacher=format_teacher(parse_teacher(config.teacher)),
@@ -345,7 +347,7 @@ class _Run:
             teacher = torch.from_numpy(self.targets[kind][ids]).to(device)
             losses[kind] = intra_modal_distill_loss(student, teacher, self.config.temperature,
                                                     self._queued(kind, ids))
-        self.scaler.scale(sum(losses.values())).backward()
+        self.scaler.scale(sum(losses.values())).backward()  # type: ignore[arg-type]  # never empty: a Tensor
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()

@@ -186,7 +186,7 @@ def load_teacher(spec: str | ModelSource, device: Any = "cpu") -> Teacher:
 
     source = parse_teacher(spec) if isinstance(spec, str) else spec
     loaded = load_model(source)
-    cfg = teacher_model_cfg(source.checkpoint if source.arch is None else source.arch)
+    cfg = teacher_model_cfg(source.checkpoint if source.arch is None else source.arch)  # type: ignore[arg-type]  # one is set
     return Teacher(loaded, cfg, device)
 
 

@@ -251,7 +251,8 @@ def _pad(img: Image.Image, ltrb: tuple[int, int, int, int], fill: int) -> Image.
     if img.mode == "P":
         palette = img.getpalette()
         out = ImageOps.expand(img, border=ltrb, fill=color)
-        out.putpalette(palette)
+        if palette is not None:
+            out.putpalette(palette)
         return out
     return ImageOps.expand(img, border=ltrb, fill=color)
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -106,7 +107,7 @@ class ClipTokenizer:
         self._ranks = dict(zip(merges, range(len(merges))))
         self._byte_chars = bytes_to_unicode()
         self._special_ids = {SOT_TEXT: sot_id, EOT_TEXT: eot_id}
-        self._word_pattern = None
+        self._word_pattern: Any = None  # regex's compiled pattern, made on first non-ASCII text
         self._bpe = lru_cache(maxsize=65536)(self._bpe_uncached)
         self.context_length = context_length
         self.sot_id = sot_id

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from ..paths import index_dir, snapshot_dir
-from .plan import RACY_WINDOW_NS, Plan, fingerprint, is_racy, make_plan, under_roots
+from .plan import RACY_WINDOW_NS, FileState, Plan, fingerprint, is_racy, make_plan, under_roots
 from .scan import FileEntry, ScanOptions, scan
 from .state import Skipped, load_skipped, record_run, remembered_roots, save_roots, save_skipped
 from .writer import BatchWriter
@@ -240,9 +240,11 @@ class _Run:
         self.report.unchanged += touched
         self._encode(to_encode, store, stored, skipped, {e.path for e in plan.changed})
 
-    def _check_racy(self, plan: Plan, stored: dict[str, StoredFile]) -> tuple[list[FileEntry], list]:
+    def _check_racy(self, plan: Plan, stored: dict[str, StoredFile]
+                    ) -> tuple[list[FileState], list[tuple[FileState, str | None]]]:
         """Racy entries whose fingerprint still matches are unchanged; the rest join new/changed."""
-        confirmed, candidates = [], [(e, None) for e in plan.new] + [(e, None) for e in plan.changed]
+        confirmed: list[FileState] = []
+        candidates: list[tuple[FileState, str | None]] = [(e, None) for e in [*plan.new, *plan.changed]]
         for entry in plan.racy:
             try:
                 fp = fingerprint(entry.path, entry.size)
