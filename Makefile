@@ -1,7 +1,7 @@
 # Development tasks. `make test` works on a fresh machine: it creates .venv, installs
 # the CPU builds of torch and torchvision (tools/install_torch.py: from PyTorch's CPU
 # index, or from pip's own sources when that index does not answer), then everything
-# else under constraints.txt, then runs the suite. `make ci` is what .ci/run runs.
+# else under constraints.txt, then runs the suite. .ci/run runs the other checks after it.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,12 +11,10 @@ export TORCH_INDEX_URL
 BASE_VENV ?= .venv-base
 LATEST_VENV ?= .venv-latest
 
-.PHONY: test ci lint check-wheel test-base test-latest golden bench bench-compress clean
+.PHONY: test lint check-wheel test-base test-latest golden bench bench-compress clean
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
-
-ci: test lint check-wheel test-base test-latest
 
 $(VENV)/.installed: pyproject.toml constraints.txt tools/install_torch.py
 	$(PYTHON) -m venv $(VENV)

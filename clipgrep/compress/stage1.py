@@ -201,7 +201,7 @@ def _resolve(config: Stage1Config) -> tuple[Stage1Config, StudentSpec]:
     """Canonical specs, absolute paths and a concrete device, so configs compare by value."""
     spec = parse_student(config.student)
     absolute: dict[str, Any] = {name: os.path.abspath(Path(getattr(config, name)).expanduser())
-                for name in ("images", "texts", "out", "cache_dir") if getattr(config, name)}
+                                for name in ("images", "texts", "out", "cache_dir") if getattr(config, name)}
     absolute.setdefault("cache_dir", os.path.join(absolute["out"], "cache"))
     resolved = dataclasses.replace(config, teacher=format_teacher(parse_teacher(config.teacher)),
                                    student=str(spec), device=resolve_device(config.device), **absolute)

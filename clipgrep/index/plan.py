@@ -33,11 +33,16 @@ class FileState(Protocol):
     def mtime_ns(self) -> int: ...
 
 
-class StoredState(FileState, Protocol):
+class Stamps(Protocol):
     @property
-    def fingerprint(self) -> str: ...
+    def mtime_ns(self) -> int: ...
     @property
     def indexed_ns(self) -> int: ...
+
+
+class StoredState(FileState, Stamps, Protocol):
+    @property
+    def fingerprint(self) -> str: ...
 
 
 @dataclass
@@ -62,13 +67,6 @@ def fingerprint(path: str, size: int) -> str:
             f.seek(max(_HEAD_BYTES, size - _TAIL_BYTES))
             digest.update(f.read(_TAIL_BYTES))
     return digest.hexdigest()
-
-
-class Stamps(Protocol):
-    @property
-    def mtime_ns(self) -> int: ...
-    @property
-    def indexed_ns(self) -> int: ...
 
 
 def is_racy(stored: Stamps) -> bool:
