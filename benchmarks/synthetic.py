@@ -291,7 +291,8 @@ _OUTLINES: dict[str, tuple[tuple[float, float], ...]] = {
 
 def _jitter_colour(rgb: tuple[int, int, int], rng: np.random.Generator, amount: int) -> tuple[int, int, int]:
     shifted = np.clip(np.asarray(rgb) + rng.integers(-amount, amount + 1, size=3), 0, 255)
-    return tuple(int(v) for v in shifted)
+    r, g, b = (int(v) for v in shifted)
+    return r, g, b
 
 
 def _prepare_out_dir(out: Path, n_images: int, seed: int, image_size: int) -> Path:

@@ -270,7 +270,7 @@ def _resolve(config: TeacherTrainConfig) -> TeacherTrainConfig:
     """Absolute paths and a concrete device, so configs compare by value."""
     import dataclasses
 
-    paths = {name: os.path.abspath(Path(getattr(config, name)).expanduser()) for name in ("pairs", "out")}
+    paths: dict[str, Any] = {name: os.path.abspath(Path(getattr(config, name)).expanduser()) for name in ("pairs", "out")}
     return dataclasses.replace(config, device=resolve_device(config.device), **paths)
 
 

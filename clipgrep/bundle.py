@@ -21,9 +21,12 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BundleError
+
+if TYPE_CHECKING:
+    from .embed.onnx import ImageEncoder, TextEncoder
 
 FORMAT = "clipgrep-bundle"
 FORMAT_VERSION = 1
@@ -105,13 +108,13 @@ class Bundle:
     def size_bytes(self) -> int:
         return sum(f["bytes"] for f in self.manifest["files"].values())
 
-    def image_encoder(self, **options: Any):  # -> embed.onnx.ImageEncoder
+    def image_encoder(self, **options: Any) -> ImageEncoder:
         """An image encoder for this bundle (imports onnxruntime on first use)."""
         from .embed.onnx import ImageEncoder
 
         return ImageEncoder(self, **options)
 
-    def text_encoder(self, **options: Any):  # -> embed.onnx.TextEncoder
+    def text_encoder(self, **options: Any) -> TextEncoder:
         """A text encoder for this bundle (imports onnxruntime on first use)."""
         from .embed.onnx import TextEncoder
 

@@ -9,7 +9,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -41,7 +41,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
 ) -> None:
     """Semantic image search from the command line.
@@ -61,7 +61,7 @@ def complete_model_names(incomplete: str) -> list[str]:
     return [n for n in names if n.startswith(incomplete)]
 
 
-ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Model name or bundle dir.",
+ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Model name or bundle dir.",
                                                     show_default="the default model",
                                                     autocompletion=complete_model_names)]
 
@@ -69,25 +69,25 @@ ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Model
 @app.command("index")
 @handle_errors
 def index(
-    roots: Annotated[Optional[list[Path]], typer.Argument(
+    roots: Annotated[list[Path] | None, typer.Argument(
         help="Directories or image files to index (a file is remembered as a file, not a root). "
              "Default: every root and file indexed before, else the current dir.",
         show_default=False)] = None,
     model: ModelOption = None,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help=(
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", "-x", help=(
         "gitignore-style pattern to skip (repeatable), remembered with the roots indexed (every root "
         "when none is given); .clipgrepignore files work too."))] = None,
-    remove_exclude: Annotated[Optional[list[str]], typer.Option("--remove-exclude", help=(
+    remove_exclude: Annotated[list[str] | None, typer.Option("--remove-exclude", help=(
         "Forget a remembered exclude, written as it was given (repeatable)."))] = None,
     prune: Annotated[bool, typer.Option("--prune", help=(
         "Drop the rows of indexed files that are still there but left out now (excluded, hidden, "
         "unreadable), and of roots that look unmounted; without it they are kept, with a warning."))] = False,
     hidden: Annotated[bool, typer.Option("--hidden", help="Include hidden files and directories.")] = False,
     follow_symlinks: Annotated[bool, typer.Option("--follow-symlinks", help="Follow symbolic links.")] = False,
-    workers: Annotated[Optional[int], typer.Option(help="Decoding processes.", show_default="one per CPU")] = None,
+    workers: Annotated[int | None, typer.Option(help="Decoding processes.", show_default="one per CPU")] = None,
     retry_skipped: Annotated[bool, typer.Option("--retry-skipped", help="Try files skipped before again.")] = False,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Exit if another index run holds the lock.")] = False,
-    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar on stderr.",
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar on stderr.",
                                                      show_default="on a terminal")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help=(
         "List every skipped file and why, skipped by this run or an earlier one."))] = False,
@@ -135,13 +135,13 @@ def search(
         "Text, or an image file, to search for. 'W:term' weights a term (e.g. '2:golden retriever', '-0.5:cat'); "
         "'text:...' forces text; a leading backslash keeps a literal 'N:'; after '--' every word is a term."),
         show_default=False)],
-    add: Annotated[Optional[list[str]], typer.Option("--add", "-a", help="Add a term (text or image).")] = None,
-    sub: Annotated[Optional[list[str]], typer.Option("--sub", "-s", help="Subtract a term (text or image).")] = None,
-    top: Annotated[Optional[int], typer.Option("--top", "-k", help="How many results.",
+    add: Annotated[list[str] | None, typer.Option("--add", "-a", help="Add a term (text or image).")] = None,
+    sub: Annotated[list[str] | None, typer.Option("--sub", "-s", help="Subtract a term (text or image).")] = None,
+    top: Annotated[int | None, typer.Option("--top", "-k", help="How many results.",
                                                show_default="10, or all with --threshold")] = None,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", "-t",
+    threshold: Annotated[float | None, typer.Option("--threshold", "-t",
                                                        help="Only scores >= this cosine (-1 to 1).")] = None,
-    under: Annotated[Optional[Path], typer.Option("--under", "-u", help="Only images inside this directory.")] = None,
+    under: Annotated[Path | None, typer.Option("--under", "-u", help="Only images inside this directory.")] = None,
     model: ModelOption = None,
     paths: Annotated[bool, typer.Option("--paths", "-p", help="Print paths only.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per result.")] = False,
@@ -214,6 +214,21 @@ def forget(root: Annotated[Path, typer.Argument(help=(
     render.forgotten(forget_root(str(root)))
 
 
+class Shell(str, Enum):
+    bash = "bash"
+    zsh = "zsh"
+    fish = "fish"
+
+
+@app.command("completions")
+@handle_errors
+def completions(shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish.", show_default=False)]) -> None:
+    """Print the shell completion script (the README says where to put it)."""
+    from .completions import completion_script
+
+    sys.stdout.write(completion_script(shell.value))
+
+
 class Precision(str, Enum):
     int8 = "int8"
     fp32 = "fp32"
@@ -223,10 +238,10 @@ class Precision(str, Enum):
 @handle_errors
 def models_add(
     name: Annotated[str, typer.Argument(help="Name to install the model under.")],
-    arch: Annotated[Optional[str], typer.Option(help="open_clip architecture, e.g. ViT-B-32, MobileCLIP-S1.")] = None,
-    pretrained: Annotated[Optional[str], typer.Option(
+    arch: Annotated[str | None, typer.Option(help="open_clip architecture, e.g. ViT-B-32, MobileCLIP-S1.")] = None,
+    pretrained: Annotated[str | None, typer.Option(
         help="open_clip pretrained tag (downloaded); with --checkpoint, only its preprocessing is used.")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(
+    checkpoint: Annotated[Path | None, typer.Option(
         help="Local weights file (.safetensors, .pt/.bin), a local open_clip dir, or a bundle dir to copy.")] = None,
     precision: Annotated[Precision, typer.Option(help="int8 is ~2x faster on CPU; fp32 is exact.")] = Precision.int8,
     random_init: Annotated[bool, typer.Option("--random-init", help="Random weights (for benchmarks and tests).")] = False,
@@ -323,4 +338,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

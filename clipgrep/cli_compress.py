@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -33,7 +33,7 @@ class Split(str, Enum):
     test = "test"
 
 
-ImageRootOption = Annotated[Optional[Path], typer.Option(
+ImageRootOption = Annotated[Path | None, typer.Option(
     help="Where the pairs' image paths start (default: the pairs file's dir), e.g. coco/ for Karpathy's "
          "val2014/... paths.", show_default=False)]
 
@@ -48,15 +48,15 @@ def stage1(
         "Student: image=teacher|N|b32-6l|s32|timm:NAME, text=teacher|N, text_width=W, map=uniform|first, "
         "init=teacher|random|PATH; e.g. image=b32-6l,text=4."))],
     out: Annotated[Path, typer.Option(help="Output directory (checkpoints, cache, student/).")],
-    images: Annotated[Optional[Path], typer.Option(help="Image folder or list file (for the image student).")]
+    images: Annotated[Path | None, typer.Option(help="Image folder or list file (for the image student).")]
     = None,
-    texts: Annotated[Optional[str], typer.Option(help=(
+    texts: Annotated[str | None, typer.Option(help=(
         "Text file, one per line (for the text student); builtin:generic is a shipped corpus of 30,000 "
         "generated photo captions and queries."))] = None,
     images_from_index: Annotated[bool, typer.Option(
         "--images-from-index", help="Use the photos indexed with --model, and the teacher embeddings the index "
                                     "stored for them (no teacher pass over the images).")] = False,
-    model: Annotated[Optional[str], typer.Option(
+    model: Annotated[str | None, typer.Option(
         "--model", "-m", help="With --images-from-index: the installed model your photos are indexed with; it "
                               "must be the teacher.", show_default="the default model")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the larger of the two sets.")] = 10,
@@ -67,7 +67,7 @@ def stage1(
     seed: Annotated[int, typer.Option(help="Seed for initialisation and batch order.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.")] = 100,
     device: Annotated[str, typer.Option(help="auto (CUDA with mixed precision when present), cpu, cuda.")] = "auto",
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop early (the schedule is unchanged).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop early (the schedule is unchanged).")] = None,
 ) -> None:
     """Stage 1: intra-modal contrastive distillation of each student tower from the teacher's.
 
@@ -111,7 +111,7 @@ def stage2(
     batch_size: Annotated[int, typer.Option(help="Pairs per step: distinct images, one caption each.")] = 64,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 2e-5,
     temperature: Annotated[float, typer.Option(help="Contrastive temperature (fixed).")] = 0.01,
-    kd_temperature: Annotated[Optional[float], typer.Option(
+    kd_temperature: Annotated[float | None, typer.Option(
         help="KD temperature (unset: the same as --temperature).")] = None,
     weight_t2v: Annotated[float, typer.Option(help="Weight of L_t2v (0 switches a term off).")] = 1.0,
     weight_v2t: Annotated[float, typer.Option(help="Weight of L_v2t.")] = 1.0,
@@ -124,7 +124,7 @@ def stage2(
     seed: Annotated[int, typer.Option(help="Seed for the split and batch order.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.")] = 100,
     device: Annotated[str, typer.Option(help="auto (CUDA with mixed precision when present), cpu, cuda.")] = "auto",
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop early (the schedule is unchanged).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop early (the schedule is unchanged).")] = None,
     image_root: ImageRootOption = None,
 ) -> None:
     """Stage 2: fine-tune the image tower, then the text tower, with KD and hard negatives.
@@ -222,10 +222,10 @@ def auto(
     images_from_index: Annotated[bool, typer.Option(
         "--images-from-index", help="Distil on the photos indexed with --model (the only source auto uses; "
                                     "the flag is accepted for symmetry with stage1).")] = True,
-    model: Annotated[Optional[str], typer.Option(
+    model: Annotated[str | None, typer.Option(
         "--model", "-m", help="The installed model the photos are indexed with.",
         show_default="--teacher when it is a model, else the default model")] = None,
-    student: Annotated[Optional[str], typer.Option(help="Student SPEC, as for stage1.",
+    student: Annotated[str | None, typer.Option(help="Student SPEC, as for stage1.",
                                                    show_default="half the image layers, a third of the text layers")]
     = None,
     texts: Annotated[str, typer.Option(help="Texts for the text tower: a file, or builtin:generic.")]
@@ -233,7 +233,7 @@ def auto(
     epochs: Annotated[int, typer.Option(help="Passes over the larger of the two sets.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Items per tower per step.")] = 64,
     device: Annotated[str, typer.Option(help="auto (CUDA with mixed precision when present), cpu, cuda.")] = "auto",
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop early (the schedule is unchanged).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop early (the schedule is unchanged).")] = None,
     replace: Annotated[bool, typer.Option("--replace", help="Replace a model already installed as NAME.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ) -> None:

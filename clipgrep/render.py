@@ -65,7 +65,7 @@ def json_line(obj: Any) -> None:
         print(json.dumps(obj, ensure_ascii=False))
 
 
-def human_bytes(n: int) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -324,9 +324,7 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None:
         return "-"
-    if key == "params":
-        value = value / 1e6
-    elif key == "bytes":
+    if key == "params" or key == "bytes":
         value = value / 1e6
     return fmt.format(value)
 

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clipgrep.ranking import search
 from typer.testing import CliRunner
 
 from clipgrep.cli import app
 from clipgrep.index.forget import forget_root
 from clipgrep.index.state import remembered_roots
 from clipgrep.paths import dirty_marker, index_dir, snapshot_dir
+from clipgrep.ranking import search
 from clipgrep.snapshot import read_snapshot
 from clipgrep.store import IndexStore
 

@@ -103,10 +103,10 @@ def default_student(teacher: str) -> str:
     """Half the teacher's image layers and a third of its text layers: for ViT-B/32, the paper's
     CPU-fast shape (image 1.6x, text 2.9x faster; ../docs/stack.md §5)."""
     from ..convert.source import ModelSource
-    from .students import teacher_model_cfg
+    from .students import source_model_cfg
 
     source = ModelSource.parse(teacher)
-    cfg = teacher_model_cfg(source.checkpoint if source.arch is None else source.arch)
+    cfg = source_model_cfg(source)
     image_layers, text_layers = cfg["vision_cfg"].get("layers"), cfg["text_cfg"].get("layers", 12)
     parts = [f"image={max(1, image_layers // 2)}"] if isinstance(image_layers, int) else []
     return ",".join([*parts, f"text={max(1, text_layers // 3)}"])

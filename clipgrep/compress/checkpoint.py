@@ -57,7 +57,7 @@ def save_local_dir(model: Any, model_cfg: dict[str, Any], preprocess_cfg: Mappin
     out = Path(out_dir).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     if dataclasses.is_dataclass(preprocess_cfg):
-        preprocess_cfg = dataclasses.asdict(preprocess_cfg)
+        preprocess_cfg = dataclasses.asdict(preprocess_cfg)  # type: ignore[arg-type]  # an instance, not a class
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         save_file(_plain_tensors(model.state_dict()), str(staging / WEIGHTS), metadata={"format": "pt"})

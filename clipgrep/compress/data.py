@@ -111,7 +111,7 @@ def _read_image_list(path: Path) -> list[Path]:
 
 
 def _is_image_name(path: Path) -> bool:
-    from ..index.scan import IMAGE_EXTENSIONS
+    from ..embed.formats import IMAGE_EXTENSIONS
 
     return path.suffix.lower() in IMAGE_EXTENSIONS
 

@@ -164,7 +164,8 @@ def run(config: Stage1Config, on_progress: Progress | None = None) -> Path:
     if indexed is not None:  # before any long work: the stored vectors must be this teacher's
         check_made_by_teacher(indexed, teacher, config.teacher, items.get("text") or generic_texts(_PROBE_TEXTS))
     targets = {kind: indexed.vectors if kind == "image" and indexed is not None else
-               cached_embeddings(teacher, kind, items[kind], config.cache_dir, _CACHE_BATCH, on_progress)
+               cached_embeddings(teacher, kind, items[kind], config.cache_dir,  # type: ignore[arg-type]
+                                 _CACHE_BATCH, on_progress)  # kind is "image"/"text"; _resolve set cache_dir
                for kind in towers}
     student, model_cfg = build_student(teacher.model, teacher.model_cfg, spec)
     r = _Run(config, towers, student.to(config.device), items, targets, teacher.tokenizer, teacher.preprocess_config)
@@ -202,9 +203,9 @@ def _check_inputs(config: Stage1Config, spec: StudentSpec
 def _resolve(config: Stage1Config) -> tuple[Stage1Config, StudentSpec]:
     """Canonical specs, absolute paths and a concrete device, so configs compare by value."""
     spec = parse_student(config.student)
-    absolute = {name: os.path.abspath(Path(getattr(config, name)).expanduser())
-                for name in ("images", "texts", "out", "cache_dir")
-                if getattr(config, name) and getattr(config, name) != BUILTIN_GENERIC}
+    absolute: dict[str, Any] = {name: os.path.abspath(Path(getattr(config, name)).expanduser())
+                                for name in ("images", "texts", "out", "cache_dir")
+                                if getattr(config, name) and getattr(config, name) != BUILTIN_GENERIC}
     absolute.setdefault("cache_dir", os.path.join(absolute["out"], "cache"))
     resolved = dataclasses.replace(config, teacher=ModelSource.parse(config.teacher).spec(),
                                    student=str(spec), device=resolve_device(config.device), **absolute)

@@ -236,7 +236,9 @@ def run(config: Stage2Config, on_progress: Progress | None = None) -> Path:
     teacher = load_teacher(config.teacher, config.device)
     kinds = ("text", "image") if config.weight_kd else ("text",)  # teacher images only feed L_KD
     items = {"text": train.captions, "image": train.images}
-    targets = {kind: cached_embeddings(teacher, kind, items[kind], config.cache_dir, _CACHE_BATCH, on_progress)
+    # _resolve set cache_dir; kinds are "image"/"text"
+    targets = {kind: cached_embeddings(teacher, kind, items[kind], config.cache_dir, _CACHE_BATCH,  # type: ignore[arg-type]
+                                       on_progress)
                for kind in kinds}
     teacher_info = {"spec": config.teacher, "provenance": teacher.provenance,
                     "weights_blake2b": teacher.weights_digest}
@@ -260,8 +262,8 @@ def run(config: Stage2Config, on_progress: Progress | None = None) -> Path:
 
 def _resolve(config: Stage2Config) -> tuple[Stage2Config, Path]:
     """Canonical teacher, absolute paths, a concrete device, and the student's local dir."""
-    absolute = {name: os.path.abspath(Path(getattr(config, name)).expanduser())
-                for name in ("student", "pairs", "out", "cache_dir", "image_root") if getattr(config, name)}
+    absolute: dict[str, Any] = {name: os.path.abspath(Path(getattr(config, name)).expanduser())
+                                for name in ("student", "pairs", "out", "cache_dir", "image_root") if getattr(config, name)}
     absolute.setdefault("cache_dir", os.path.join(absolute["out"], "cache"))
     given = Path(absolute["student"])
     student_dir = local_dir.find_local_dir(given)
@@ -279,10 +281,10 @@ def _resolve(config: Stage2Config) -> tuple[Stage2Config, Path]:
 
 def _check_dims(config: Stage2Config, student_dir: Path) -> None:
     """Step 2a compares student image and teacher text embeddings directly: their sizes must agree."""
-    from .students import teacher_model_cfg
+    from .students import source_model_cfg, teacher_model_cfg
 
     source = ModelSource.parse(config.teacher)
-    teacher_dim = teacher_model_cfg(source.checkpoint if source.arch is None else source.arch)["embed_dim"]
+    teacher_dim = source_model_cfg(source)["embed_dim"]
     student_dim = teacher_model_cfg(student_dir)["embed_dim"]
     if student_dim != teacher_dim:
         raise ClipgrepError(f"the student embeds in {student_dim} dimensions, the teacher in {teacher_dim}",
@@ -505,7 +507,7 @@ class _Run:
         """The pairs and model inputs of ``step`` (runs one step ahead in a thread, within an epoch)."""
         phase = self.position(step)[0]
         images, captions = self.batch_ids(step)
-        negatives = self.hard_negatives[captions] if self.config.weight_hn else None
+        negatives = self.hard_negatives[captions] if self.config.weight_hn else None  # type: ignore[index]  # mined when weight_hn
         if phase == "text":
             return _Batch(images, captions, negatives, np.zeros(0, np.int64), self.inputs("text", captions, pool))
         forward = images
@@ -529,11 +531,11 @@ class _Run:
         import torch
         import torch.nn.functional as F
 
-        c, n, optimisation = self.config, len(batch.images), self.optimisation
-        assert optimisation is not None  # prepare() entered the phase
+        c, n, optimisation, phase = self.config, len(batch.images), self.optimisation, self.phase
+        assert optimisation is not None and phase is not None  # prepare() entered the phase
         optimisation.zero_grad()
         with optimisation.autocast():
-            embeddings = self.forward(self.phase, batch.inputs)
+            embeddings = self.forward(phase, batch.inputs)
         embeddings = F.normalize(embeddings.float(), dim=-1)
         teacher_text = self.target("text", batch.captions)
         if self.phase == "image":  # 2a: trainable images against the frozen teacher text tower

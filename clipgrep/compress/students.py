@@ -56,6 +56,7 @@ from typing import Any
 
 from ..convert import local_dir
 from ..convert.onnx_export import count_params
+from ..convert.source import ModelSource
 from ..convert.torch_env import import_open_clip
 from ..errors import ClipgrepError
 from .checkpoint import strip_compile_prefix
@@ -425,6 +426,14 @@ def _load_image_checkpoint(student: Any, path: Path) -> None:
     if missing or unexpected:
         raise ClipgrepError(f"{misfit} (missing {missing[:3]}, unexpected {unexpected[:3]})",
                             "check that it is for the same model")
+
+
+def source_model_cfg(source: ModelSource) -> dict[str, Any]:
+    """The open_clip model_cfg of a model source: its local dir's, or its architecture's."""
+    if source.arch is None:
+        assert source.checkpoint is not None  # ModelSource.parse gives a local dir or an arch
+        return teacher_model_cfg(source.checkpoint)
+    return teacher_model_cfg(source.arch)
 
 
 def teacher_model_cfg(model: str | Path) -> dict[str, Any]:

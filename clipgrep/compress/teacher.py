@@ -114,11 +114,11 @@ def load_teacher(spec: str | ModelSource, device: Any = "cpu") -> Teacher:
     >>> load_teacher("ViT-B-32:random").embed_dim  # doctest: +SKIP
     512
     """
-    from .students import teacher_model_cfg
+    from .students import source_model_cfg
 
     source = ModelSource.parse(spec) if isinstance(spec, str) else spec
     loaded = load_model(source)
-    cfg = teacher_model_cfg(source.checkpoint if source.arch is None else source.arch)
+    cfg = source_model_cfg(source)
     return Teacher(loaded, cfg, device)
 
 

@@ -113,7 +113,8 @@ def param_groups(model: Any, weight_decay: float,
     open_clip_train's split: no weight decay on gains, biases and the logit scale
     (every parameter of fewer than 2 dimensions).
     """
-    decay, no_decay = [], []
+    decay: list[Any] = []
+    no_decay: list[Any] = []
     for name, param in model.named_parameters():
         trained = trains is None or trains(name)
         param.requires_grad_(trained)

@@ -38,11 +38,11 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     directory = Path(path).expanduser()
     try:
         config = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
-        if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
-            raise ValueError("no model_cfg")
     except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
         raise ClipgrepError(f"{directory} is not an open_clip local dir (no readable {CONFIG} with model_cfg)",
-                            "pass a directory written by clipgrep compress, or an open_clip local dir") from None
+                            "pass a directory written by clipgrep compress, or an open_clip local dir")
     return config
 
 

@@ -198,7 +198,7 @@ def _download(open_clip: Any, arch: str, tag: str) -> Path:
     try:
         with _offline_unless_hub_reachable(), quiet_open_clip_logging():
             return Path(download_pretrained(cfg))
-    except Exception as e:  # hub, HTTP and OS errors all mean "could not fetch"
+    except Exception as e:  # noqa: BLE001 - hub, HTTP and OS errors all mean "could not fetch"
         repo = (cfg.get("hf_hub") or "").strip("/")
         where = f"https://huggingface.co/{repo}" if repo else cfg.get("url", "the open_clip release page")
         raise ConversionError(

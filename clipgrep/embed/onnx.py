@@ -233,7 +233,7 @@ class ImageEncoder:
         self._session = _LazySession(bundle.file(spec.file), spec.input, spec.output, threads)
 
     def load(self, source: str | os.PathLike[str] | BinaryIO) -> np.ndarray:
-        """Decode and preprocess one image into a [3,H,W] float32 array."""
+        """Decode and preprocess one image into a [3,H,W] float32 array (HEIC too: ``formats.open_image``)."""
         from .preprocess import load_image
 
         return load_image(source, self.config, draft=self.draft)

@@ -164,18 +164,18 @@ def _parse_size(size: Any) -> tuple[int, int]:
     # open_clip treats an int, [s] and [s, s] the same in every resize mode.
     if _is_int(size):
         return (int(size), int(size))
-    if isinstance(size, Sequence) and not isinstance(size, str) and len(size) in (1, 2):
-        if all(_is_int(v) for v in size):
-            return (int(size[0]), int(size[-1]))
+    if isinstance(size, Sequence) and not isinstance(size, str) and len(size) in (1, 2) \
+            and all(_is_int(v) for v in size):
+        return (int(size[0]), int(size[-1]))
     raise ValueError(f"size must be an int or [height, width], got {size!r}")
 
 
 def _parse_triple(name: str, values: Any) -> tuple[float, float, float]:
     if _is_number(values):  # open_clip broadcasts a scalar mean/std to three channels
         return (float(values),) * 3
-    if isinstance(values, Sequence) and not isinstance(values, str) and len(values) == 3:
-        if all(_is_number(v) for v in values):
-            return (float(values[0]), float(values[1]), float(values[2]))
+    if isinstance(values, Sequence) and not isinstance(values, str) and len(values) == 3 \
+            and all(_is_number(v) for v in values):
+        return (float(values[0]), float(values[1]), float(values[2]))
     raise ValueError(f"{name} must be a number or three numbers, got {values!r}")
 
 
@@ -261,7 +261,7 @@ def _resize_only_the_crop(img: Image.Image, size: tuple[int, int], resample: Ima
 
 
 def _crop_offset(size: int, crop: int) -> int:
-    return int(round((size - crop) / 2.0))
+    return round((size - crop) / 2.0)
 
 
 def _center_crop_or_pad(img: Image.Image, size: tuple[int, int], fill: int) -> Image.Image:
@@ -286,7 +286,8 @@ def _pad(img: Image.Image, ltrb: tuple[int, int, int, int], fill: int) -> Image.
     if img.mode == "P":
         palette = img.getpalette()
         out = ImageOps.expand(img, border=ltrb, fill=color)
-        out.putpalette(palette)
+        if palette is not None:
+            out.putpalette(palette)
         return out
     return ImageOps.expand(img, border=ltrb, fill=color)
 

@@ -18,7 +18,9 @@ import re
 import zlib
 from collections.abc import Sequence
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -105,7 +107,7 @@ class ClipTokenizer:
         self._ranks = dict(zip(merges, range(len(merges))))
         self._byte_chars = bytes_to_unicode()
         self._special_ids = {SOT_TEXT: sot_id, EOT_TEXT: eot_id}
-        self._word_pattern = None
+        self._word_pattern: Any = None  # regex's compiled pattern, made on first non-ASCII text
         self._bpe = lru_cache(maxsize=65536)(self._bpe_uncached)
         self.context_length = context_length
         self.sot_id = sot_id
@@ -160,7 +162,7 @@ class ClipTokenizer:
         parts = [*word[:-1], word[-1] + END_OF_WORD]
         ranks = self._ranks
         while len(parts) > 1:
-            pairs = {f"{a} {b}" for a, b in zip(parts, parts[1:])}
+            pairs = {f"{a} {b}" for a, b in pairwise(parts)}
             best = min(pairs, key=lambda pair: ranks.get(pair, 1 << 30))
             if best not in ranks:
                 break

@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import ClipgrepError
 from ..paths import dirty_marker, index_dir, index_lock_file, snapshot_dir
 from .interrupt import IndexInterrupted, StopRequest, stop_on_signals
-from .plan import RACY_WINDOW_NS, Plan, fingerprint, is_racy, make_plan, under_roots
+from .plan import RACY_WINDOW_NS, FileState, Plan, fingerprint, is_racy, make_plan, under_roots
 from .roots import RootSet, Selection
 from .scan import FileEntry, ScanOptions, ScanProblem, ScanResult, scan
 from .state import Skipped, load_skipped, record_run, save_skipped
@@ -66,7 +66,7 @@ class PixelEncoder(Protocol):
 
 @dataclass(frozen=True)
 class IndexOptions:
-    scan: ScanOptions = ScanOptions()    # its excludes are added to the roots indexed, and remembered
+    scan: ScanOptions = field(default_factory=ScanOptions)  # its excludes are added to the roots indexed, and remembered
     remove_excludes: tuple[str, ...] = ()  # remembered excludes to drop, as they were given
     prune: bool = False                  # drop rows of files left out now, and of roots that look unmounted
     workers: int | None = None          # decode processes; None = one per available CPU
@@ -385,9 +385,11 @@ class _Run:
         self.report.unchanged += touched
         self._encode(to_encode, store, stored, skipped, {e.path for e in plan.changed})
 
-    def _check_racy(self, plan: Plan, stored: dict[str, StoredFile]) -> tuple[list[FileEntry], list]:
+    def _check_racy(self, plan: Plan, stored: dict[str, StoredFile]
+                    ) -> tuple[list[FileState], list[tuple[FileState, str | None]]]:
         """Racy entries whose fingerprint still matches are unchanged; the rest join new/changed."""
-        confirmed, candidates = [], [(e, None) for e in plan.new] + [(e, None) for e in plan.changed]
+        confirmed: list[FileState] = []
+        candidates: list[tuple[FileState, str | None]] = [(e, None) for e in [*plan.new, *plan.changed]]
         for entry in plan.racy:
             try:
                 fp = fingerprint(entry.path, entry.size)

@@ -72,5 +72,5 @@ def stop_on_signals() -> Iterator[StopRequest]:
     try:
         yield request
     finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
+        for caught, old in previous.items():
+            signal.signal(caught, old)

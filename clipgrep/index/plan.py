@@ -26,14 +26,25 @@ _TAIL_BYTES = 64 * 1024
 
 
 class FileState(Protocol):
-    path: str
-    size: int
-    mtime_ns: int
+    # Read-only members, so that frozen dataclasses (FileEntry, StoredFile) match.
+    @property
+    def path(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def mtime_ns(self) -> int: ...
 
 
-class StoredState(FileState, Protocol):
-    fingerprint: str
-    indexed_ns: int
+class Stamps(Protocol):
+    @property
+    def mtime_ns(self) -> int: ...
+    @property
+    def indexed_ns(self) -> int: ...
+
+
+class StoredState(FileState, Stamps, Protocol):
+    @property
+    def fingerprint(self) -> str: ...
 
 
 @dataclass
@@ -62,7 +73,7 @@ def fingerprint(path: str, size: int) -> str:
     return digest.hexdigest()
 
 
-def is_racy(stored: StoredState) -> bool:
+def is_racy(stored: Stamps) -> bool:
     return stored.mtime_ns + RACY_WINDOW_NS >= stored.indexed_ns
 
 

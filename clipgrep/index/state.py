@@ -59,7 +59,7 @@ def load_tracked(index_dir: Path) -> tuple[dict[str, Tracked], dict[str, Tracked
     state = load_state(index_dir)
     roots, files = state.get("roots", {}), state.get("files", {})
     if isinstance(roots, list):  # the first format: a list of paths, where a file was a root too
-        from .scan import IMAGE_EXTENSIONS
+        from ..embed.formats import IMAGE_EXTENSIONS
 
         legacy = [p for p in roots if isinstance(p, str)]
         files = {p: {} for p in legacy if os.path.isfile(p) or (

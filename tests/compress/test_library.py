@@ -63,7 +63,7 @@ def test_indexed_vectors_are_the_targets_and_no_image_passes_through_the_teacher
 
 def test_changed_files_are_left_out(teacher_dir: Path, library: Path, tmp_path: Path) -> None:
     index_with("teacher-bundle", teacher_dir, library)
-    victim = sorted(library.iterdir())[0]
+    victim = min(library.iterdir())
     data = victim.read_bytes()
     victim.write_bytes(data + b"\0")  # size changed: its stored vector no longer describes it
     try:
