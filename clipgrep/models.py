@@ -5,12 +5,13 @@ inside ``add_model``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,29 +112,47 @@ def add_model(name: str, *, arch: str | None = None, pretrained: str | None = No
 
     >>> add_model("b32", arch="ViT-B-32", checkpoint="open_clip_model.safetensors")  # doctest: +SKIP
     """
-    dest = model_path(name)
-    if precision not in ("int8", "fp32"):
-        raise ClipgrepError(f"unknown precision {precision!r}", "use int8 or fp32")
-    source_path = Path(checkpoint).expanduser() if checkpoint is not None else None
-    with models_lock(on_wait=_told(on_wait, "another models command")):
-        if dest.exists() and not replace:
-            raise ClipgrepError(f"a model named {name!r} is already installed",
-                                f"pass --replace, or remove it first: clipgrep models remove {name}")
-        with staging(name) as staged:
-            if source_path is not None and (source_path / MANIFEST).is_file():
-                _copy_bundle(source_path, staged, name)
-            else:
-                from .convert.pipeline import convert_model
-                from .convert.source import ModelSource
+    return add_models({precision: name}, arch=arch, pretrained=pretrained, checkpoint=checkpoint,
+                      random_init=random_init, replace=replace, on_progress=on_progress, on_wait=on_wait)[0]
 
-                source = ModelSource(arch, pretrained, source_path, random_init)
-                convert_model(source, staged, name=name, precision=precision, on_progress=on_progress)
+
+def add_models(names: Mapping[str, str], *, arch: str | None = None, pretrained: str | None = None,
+               checkpoint: str | os.PathLike[str] | None = None, random_init: bool = False,
+               replace: bool = False, on_progress: Progress | None = None,
+               on_wait: Waiting | None = None) -> list[Bundle]:
+    """``add_model`` at several precisions at once (``{"int8": "m", "fp32": "m-fp32"}``): the
+    model is loaded and exported to ONNX once, then quantised and gated per precision."""
+    for precision in names:
+        if precision not in ("int8", "fp32"):
+            raise ClipgrepError(f"unknown precision {precision!r}", "use int8 or fp32")
+    dests = {precision: model_path(name) for precision, name in names.items()}
+    source_path = Path(checkpoint).expanduser() if checkpoint is not None else None
+    copy = source_path is not None and (source_path / MANIFEST).is_file()
+    if copy and len(names) > 1:
+        raise ClipgrepError("a bundle directory holds one precision", "install it under one name")
+    with models_lock(on_wait=_told(on_wait, "another models command")), contextlib.ExitStack() as stack:
+        for precision, dest in dests.items():
+            if dest.exists() and not replace:
+                raise ClipgrepError(f"a model named {names[precision]!r} is already installed",
+                                    f"pass --replace, or remove it first: clipgrep models remove {names[precision]}")
+        staged = {precision: stack.enter_context(staging(name)) for precision, name in names.items()}
+        if copy:
+            (precision, name), = names.items()
+            _copy_bundle(source_path, staged[precision], name)  # type: ignore[arg-type]  # copy: a path
+        else:
+            from .convert.pipeline import convert_models
+            from .convert.source import ModelSource
+
+            source = ModelSource(arch, pretrained, source_path, random_init)
+            convert_models(source, {precision: (staged[precision], name) for precision, name in names.items()},
+                           on_progress=on_progress)
+        for precision, dest in dests.items():
             if dest.exists():  # an index run must not switch models half-way: wait for it
                 with index_lock(index_lock_file(), on_wait=_told(on_wait, "an index run")):
-                    swap_in(staged, dest)
+                    swap_in(staged[precision], dest)
             else:
-                swap_in(staged, dest)
-        return load_bundle(dest)
+                swap_in(staged[precision], dest)
+        return [load_bundle(dest) for dest in dests.values()]
 
 
 @dataclass(frozen=True)

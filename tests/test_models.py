@@ -48,7 +48,7 @@ def leftovers() -> list[str]:
     """Hidden entries of the models and index dirs other than the locks and removal records."""
     found = [p.name for p in models_dir().iterdir() if p.name.startswith(".")] if models_dir().is_dir() else []
     found += [p.name for p in index_dir().glob(".purge-*")]
-    return sorted(n for n in found if n != ".lock" and not n.endswith(".removed"))
+    return sorted(n for n in found if n not in (".lock", ".lock.os") and not n.endswith(".removed"))
 
 
 def installed_id(name: str) -> str | None:

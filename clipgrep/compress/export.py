@@ -2,7 +2,8 @@
 
 A stage writes its student as an open_clip local-dir; model conversion
 (``models.add_model``) already turns a local-dir into a parity-checked bundle,
-so export is that conversion, once per precision.
+so export is that conversion: one ONNX export, then per precision a quantisation (or copy) and
+the gate (``models.add_models``).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from ..bundle import Bundle
 from ..convert import local_dir
 from ..errors import ClipgrepError
-from ..models import Progress, add_model
+from ..models import Progress, add_models
 
 
 def student_dir(checkpoint: str | os.PathLike[str]) -> Path:
@@ -34,7 +35,5 @@ def export_student(checkpoint: str | os.PathLike[str], name: str, precision: str
     if precision not in ("both", "int8", "fp32"):
         raise ClipgrepError(f"unknown precision {precision!r}", "use both, int8 or fp32")
     source = student_dir(checkpoint)
-    targets = {"int8": name, "fp32": f"{name}-fp32" if precision == "both" else name}
-    wanted = ("int8", "fp32") if precision == "both" else (precision,)
-    return [add_model(targets[p], checkpoint=source, precision=p, replace=replace, on_progress=on_progress)
-            for p in wanted]
+    names = {"int8": name, "fp32": f"{name}-fp32"} if precision == "both" else {precision: name}
+    return add_models(names, checkpoint=source, replace=replace, on_progress=on_progress)

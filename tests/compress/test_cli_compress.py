@@ -36,10 +36,16 @@ def stage_output(tmp_path: Path) -> Path:
     return tmp_path / "run"
 
 
-def test_export_installs_int8_and_fp32_bundles(stage_output: Path) -> None:
+def test_export_installs_int8_and_fp32_bundles_from_one_onnx_export(stage_output: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipgrep.convert import pipeline
     from clipgrep.models import list_models
 
+    exports: list[Path] = []
+    real = pipeline.export_onnx
+    monkeypatch.setattr(pipeline, "export_onnx", lambda loaded, work: exports.append(work) or real(loaded, work))
     result = run("export", str(stage_output), "tiny-student")
+    assert len(exports) == 1, "both precisions come from one ONNX export"
     assert result.exit_code == 0, result.stderr
     assert result.stdout == ""
     entries = {e.name: e.bundle for e in list_models()}
