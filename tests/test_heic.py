@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
-from clipgrep.search import search
+from clipgrep.ranking import search
 from PIL import Image
 
 from clipgrep.index.build import IndexOptions, update_index
