@@ -5,11 +5,11 @@ import os
 from pathlib import Path
 
 import pytest
-from clipgrep.ranking import search
 from PIL import Image
 
 from clipgrep.index.build import IndexOptions, update_index
 from clipgrep.models import add_model
+from clipgrep.ranking import search
 
 from .factories import make_contract_bundle
 
