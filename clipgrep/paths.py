@@ -31,3 +31,13 @@ def index_dir() -> Path:
 
 def snapshot_dir(bundle_id: str) -> Path:
     return index_dir() / "snapshots" / bundle_id
+
+
+def cache_dir() -> Path:
+    """Disposable data (thumbnails): the platform cache dir, or ``$CLIPGREP_HOME/cache`` when that is set."""
+    override = os.environ.get(HOME_ENV)
+    if override:
+        return Path(override).expanduser() / "cache"
+    from platformdirs import user_cache_path
+
+    return user_cache_path("clipgrep", appauthor=False)
