@@ -110,6 +110,14 @@ def index(
     render.index_summary(report, verbose)
 
 
+class PreviewProtocol(str, Enum):
+    auto = "auto"
+    kitty = "kitty"
+    iterm = "iterm"
+    sixel = "sixel"
+    blocks = "blocks"
+
+
 @app.command("search")
 @handle_errors
 def search(
@@ -126,6 +134,13 @@ def search(
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per result.")] = False,
     null: Annotated[bool, typer.Option("--null", "-0", help="End results with NUL instead of newline (xargs -0).")]
     = False,
+    preview: Annotated[bool, typer.Option("--preview", "-P", help=(
+        "Show thumbnails in the terminal (ignored when stdout is not a terminal)."))] = False,
+    preview_protocol: Annotated[PreviewProtocol, typer.Option(help="Image protocol; auto reads the environment. "
+                                                              "Implies --preview.")] = PreviewProtocol.auto,
+    preview_height: Annotated[int, typer.Option(min=1, max=100, help="Thumbnail height in text rows.")] = 8,
+    preview_grid: Annotated[bool, typer.Option("--preview-grid", help="Thumbnails in a grid (implies --preview).")]
+    = False,
 ) -> None:
     """Search the index: prints 'score<TAB>path' lines, best first. Exit 0 with results, 1 without, 2 on error.
 
@@ -134,14 +149,20 @@ def search(
       clipgrep search "a red bicycle at night"
       clipgrep search "2:golden retriever" --add ./pool.jpg --sub fruit -k 20
       clipgrep search sunset --under ~/Pictures/2024 --paths -0 | xargs -0 feh
+      clipgrep search "a red bicycle" --preview-grid
     """
     from .search import search as run_search
 
     if paths and json_output:
         raise ClipgrepError("--paths and --json exclude each other", "pick one output format")
+    show_preview = render.wants_preview(preview or preview_grid or preview_protocol != PreviewProtocol.auto,
+                                        paths or json_output or null)
     hits = run_search(query, add=add or (), sub=sub or (), model=model, k=top, threshold=threshold,
                       under=str(under) if under else None)
-    render.hits(hits, "json" if json_output else "paths" if paths else "scores", null)
+    if show_preview:
+        render.preview_hits(hits, preview_protocol.value, preview_height, preview_grid)
+    else:
+        render.hits(hits, "json" if json_output else "paths" if paths else "scores", null)
     if not hits:
         raise typer.Exit(EXIT_NO_MATCH)
 
