@@ -14,7 +14,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[convert,test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[convert,test,ui]'
+	# The web page's browser tests: Debian's headless Chromium and its version-locked chromedriver.
+	command -v chromedriver >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium chromium-driver; }
 	@if $(PY) -m pip list 2>/dev/null | grep -iE '^(nvidia|triton)'; then \
 		echo "CUDA packages were installed; check constraints.txt" >&2; exit 1; fi
 	touch $@

@@ -193,6 +193,40 @@ def forget(root: Annotated[Path, typer.Argument(help="A root given to 'clipgrep 
     render.note(f"forgot {os.path.abspath(root)} ({removed} rows removed)")
 
 
+@app.command("ui")
+@handle_errors
+def ui(
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1; 0 picks a free one.")] = 0,
+    model: ModelOption = None,
+    no_browser: Annotated[bool, typer.Option("--no-browser", help="Only print the address.")] = False,
+    host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback shows your photos to "
+                                           "your network (the token still guards them).")] = "127.0.0.1",
+) -> None:
+    """Browse and search the index in a local web page (needs the ui extra: pip install 'clipgrep[ui]').
+
+    \b
+    Examples:
+      clipgrep ui
+      clipgrep ui --port 8765 --no-browser
+    """
+    from .models import load_model
+    from .paths import snapshot_dir
+    from .snapshot import read_snapshot
+
+    try:
+        from .ui.server import is_loopback, serve
+    except ImportError as e:
+        raise ClipgrepError(f"clipgrep ui needs the ui extra ({e.name} is missing)",
+                            "pip install 'clipgrep[ui]'") from None
+    if not is_loopback(host):
+        render.note(f"warning: listening on {host}: other machines can reach this page (the token still guards it)")
+    bundle = load_model(model, auto_install=False)
+    if read_snapshot(snapshot_dir(bundle.bundle_id)) is None:
+        raise ClipgrepError(f"nothing is indexed with model {bundle.name} yet", "run: clipgrep index DIR")
+    serve(bundle, snapshot_dir(bundle.bundle_id), host=host, port=port, open_browser=not no_browser,
+          on_ready=lambda url: render.note(f"serving the page at {url} (Ctrl-C stops it)"))
+
+
 class Precision(str, Enum):
     int8 = "int8"
     fp32 = "fp32"
