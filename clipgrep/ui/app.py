@@ -150,6 +150,7 @@ def create_app(encoder: QueryEncoder, snapshot_dir: Path, token: str, *, thumbna
         Route("/folders", folders),
         Route("/upload", upload, methods=["POST"]),
         Route("/reveal/{row_id:int}", reveal_folder, methods=["POST"]),
+        Route("/favicon.ico", lambda http: Response(status_code=204)),  # browsers ask; none is needed
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     return Guard(Starlette(routes=routes), token, allowed_hosts)
