@@ -81,6 +81,8 @@ def index(
                                                      show_default="on a terminal")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List skipped files and why.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the run's report as JSON on stdout.")] = False,
+    thumbnails: Annotated[bool, typer.Option("--thumbnails", help=(
+        "Also make the thumbnails that 'clipgrep ui' and --preview show."))] = False,
 ) -> None:
     """Index images under ROOTS, or update the index: only new, changed, moved and deleted files cost work.
 
@@ -108,6 +110,15 @@ def index(
     if json_output:
         render.index_report_json(report)
     render.index_summary(report, verbose)
+    if thumbnails:
+        from .paths import snapshot_dir
+        from .snapshot import read_snapshot
+        from .thumbnails import GRID_SIDE, ThumbnailCache
+
+        snap = read_snapshot(snapshot_dir(bundle.bundle_id))
+        files = [] if snap is None else zip(snap.paths, snap.sizes.tolist(), snap.mtimes_ns.tolist())
+        ready, failed = ThumbnailCache().fill(files, GRID_SIDE, workers)
+        render.note(f"{ready} thumbnails ready" + (f", {failed} could not be made" if failed else ""))
 
 
 class PreviewProtocol(str, Enum):
@@ -202,7 +213,7 @@ def ui(
     host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback shows your photos to "
                                            "your network (the token still guards them).")] = "127.0.0.1",
 ) -> None:
-    """Browse and search the index in a local web page (needs the ui extra: pip install 'clipgrep[ui]').
+    """Browse and search the index in a local web page (needs the extra named ui, see the README).
 
     \b
     Examples:

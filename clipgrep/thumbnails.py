@@ -17,12 +17,15 @@ import hashlib
 import io
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from PIL import Image
 
+# The web page's grid size, and what `clipgrep index --thumbnails` makes.
+GRID_SIDE = 256
 # Bump when the pipeline below changes what a thumbnail looks like: old entries are then ignored.
 THUMB_VERSION = 1
 WEBP_QUALITY = 80
@@ -64,6 +67,24 @@ class ThumbnailCache:
         if _version(path) == version:  # the file did not change while we decoded it
             _write_atomically(entry, data)
         return data
+
+    def fill(self, files: Iterable[tuple[str, int, int]], side: int, workers: int | None = None) -> tuple[int, int]:
+        """Make the missing thumbnails of (path, size, mtime_ns) files; returns (ready, failed).
+
+        Threads suffice: Pillow decodes and encodes with the GIL released.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(file: tuple[str, int, int]) -> bool:
+            try:
+                self.webp(file[0], side, expect=(file[1], file[2]))
+                return True
+            except Exception:  # noqa: BLE001  (changed, gone or undecodable: the page shows it without)
+                return False
+
+        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+            done = list(pool.map(one, files))
+        return sum(done), len(done) - sum(done)
 
     def image(self, path: str, side: int) -> Image.Image:
         """The cached thumbnail as a PIL image (for terminal previews)."""

@@ -85,3 +85,26 @@ def test_transparency_is_kept(tmp_path: Path) -> None:
     Image.new("RGBA", (50, 50), (255, 0, 0, 0)).save(path)
     im = Image.open(io.BytesIO(ThumbnailCache(tmp_path / "cache").webp(str(path), 32)))
     assert im.mode == "RGBA" and im.getpixel((5, 5))[3] == 0
+
+
+def test_index_thumbnails_fills_the_cache_for_the_page(tmp_path: Path, clipgrep_home: Path) -> None:
+    from typer.testing import CliRunner
+
+    from clipgrep.cli import app
+    from clipgrep.models import add_model
+    from clipgrep.thumbnails import GRID_SIDE
+
+    from .factories import make_contract_bundle
+
+    add_model("tiny", checkpoint=make_contract_bundle(tmp_path / "bundle"))
+    photos = [_jpeg(tmp_path / "pics" / f"{c}.jpg", (300, 200), c) for c in ("red", "green", "blue")
+              if (tmp_path / "pics").mkdir(exist_ok=True) is None]
+    result = CliRunner().invoke(app, ["index", str(tmp_path / "pics"), "--model", "tiny", "--thumbnails",
+                                      "--workers", "0"])
+    assert result.exit_code == 0, result.stderr
+    assert "3 thumbnails ready" in result.stderr
+    cache = ThumbnailCache()
+    assert cache.directory == clipgrep_home / "cache" / "thumbs"
+    for photo in photos:
+        st = os.stat(photo)
+        assert cache.entry(str(photo), st.st_size, st.st_mtime_ns, GRID_SIDE).exists()

@@ -30,14 +30,13 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ClipgrepError
-from ..thumbnails import StaleFile, ThumbnailCache
+from ..thumbnails import GRID_SIDE, StaleFile, ThumbnailCache
 from .library import PAGE, Library, Request, Tile
 
 if TYPE_CHECKING:
     from ..search import QueryEncoder
 
 HERE = Path(__file__).parent
-THUMB_SIDE = 256
 LARGE_SIDE = 1600
 MAX_UPLOAD = 50_000_000
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
@@ -144,7 +143,7 @@ def create_app(encoder: QueryEncoder, snapshot_dir: Path, token: str, *, thumbna
     routes = [
         Route("/", page),
         Route("/results", results),
-        Route("/thumb/{row_id:int}", lambda http: picture(http, THUMB_SIDE)),
+        Route("/thumb/{row_id:int}", lambda http: picture(http, GRID_SIDE)),
         Route("/image/{row_id:int}", lambda http: picture(http, LARGE_SIDE)),
         Route("/view/{row_id:int}", view),
         Route("/folders", folders),
