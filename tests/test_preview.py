@@ -166,10 +166,11 @@ def test_grid_layout_fills_the_terminal_width(tmp_path: Path) -> None:
     hits = photos(tmp_path, 5)
     screen = Screen("blocks", rows=8, columns=54, cell_px=(10, 20))  # box 16 columns + gap 2: 3 per row
     lines = render_previews(hits, screen, grid=True, cache=ThumbnailCache(tmp_path / "c")).decode().split("\n")
-    labels = [line for line in lines if "p0" in line or "p3" in line]
+    labels = [line for line in lines if "." in line and "\u2580" not in line]
     cell = "{:<16}  "  # each label under its 16-column picture, 2 columns apart
-    assert labels == [(cell * 2 + "{}").format("1.000 p0.png", "0.900 p1.png", "0.800 p2.png"),
-                      (cell + "{}").format("0.700 p3.png", "0.600 p4.png")]
+    assert labels == [(cell * 2 + "{}").format("1.0000", "0.9000", "0.8000"),
+                      (cell * 2 + "{}").format("p0.png", "p1.png", "p2.png"),
+                      (cell + "{}").format("0.7000", "0.6000"), (cell + "{}").format("p3.png", "p4.png")]
     assert sum("\u2580" in line for line in lines) == 2 * 6  # 2 grid rows x 6 text rows (60x40 fits 16x11 px)
 
 
@@ -225,3 +226,13 @@ def test_preview_inside_tmux_uses_passthrough(indexed: Path) -> None:  # noqa: F
                             {"TERM": "tmux-256color", "TMUX": "/tmp/tmux-0/default,1,0", "TERM_PROGRAM": "tmux",
                              "LC_TERMINAL": "iTerm2"})
     assert out.count(b"\x1bPtmux;\x1b\x1b]1337;File=") == 1
+
+
+def test_graphics_grid_puts_score_and_name_under_each_picture(tmp_path: Path) -> None:
+    hits = photos(tmp_path, 3)
+    screen = Screen("iterm", rows=3, columns=20, cell_px=(10, 20))  # box 6 + gap 2: 2 per row
+    out = render_previews(hits, screen, grid=True, cache=ThumbnailCache(tmp_path / "c")).decode()
+    rows = out.split("\n" * 5)  # each grid row reserves 3 picture rows + 2 label rows
+    assert len(rows) == 3 and out.count(ESC + "]1337;File=") == 3
+    assert ESC + "8" + ESC + "[3B" + ESC + "[8C0.9000" in rows[1]  # second cell: 8 columns right
+    assert ESC + "8" + ESC + "[4B" + ESC + "[8Cp1.png" in rows[1]

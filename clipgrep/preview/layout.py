@@ -34,10 +34,9 @@ class Item:
         """List mode: the score and the whole path (cut at the front when too long)."""
         return safe_text(f"{self.score:.4f}  {self.path}", width)
 
-    def short_label(self, width: int) -> str:
-        """Grid mode: the score and as much of the file name as fits under the picture."""
-        score = f"{self.score:.3f}"
-        return (score + " " + safe_text(os.path.basename(self.path), width - len(score) - 1))[:width]
+    def short_labels(self, width: int) -> tuple[str, str]:
+        """Grid mode: the score, and under it as much of the file name as fits under the picture."""
+        return f"{self.score:.4f}"[:width], safe_text(os.path.basename(self.path), width)
 
 
 @dataclass(frozen=True)
@@ -72,14 +71,15 @@ def _row(items: Sequence[Item], screen: Screen, labels_below: bool) -> str:
     cell = screen.box_cols + GAP
     if screen.protocol == "blocks":
         return _blocks_row(items, screen, labels_below)
-    height = screen.rows + (1 if labels_below else 0)
+    height = screen.rows + (2 if labels_below else 0)
     out = ["\n" * height, f"{ESC}[{height}A", SAVE]
     for n, item in enumerate(items):
         x = n * cell
         if item.image is not None:
             out += [RESTORE, _right(x), _picture(item.image, screen)]
         if labels_below:
-            out += [RESTORE, f"{ESC}[{screen.rows}B", _right(x), item.short_label(screen.box_cols)]
+            for line, text in enumerate(item.short_labels(screen.box_cols)):
+                out += [RESTORE, f"{ESC}[{screen.rows + line}B", _right(x), text]
         else:
             out += [RESTORE, _right(cell), item.label(max(1, screen.columns - cell))]
     out += [RESTORE, f"{ESC}[{height}B\r"]
@@ -128,7 +128,8 @@ def _blocks_row(items: Sequence[Item], screen: Screen, labels_below: bool) -> st
         columns.append(lines + [" " * width] * (screen.rows - len(lines)))
     text = [(" " * GAP).join(column[y] for column in columns) for y in range(screen.rows)]
     if labels_below:
-        text.append((" " * GAP).join(item.short_label(width).ljust(width) for item in items).rstrip())
+        for line in range(2):
+            text.append((" " * GAP).join(item.short_labels(width)[line].ljust(width) for item in items).rstrip())
     else:
         text[0] += " " * GAP + items[0].label(max(1, screen.columns - width - GAP))
     return "\n".join(text) + "\n"
