@@ -97,9 +97,9 @@ def make_thumbnail(path: str, side: int) -> Image.Image:
     """Decode ``path`` at reduced size, apply its EXIF orientation, fit it in side x side, as RGB(A)."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as im:
-        im.draft("RGB", (side, side))  # JPEG: decode at the smallest 1/2^k scale still >= side
-        im = ImageOps.exif_transpose(im)
+    with Image.open(path) as source:
+        source.draft("RGB", (side, side))  # JPEG: decode at the smallest 1/2^k scale still >= side
+        im = ImageOps.exif_transpose(source)
         im.thumbnail((side, side), Image.Resampling.LANCZOS, reducing_gap=2.0)
         return im.convert("RGBA" if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info else "RGB")
 

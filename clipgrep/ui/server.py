@@ -7,7 +7,7 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,7 +21,7 @@ class ResidentEncoder:
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle
         self._text = bundle.text_encoder(batch_size=8)
-        self._image = None
+        self._image: Any = None  # embed.onnx.ImageEncoder, made on the first dropped picture
         self._lock = threading.Lock()
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
