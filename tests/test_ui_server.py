@@ -20,6 +20,7 @@ from clipgrep.ui import cookie_name, create_app
 from clipgrep.ui.library import parse_web_query
 
 from .fakes import FakeQueryEncoder
+from .test_search import indexed  # noqa: F401  (fixture: a tree indexed under the model 'tiny')
 from .ui_support import TOKEN, index_photos, make_photos, row_id
 
 BASE = "http://127.0.0.1:8765"
@@ -268,3 +269,30 @@ def test_ui_without_the_extra_names_it_in_one_line(monkeypatch: pytest.MonkeyPat
     result = CliRunner().invoke(app, ["ui", "--no-browser"])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert "pip install 'clipgrep[ui]'" in result.stderr
+
+
+def test_clipgrep_ui_serves_the_index_on_loopback(indexed: Path) -> None:  # noqa: F811
+    """The real command: model loaded once, URL with a token on stderr, 127.0.0.1 only."""
+    import subprocess
+
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "clipgrep", "ui", "--no-browser", "--model", "tiny"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        url = re.search(r"(http://127\.0\.0\.1:\d+/\?token=\S+)", line)
+        assert url, line
+        with httpx.Client(follow_redirects=True) as http:
+            page = http.get(url.group(1))
+            assert page.status_code == 200 and str(page.url).endswith("/")
+            html = http.get(str(page.url), params={"q": str(indexed / "blue.png")}).text  # its stored vector
+            assert tile_names(html)[0] == "blue.png"
+            assert http.get(str(page.url), params={"q": "a red bicycle"}).status_code == 200  # the real text model
+            assert http.get(str(page.url), cookies={}).status_code == 200
+        with httpx.Client() as stranger:
+            assert stranger.get(str(page.url)).status_code == 403
+    finally:
+        proc.terminate()
+        proc.wait(10)
