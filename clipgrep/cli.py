@@ -111,13 +111,9 @@ def index(
         render.index_report_json(report)
     render.index_summary(report, verbose)
     if thumbnails:
-        from .paths import snapshot_dir
-        from .snapshot import read_snapshot
-        from .thumbnails import GRID_SIDE, ThumbnailCache
+        from .thumbnails import make_index_thumbnails
 
-        snap = read_snapshot(snapshot_dir(bundle.bundle_id))
-        files = [] if snap is None else zip(snap.paths, snap.sizes.tolist(), snap.mtimes_ns.tolist())
-        ready, failed = ThumbnailCache().fill(files, GRID_SIDE, workers)
+        ready, failed = make_index_thumbnails(bundle.bundle_id, workers)
         render.note(f"{ready} thumbnails ready" + (f", {failed} could not be made" if failed else ""))
 
 
@@ -213,7 +209,7 @@ def ui(
     host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback shows your photos to "
                                            "your network (the token still guards them).")] = "127.0.0.1",
 ) -> None:
-    """Browse and search the index in a local web page (needs the extra named ui, see the README).
+    """Browse and search the index in a local web page (needs the ui extra, see the README).
 
     \b
     Examples:
