@@ -236,6 +236,8 @@ def test_dropped_picture_searches_by_its_content(client: TestClient) -> None:
     assert tile_names(client.get(response.text).text)[0] == "leaf.jpg"
     bad = client.post("/upload", content=b"not a picture", headers={"HX-Request": "true"})
     assert bad.status_code == 422 and "cannot read" in bad.text
+    too_big = client.post("/upload", content=b"\0" * 50_000_001, headers={"HX-Request": "true"})
+    assert too_big.status_code == 413
 
 
 def test_row_ids_survive_a_new_snapshot(client: TestClient, library, tmp_path: Path) -> None:

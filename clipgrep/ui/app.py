@@ -121,8 +121,14 @@ def create_app(encoder: QueryEncoder, snapshot_dir: Path, token: str, *, thumbna
         return HTMLResponse(render("folders.html", folders=names))
 
     async def upload(http: HttpRequest) -> Response:
-        data = await http.body()
-        if not data or len(data) > MAX_UPLOAD:
+        chunks, size = [], 0
+        async for chunk in http.stream():  # stop reading at the limit rather than buffer any size
+            size += len(chunk)
+            if size > MAX_UPLOAD:
+                return PlainTextResponse("send one picture of at most 50 MB", status_code=413)
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        if not data:
             return PlainTextResponse("send one picture of at most 50 MB", status_code=413)
         from starlette.concurrency import run_in_threadpool
 
