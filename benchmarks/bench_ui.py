@@ -35,9 +35,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import bench_runtime as rt  # this script's directory is sys.path[0]
 import numpy as np
 
-import bench_runtime as rt  # this script's directory is sys.path[0]
 from clipgrep.paths import HOME_ENV, snapshot_dir
 from clipgrep.snapshot import write_snapshot
 
@@ -112,9 +112,9 @@ def first_page(client, base: str) -> tuple[float, int]:
 
 
 def rss_kib(pid: int) -> tuple[int, int]:
-    status = Path(f"/proc/{pid}/status").read_text()
-    get = lambda key: int(re.search(rf"^{key}:\s+(\d+) kB", status, re.M).group(1))  # noqa: E731
-    return get("VmRSS"), get("VmHWM")
+    """The process's resident memory now and at its peak (KiB), from /proc (Linux)."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(status["VmRSS"].split()[0]), int(status["VmHWM"].split()[0])
 
 
 def on_a_terminal(args: list[str], home: Path) -> float:
