@@ -78,8 +78,16 @@ def browser() -> Iterator[webdriver.Chrome]:
     driver.quit()
 
 
-def wait(driver, condition, timeout: float = 15):
-    return WebDriverWait(driver, timeout).until(lambda d: condition(d))
+def wait(driver, condition, timeout: float = 30):
+    """Wait for ``condition``; on timeout, say where the browser was and what it showed."""
+    from selenium.common.exceptions import TimeoutException
+
+    try:
+        return WebDriverWait(driver, timeout).until(lambda d: condition(d))
+    except TimeoutException:
+        body = driver.execute_script("return document.body ? document.body.innerText : ''")[:600]
+        raise AssertionError(f"timed out at {driver.current_url}; the page showed: {body!r}; "
+                             f"console: {driver.get_log('browser')}") from None
 
 
 def names(driver) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from clipgrep.snapshot import write_snapshot
@@ -53,7 +52,3 @@ def row_id(path: str) -> int:
     from clipgrep.store import path_key
 
     return path_key(path)
-
-
-def unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v)

@@ -1,6 +1,6 @@
 """The web page as a Starlette app: ``create_app(encoder, snapshot_dir, token)``; tests mount it in-process.
 
-Security, for a server of someone's private photos (see README, "A web page"):
+Security, for a server of someone's private photos (README, "Seeing what you found"):
 every request must carry the page's cookie (set from the one-time ``?token=`` URL, then the
 URL is cleaned by a redirect); the Host header must be a loopback name (DNS rebinding);
 URLs carry index row ids, never paths; POSTs also need htmx's custom header, which a
@@ -30,6 +30,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ClipgrepError
+from ..render import human_bytes
 from ..thumbnails import GRID_SIDE, StaleFile, ThumbnailCache
 from .library import PAGE, Library, Request, Tile
 
@@ -58,47 +59,43 @@ def create_app(encoder: QueryEncoder, snapshot_dir: Path, token: str, *, thumbna
     library = Library(snapshot_dir, encoder)
     cache = thumbnails or ThumbnailCache()
     templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True))
-    templates.filters["human_bytes"] = _human_bytes
+    templates.filters["human_bytes"] = human_bytes
     templates.filters["date"] = lambda ns: time.strftime("%Y-%m-%d %H:%M", time.localtime(ns / 1e9))
     open_folder = reveal or _reveal_in_file_manager
 
     def render(name: str, **context: Any) -> str:
         return templates.get_template(name).render(**context)
 
-    def grid(request: Request) -> tuple[str, str]:
-        """The tiles of one page of results, and a message if the query failed."""
+    def grid(request: Request) -> str:
+        """One page of tiles (with the trigger that loads the next), or the message of a failed query."""
         try:
             tiles = library.page(request, page_size)
         except ClipgrepError as e:
-            return render("grid.html", tiles=[], error=e.message, hint=e.hint), ""
+            return render("grid.html", tiles=[], error=e.message, hint=e.hint)
         more = _page_url("/results", request, offset=request.offset + page_size) if len(tiles) == page_size else ""
-        return render("grid.html", tiles=tiles, next_url=more, first=request.offset == 0, request=request), more
+        return render("grid.html", tiles=tiles, next_url=more, first=request.offset == 0, request=request)
 
     def page(http: HttpRequest) -> Response:
         request = _parse(http)
-        body, _ = grid(request)
-        return HTMLResponse(render("page.html", request=request, grid=body), headers={"cache-control": "no-store"})
+        return HTMLResponse(render("page.html", request=request, grid=grid(request)),
+                            headers={"cache-control": "no-store"})
 
     def results(http: HttpRequest) -> Response:
         request = _parse(http)
-        body, _ = grid(request)
         headers = {"cache-control": "no-store"}
         if request.offset == 0:  # the address bar follows the search box: every search is bookmarkable
             headers["hx-push-url"] = _page_url("/", request)
-        return HTMLResponse(body, headers=headers)
+        return HTMLResponse(grid(request), headers=headers)
 
-    def tile_or_404(http: HttpRequest) -> Tile:
-        tile = library.tile(int(http.path_params["row_id"]))
-        if tile is None:
-            raise _NotServed("not in the index (it was removed or re-indexed)")
-        return tile
+    def indexed(http: HttpRequest) -> Tile | None:
+        return library.tile(int(http.path_params["row_id"]))
 
     def picture(http: HttpRequest, side: int) -> Response:
+        tile = indexed(http)
+        if tile is None:
+            return _not_in_index()
         try:
-            tile = tile_or_404(http)
             data = cache.webp(tile.path, side, expect=(tile.size, tile.mtime_ns))
-        except _NotServed as e:
-            return PlainTextResponse(str(e), status_code=404)
         except FileNotFoundError:
             return PlainTextResponse("the file was deleted since it was indexed", status_code=404)
         except StaleFile:
@@ -109,10 +106,9 @@ def create_app(encoder: QueryEncoder, snapshot_dir: Path, token: str, *, thumbna
                         headers={"cache-control": "private, max-age=31536000, immutable"})
 
     def view(http: HttpRequest) -> Response:
-        try:
-            tile = tile_or_404(http)
-        except _NotServed as e:
-            return PlainTextResponse(str(e), status_code=404)
+        tile = indexed(http)
+        if tile is None:
+            return _not_in_index()
         return HTMLResponse(render("view.html", tile=tile), headers={"cache-control": "no-store"})
 
     def folders(http: HttpRequest) -> Response:
@@ -139,10 +135,9 @@ def create_app(encoder: QueryEncoder, snapshot_dir: Path, token: str, *, thumbna
         return PlainTextResponse(_page_url("/", Request(upload=upload_id)))
 
     def reveal_folder(http: HttpRequest) -> Response:
-        try:
-            tile = tile_or_404(http)
-        except _NotServed as e:
-            return PlainTextResponse(str(e), status_code=404)
+        tile = indexed(http)
+        if tile is None:
+            return _not_in_index()
         open_folder(os.path.dirname(tile.path))
         return Response(status_code=204)
 
@@ -159,10 +154,6 @@ def create_app(encoder: QueryEncoder, snapshot_dir: Path, token: str, *, thumbna
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     return Guard(Starlette(routes=routes), token, allowed_hosts)
-
-
-class _NotServed(Exception):
-    pass
 
 
 def cookie_name(token: str) -> str:
@@ -243,12 +234,6 @@ def _page_url(path: str, request: Request, offset: int = 0) -> str:
     return path + ("?" + query if query else "")
 
 
-def _human_bytes(n: int) -> str:
-    from ..render import human_bytes
-
-    return human_bytes(n)
-
-
 def _reveal_in_file_manager(folder: str) -> None:
     opener = {"darwin": ["open"], "win32": ["explorer"]}.get(sys.platform, ["xdg-open"])
     try:
@@ -256,3 +241,7 @@ def _reveal_in_file_manager(folder: str) -> None:
     except OSError:
         pass
 
+
+
+def _not_in_index() -> Response:
+    return PlainTextResponse("not in the index (it was removed or re-indexed)", status_code=404)
