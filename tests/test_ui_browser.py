@@ -95,6 +95,11 @@ def names(driver) -> list[str]:
     return driver.execute_script("return Array.from(document.querySelectorAll('a.tile .name'), e => e.textContent)")
 
 
+def text(driver, css: str) -> str:
+    """An element's text, read in one script (htmx may swap the element between two reads)."""
+    return driver.execute_script("const e = document.querySelector(arguments[0]); return e ? e.textContent : ''", css)
+
+
 def loaded_images(driver) -> int:
     return driver.execute_script(
         "return Array.from(document.querySelectorAll('a.tile img')).filter(i => i.complete && i.naturalWidth > 0).length")
@@ -126,10 +131,10 @@ def test_the_page_end_to_end(server, browser, tmp_path: Path) -> None:
     wait(browser, lambda d: d.execute_script("return document.getElementById('viewer').open"))
     wait(browser, lambda d: d.execute_script(
         "const i = document.querySelector('#viewer img'); return i && i.complete && i.naturalWidth > 0"))
-    assert "apple.jpg" in browser.find_element(By.CSS_SELECTOR, "#viewer .path").text
+    assert "apple.jpg" in text(browser, "#viewer .path")
     shot(browser, tmp_path, "large-view")
     browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_RIGHT)
-    wait(browser, lambda d: "cherry.png" in d.find_element(By.CSS_SELECTOR, "#viewer .path").text)
+    wait(browser, lambda d: "cherry.png" in text(d, "#viewer .path"))
 
     # More like this: a search by the picture's stored vector.
     browser.find_element(By.ID, "more-like").click()
