@@ -108,7 +108,13 @@ def make_thumbnail(path: str, side: int) -> Image.Image:
     """Decode ``path`` at reduced size, apply its EXIF orientation, fit it in side x side, as RGB(A)."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as source:
+    from .embed.formats import open_image
+    from .index.regular_file import open_regular
+
+    # The indexer's own way in: only regular files (a FIFO named like a photo never hangs the page),
+    # only the formats clipgrep decodes (never a plugin that runs a program), HEIC via pillow-heif.
+    file, _ = open_regular(path)
+    with file, open_image(file) as source:
         source.draft("RGB", (side, side))  # JPEG: decode at the smallest 1/2^k scale still >= side
         im = ImageOps.exif_transpose(source)
         im.thumbnail((side, side), Image.Resampling.LANCZOS, reducing_gap=2.0)

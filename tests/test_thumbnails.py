@@ -108,3 +108,20 @@ def test_index_thumbnails_fills_the_cache_for_the_page(tmp_path: Path, clipgrep_
     for photo in photos:
         st = os.stat(photo)
         assert cache.entry(str(photo), st.st_size, st.st_mtime_ns, GRID_SIDE).exists()
+
+
+def test_thumbnails_open_only_regular_files_in_supported_formats(tmp_path: Path) -> None:
+    """The page serves indexed rows, but the file behind a row can be swapped: the thumbnailer opens
+    files the way the indexer does (no FIFO hang, no EPS handed to Ghostscript)."""
+    from clipgrep.embed.formats import UnsupportedImageFormat
+    from clipgrep.index.regular_file import NotRegularFile
+    from clipgrep.thumbnails import make_thumbnail
+
+    eps = tmp_path / "holiday.jpg"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(UnsupportedImageFormat):
+        make_thumbnail(str(eps), 64)
+    fifo = tmp_path / "pipe.jpg"  # after the EPS: Pillow's own open blocks on a FIFO for ever
+    os.mkfifo(fifo)
+    with pytest.raises(NotRegularFile):
+        make_thumbnail(str(fifo), 64)
