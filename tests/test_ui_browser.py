@@ -68,7 +68,9 @@ def browser() -> Iterator[webdriver.Chrome]:
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900",
+    # 480 px high: the first page (two rows of tiles) overflows it, so the "loading more" sentinel is
+    # below the fold and only a scroll loads the next page (at 900 px it loaded at once, racing the test).
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,480",
                 "--disable-gpu"):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -110,6 +112,8 @@ def test_the_page_end_to_end(server, browser, tmp_path: Path) -> None:
     # The token URL is swapped for a cookie; the address bar no longer holds it.
     browser.get(f"{url}/?token={TOKEN}")
     wait(browser, lambda d: len(names(d)) == PAGE_SIZE)
+    time.sleep(1)  # nothing more arrives unless the page is scrolled
+    assert len(names(browser)) == PAGE_SIZE
     assert "token" not in browser.current_url
     assert names(browser)[0] == "caf\\xe9.png"  # the library, newest first, before any query
 
