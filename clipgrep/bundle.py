@@ -31,7 +31,9 @@ MANIFEST = "manifest.json"
 VERIFIED_STAMP = ".verified.json"
 
 PRECISIONS = ("fp32", "int8")
-TOKENIZER_KINDS = ("clip-bpe",)
+# clip-bpe: clipgrep's own torch-free CLIP tokenizer; hf-tokenizers: an export's tokenizer.json run
+# through Hugging Face ``tokenizers`` (imported models: XLM-R, NLLB, SigLIP... see embed/hf_tokenizer.py).
+TOKENIZER_KINDS = ("clip-bpe", "hf-tokenizers")
 _REQUIRED = ("name", "bundle_id", "embed_dim", "precision", "preprocess", "tokenizer", "encoders", "files")
 
 
@@ -42,6 +44,11 @@ class EncoderSpec:
     file: str
     input: str
     output: str
+    # Imported exports (clipgrep.imports) may differ from clipgrep's own: int32 ids,
+    # an attention-mask input, a batch dimension fixed at 1.
+    input_dtype: str | None = None
+    mask_input: str | None = None
+    batch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -49,8 +56,8 @@ class TokenizerSpec:
     kind: str
     file: str
     context_length: int
-    sot_id: int
-    eot_id: int
+    sot_id: int | None = None
+    eot_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,21 @@ class Bundle:
     @property
     def tokenizer(self) -> TokenizerSpec:
         t = self.manifest["tokenizer"]
-        return TokenizerSpec(t["kind"], t["file"], t["context_length"], t["sot_id"], t["eot_id"])
+        return TokenizerSpec(t["kind"], t["file"], t["context_length"], t.get("sot_id"), t.get("eot_id"))
+
+    @property
+    def image_id(self) -> str:
+        """Hash of what makes image vectors: image encoder file, its tensors, preprocessing, dims.
+
+        Two bundles with the same image tower (a text-only model swap, e.g. an
+        M-CLIP text tower aligned to the same image tower) share it, so their
+        image vectors are interchangeable.
+        """
+        spec = self.manifest["encoders"]["image"]
+        identity = {"embed_dim": self.embed_dim, "preprocess": self.preprocess_config,
+                    "encoder": {**spec, "file": self.manifest["files"][spec["file"]]["sha256"]}}
+        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     @property
     def image(self) -> EncoderSpec:
@@ -150,6 +171,7 @@ def write_manifest(directory: Path, fields: dict[str, Any]) -> dict[str, Any]:
     are derived here so a writer cannot get them wrong.
     """
     names = [spec["file"] for spec in fields["encoders"].values()] + [fields["tokenizer"]["file"]]
+    names += fields.get("extra_files", [])  # e.g. an encoder's external weights (model.onnx_data)
     files = {}
     for name in sorted(set(names)):
         path = directory / name

@@ -189,22 +189,29 @@ def models_add(
     precision: Annotated[Precision, typer.Option(help="int8 is ~2x faster on CPU; fp32 is exact.")] = Precision.int8,
     random_init: Annotated[bool, typer.Option("--random-init", help="Random weights (for benchmarks and tests).")] = False,
     replace: Annotated[bool, typer.Option("--replace", help="Replace a model already installed under NAME.")] = False,
+    from_source: Annotated[Optional[str], typer.Option(
+        "--from", help="A published ONNX export (no torch needed): Hugging Face repo (immich-app/...) or local dir.")
+    ] = None,
+    revision: Annotated[Optional[str], typer.Option(help="With --from REPO: branch, tag or commit.")] = None,
 ) -> None:
-    """Convert an open_clip model into a bundle and install it as NAME.
+    """Install a model as NAME: import a published ONNX export, or convert an open_clip model.
 
     \b
     Examples:
+      clipgrep models add b32 --from immich-app/ViT-B-32__laion2b_s34b_b79k
+      clipgrep models add xlmr --from ./XLM-Roberta-Large-Vit-B-32
       clipgrep models add b32 --arch ViT-B-32 --pretrained laion2b_s34b_b79k
       clipgrep models add b32 --arch ViT-B-32 --checkpoint open_clip_model.safetensors
       clipgrep models add mine --checkpoint ./my-bundle
     """
     from .models import add_model
 
-    with render.step_progress(f"adding {name}", ("load model", "export ONNX", "quantize", "check parity",
-                                                 "install")) as on_progress:
+    steps = ("download", "read export", "quantize", "check parity", "install") if from_source else \
+        ("load model", "export ONNX", "quantize", "check parity", "install")
+    with render.step_progress(f"adding {name}", steps) as on_progress:
         bundle = add_model(name, arch=arch, pretrained=pretrained, checkpoint=checkpoint,
                            precision=precision.value, random_init=random_init, replace=replace,
-                           on_progress=on_progress)
+                           from_source=from_source, revision=revision, on_progress=on_progress)
     render.note(f"installed {bundle.name} ({bundle.precision}, {render.human_bytes(bundle.size_bytes())}) "
                 f"at {bundle.path}")
 

@@ -88,12 +88,13 @@ def load_model(name: str | None = None, *, auto_install: bool = True,
 
 def add_model(name: str, *, arch: str | None = None, pretrained: str | None = None,
               checkpoint: str | os.PathLike[str] | None = None, precision: str = "int8",
-              random_init: bool = False, replace: bool = False,
-              on_progress: Progress | None = None) -> Bundle:
+              random_init: bool = False, replace: bool = False, from_source: str | None = None,
+              revision: str | None = None, on_progress: Progress | None = None) -> Bundle:
     """Install a model as ``name``: convert an open_clip model, or copy a bundle directory.
 
     ``checkpoint`` may be a weights file, a local open_clip dir (what ``compress``
-    writes) or an existing bundle directory (installed by copy).
+    writes) or an existing bundle directory (installed by copy). ``from_source``
+    imports a published ONNX export (a hub repo or a local directory) without torch.
 
     >>> add_model("b32", arch="ViT-B-32", checkpoint="open_clip_model.safetensors")  # doctest: +SKIP
     """
@@ -107,7 +108,12 @@ def add_model(name: str, *, arch: str | None = None, pretrained: str | None = No
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{name}.new-", dir=dest.parent) as tmp:
         staged = Path(tmp) / name
-        if source_path is not None and (source_path / MANIFEST).is_file():
+        if from_source is not None:
+            from .imports import import_export
+
+            import_export(from_source, staged, name=name, precision=precision, revision=revision,
+                          on_progress=on_progress)
+        elif source_path is not None and (source_path / MANIFEST).is_file():
             _copy_bundle(source_path, staged, name)
         else:
             from .convert.pipeline import convert_model
