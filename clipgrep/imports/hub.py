@@ -27,6 +27,10 @@ class Download:
     verified: bool  # False only when taken from the local cache without reaching the hub
 
 
+REQUIRED_FILES = ("config.json", "visual/model.onnx", "visual/preprocess_cfg.json", "textual/model.onnx",
+                  "textual/tokenizer.json", "textual/tokenizer_config.json")
+
+
 def _offline_hint(repo: str) -> str:
     return (f"download it where the hub is reachable (hf download {repo} --local-dir DIR), copy DIR here "
             f"and run: clipgrep models add NAME --from DIR")
@@ -56,8 +60,7 @@ def download(repo: str, revision: str | None = None) -> Download:
                             _offline_hint(repo)) from None
     siblings = {s.rfilename: s for s in info.siblings or []}
     files = wanted_files(list(siblings))
-    missing = [f for f in ("config.json", "visual/model.onnx", "visual/preprocess_cfg.json", "textual/model.onnx",
-                           "textual/tokenizer.json", "textual/tokenizer_config.json") if f not in siblings]
+    missing = [f for f in REQUIRED_FILES if f not in siblings]
     if missing:
         raise ClipgrepError(f"{repo} is not an export in Immich's layout: it has no {', '.join(missing)}",
                             "pick a model from: clipgrep models available")
@@ -72,16 +75,20 @@ def download(repo: str, revision: str | None = None) -> Download:
 
 
 def _from_cache(repo: str, revision: str | None) -> Download | None:
-    """A complete earlier download of ``repo`` in the hub cache, or None (used when the hub cannot be reached)."""
-    import huggingface_hub
+    """A complete earlier download of ``repo`` in the hub cache, or None (used when the hub cannot be reached).
 
-    try:
-        root = Path(huggingface_hub.snapshot_download(repo, revision=revision, local_files_only=True))
-    except Exception:
-        return None
-    if not (root / "visual" / "model.onnx").is_file() or not (root / "textual" / "model.onnx").is_file():
-        return None
-    return Download(root, repo, root.name, verified=False)
+    Downloads are pinned to a commit, which leaves no branch ref in the cache, so
+    without a ``revision`` the newest cached snapshot is taken.
+    """
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "snapshots"
+    candidates = [snapshots / revision] if revision else \
+        sorted(snapshots.glob("*"), key=lambda p: p.stat().st_mtime, reverse=True) if snapshots.is_dir() else []
+    for root in candidates:
+        if all((root / f).is_file() for f in REQUIRED_FILES):
+            return Download(root, repo, root.name, verified=False)
+    return None
 
 
 def _verify(root: Path, name: str, sibling: Any, repo: str) -> None:
