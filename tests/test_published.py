@@ -74,14 +74,17 @@ def test_immich_export_embeds_like_open_clip(tiny_export: dict[str, Any], precis
     from clipgrep.models import add_model
 
     bundle = add_model(f"imm-{precision}", from_source=str(tiny_export["root"]), precision=precision)
-    image_ref, text_ref, ids_ref = _open_clip_embeddings(tiny_export["model"], tiny_export["cfg"], PLAIN_TEXTS)
+    # A CLIP BPE tokenizer.json runs on clipgrep's own tokenizer, so every string matches open_clip.
+    assert bundle.manifest["tokenizer"]["kind"] == "clip-bpe"
+    # Literal special tokens are open_clip's spelling (<end_of_text>) there, HF's (<|endoftext|>) here.
+    texts = [t for t in SAMPLE_TEXTS + MULTILINGUAL if "_of_text>" not in t]
+    image_ref, text_ref, ids_ref = _open_clip_embeddings(tiny_export["model"], tiny_export["cfg"], texts)
     images = bundle.image_encoder(draft=False).encode_files(io.BytesIO(d) for d in sample_images().values())
-    texts = bundle.text_encoder().encode(PLAIN_TEXTS)
     assert _cos(images, image_ref).min() >= THRESHOLD[precision]
-    assert _cos(texts, text_ref).min() >= THRESHOLD[precision]
+    assert _cos(bundle.text_encoder().encode(texts), text_ref).min() >= THRESHOLD[precision]
     # Token ids: open_clip pads with 0, Immich's exports with the pad token (<|endoftext|>); the
     # causal text tower never looks past the first end-of-text, so only the padding differs.
-    ours = bundle.text_encoder().tokenize(PLAIN_TEXTS)
+    ours = bundle.text_encoder().tokenize(texts)
     real = ids_ref != 0
     assert np.array_equal(ours[real], ids_ref[real])
     assert (ours[~real] == 49407).all()
@@ -90,6 +93,27 @@ def test_immich_export_embeds_like_open_clip(tiny_export: dict[str, Any], precis
     assert parity["image"]["min_cos"] >= THRESHOLD[precision] and parity["text"]["min_cos"] >= THRESHOLD[precision]
     assert bundle.manifest["encoders"]["text"] == {"file": "text.onnx", "input": "text", "output": "embedding",
                                                    "input_dtype": "int32", "batch": 1}
+
+
+def test_clip_tokenizer_json_that_disagrees_runs_through_tokenizers(tiny_export: dict[str, Any],
+                                                                     tmp_path: Path) -> None:
+    """A CLIP-like tokenizer.json whose ids differ from clipgrep's CLIP tokenizer is run as it is."""
+    import shutil
+
+    from clipgrep.models import add_model
+
+    root = tmp_path / "edited"
+    shutil.copytree(tiny_export["root"], root)
+    path = root / "textual" / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    vocab["dog</w>"], vocab["cat</w>"] = vocab["cat</w>"], vocab["dog</w>"]
+    path.write_text(json.dumps(data))
+    bundle = add_model("edited", from_source=str(root), precision="fp32")
+    assert bundle.manifest["tokenizer"]["kind"] == "hf-tokenizers"
+    cat, dog = bundle.text_encoder().tokenize(["cat", "dog"])[:, 1]
+    assert (cat, dog) == (vocab["cat</w>"], vocab["dog</w>"])
+    assert bundle.manifest["parity"]["token_ids_identical"]
 
 
 def test_manifest_records_source_and_every_file_hash(tiny_export: dict[str, Any]) -> None:

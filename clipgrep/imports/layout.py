@@ -74,8 +74,16 @@ class PublishedExport:
     embed_dim: int
     preprocess: PreprocessConfig
     tokenizer_path: Path
-    tokenizer: dict[str, Any]  # the bundle manifest's tokenizer settings, without "file"
+    tokenizer: dict[str, Any]  # the bundle manifest's tokenizer settings (hf-tokenizers), without "file"
     model_config: dict[str, Any]
+    # For a CLIP BPE tokenizer.json: the merges and settings of clipgrep's own (faster) tokenizer.
+    clip_bpe: ClipBpe | None = None
+
+
+@dataclass(frozen=True)
+class ClipBpe:
+    merges: list[str]
+    settings: dict[str, Any]  # the manifest's clip-bpe tokenizer settings, without "file"
 
 
 def _bad(root: Path, what: str) -> ClipgrepError:
@@ -136,7 +144,31 @@ def read_export(root: Path, *, source_name: str = "") -> PublishedExport:
         "clean": "canonicalize" if kwargs.get("clean") == "canonicalize" else "whitespace",
         "language_prefix": "flores200" if is_nllb else None,
     }
-    return PublishedExport(LAYOUT_IMMICH, root, image, text, embed_dim, preprocess, tokenizer_path, tokenizer, config)
+    return PublishedExport(LAYOUT_IMMICH, root, image, text, embed_dim, preprocess, tokenizer_path, tokenizer, config,
+                           clip_bpe(tokenizer_path, tokenizer))
+
+
+def clip_bpe(tokenizer_path: Path, settings: dict[str, Any]) -> ClipBpe | None:
+    """clipgrep's CLIP tokenizer settings when ``tokenizer.json`` is OpenAI's CLIP BPE, else None.
+
+    Whether the two really give the same ids is checked when the bundle is built.
+    """
+    from ..embed.tokenizer import MERGE_COUNT
+
+    try:
+        data = json.loads(tokenizer_path.read_text(encoding="utf-8"))
+        model = data["model"]
+        vocab, merges = model["vocab"], model["merges"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    sot, eot = vocab.get("<|startoftext|>"), vocab.get("<|endoftext|>")
+    if model.get("type") != "BPE" or sot is None or eot is None or len(merges) < MERGE_COUNT \
+            or settings["clean"] != "whitespace" or settings["language_prefix"]:
+        return None
+    lines = [m if isinstance(m, str) else " ".join(m) for m in merges[:MERGE_COUNT]]
+    return ClipBpe(lines, {"kind": "clip-bpe", "context_length": settings["context_length"], "sot_id": sot,
+                           "eot_id": eot, "pad_id": vocab.get(settings["pad_token"], 0), "clean": "lower",
+                           "special_texts": ["<|startoftext|>", "<|endoftext|>"]})
 
 
 def inspect_graph(path: Path) -> TowerGraph:
