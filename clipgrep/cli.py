@@ -235,6 +235,24 @@ def models_list(
                     "or add one with: clipgrep models add NAME --arch ARCH --pretrained TAG")
 
 
+@models_app.command("available")
+@handle_errors
+def models_available(
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """List the published models clipgrep can fetch: languages, sizes, speed, licence, quality."""
+    from .catalogue import CATALOGUE
+    from .models import default_model_name
+    from .paths import models_dir
+
+    installed = {p.name for p in models_dir().iterdir()} if models_dir().is_dir() else set()
+    if json_output:
+        for entry in CATALOGUE:
+            render.json_line({**entry.to_dict(), "installed": entry.name in installed})
+    else:
+        render.catalogue_table(CATALOGUE, installed, default_model_name())
+
+
 @models_app.command("info")
 @handle_errors
 def models_info(

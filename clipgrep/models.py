@@ -19,10 +19,9 @@ from .paths import models_dir
 
 # ViT-B-32 trained on LAION-2B (laion2b_s34b_b79k): the most widely used open
 # CLIP weights, the same architecture as the paper's teacher, and the fastest
-# strong CPU choice here (50 image tokens; int8 indexes ~85 img/s on 2 cores).
+# strong CPU choice here (50 image tokens). Fetched as Immich's published ONNX
+# export and quantised here, without torch (clipgrep.catalogue.DEFAULT).
 DEFAULT_MODEL = "vit-b-32"
-DEFAULT_ARCH = "ViT-B-32"
-DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 MODEL_ENV = "CLIPGREP_MODEL"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -80,7 +79,7 @@ def load_model(name: str | None = None, *, auto_install: bool = True,
     if (path / MANIFEST).exists():
         return load_bundle(path)
     if name == DEFAULT_MODEL and auto_install:
-        return add_model(DEFAULT_MODEL, arch=DEFAULT_ARCH, pretrained=DEFAULT_PRETRAINED, on_progress=on_progress)
+        return add_model(DEFAULT_MODEL, on_progress=on_progress)
     raise ModelNotFound(f"no model named {name!r} is installed",
                         f"add it with: clipgrep models add {name} --arch ARCH --pretrained TAG, "
                         "or pick one from: clipgrep models list")
@@ -94,7 +93,8 @@ def add_model(name: str, *, arch: str | None = None, pretrained: str | None = No
 
     ``checkpoint`` may be a weights file, a local open_clip dir (what ``compress``
     writes) or an existing bundle directory (installed by copy). ``from_source``
-    imports a published ONNX export (a hub repo or a local directory) without torch.
+    imports a published ONNX export (a hub repo or a local directory) without torch;
+    with no source at all, ``name`` must be in the catalogue (``models available``).
 
     >>> add_model("b32", arch="ViT-B-32", checkpoint="open_clip_model.safetensors")  # doctest: +SKIP
     """
@@ -104,6 +104,10 @@ def add_model(name: str, *, arch: str | None = None, pretrained: str | None = No
                             f"pass --replace, or remove it first: clipgrep models remove {name}")
     if precision not in ("int8", "fp32"):
         raise ClipgrepError(f"unknown precision {precision!r}", "use int8 or fp32")
+    if from_source is None and arch is None and checkpoint is None and not random_init:
+        from .catalogue import entry
+
+        from_source = entry(name).repo
     source_path = Path(checkpoint).expanduser() if checkpoint is not None else None
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{name}.new-", dir=dest.parent) as tmp:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .bundle import Bundle
+    from .catalogue import CatalogueEntry
     from .errors import ClipgrepError
     from .index.build import IndexProgress, IndexReport
     from .models import ModelEntry
@@ -62,6 +63,29 @@ def models_table(entries: Sequence[ModelEntry], default: str) -> None:
                      str(provenance.get("arch", "?")), str(provenance.get("weights", "?"))))
     for line in _columns(rows):
         print(line)
+
+
+def catalogue_table(entries: Sequence[CatalogueEntry], installed: set[str], default: str) -> None:
+    """``models available``: one row per catalogue model; sources of the figures below the table."""
+    rows = [("NAME", "LANGUAGES", "DIM", "DOWNLOAD", "INT8", "IMG/S", "MS/QUERY", "LICENCE", "QUALITY")]
+    for e in entries:
+        speed = e.speed or {}
+        mark = (" *" if e.name == default else "") + (" (installed)" if e.name in installed else "")
+        rows.append((e.name + mark, e.languages, str(e.embed_dim), _mb(e.download_mb), _mb(e.int8_mb),
+                     _num(speed.get("img_per_s_batch16")), _num(speed.get("ms_per_query")), e.licence,
+                     e.quality or "-"))
+    for line in _columns(rows):
+        print(line)
+    sources = sorted({s for e in entries for s in (e.quality_source, (e.speed or {}).get("source")) if s})
+    note("* default; figures from: " + "; ".join(sources) + "; add one with: clipgrep models add NAME")
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} MB"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
 
 
 def model_summary(entry: ModelEntry) -> dict[str, Any]:

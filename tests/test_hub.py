@@ -143,3 +143,32 @@ def test_offline_with_a_cached_download_installs_from_the_cache(export_dir: Path
     assert result.returncode == 0, result.stderr
     provenance = _manifest(clipgrep_home, "cached")["provenance"]
     assert provenance["revision"] == COMMIT and provenance["hub_hashes_verified"] is False
+
+
+def test_default_model_is_fetched_and_offline_says_to_use_from_dir(tmp_path: Path, clipgrep_home: Path) -> None:
+    """The default model comes from the catalogue's hub repo; offline, one line says what to do instead."""
+    from clipgrep.catalogue import DEFAULT
+
+    (tmp_path / "pics").mkdir()
+    result = subprocess.run([sys.executable, "-m", "clipgrep", "index", str(tmp_path / "pics")],
+                            capture_output=True, text=True, check=False, timeout=120,
+                            env={**os.environ, "CLIPGREP_HOME": str(clipgrep_home), "HF_HOME": str(tmp_path / "hf"),
+                                 "HF_ENDPOINT": _closed_port_url(), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    (line,) = _error_lines(result)
+    assert f"cannot download {DEFAULT.repo}" in line and "clipgrep models add NAME --from DIR" in line
+
+
+def test_catalogue_name_alone_fetches_its_repo(export_dir: Path, tmp_path: Path, clipgrep_home: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipgrep.catalogue import find
+
+    entry = find("vit-b-32-openai")
+    assert entry is not None
+    with running(FakeHub(entry.repo, export_dir)) as hub:
+        result = subprocess.run([sys.executable, "-m", "clipgrep", "models", "add", entry.name],
+                                capture_output=True, text=True, check=False, timeout=300,
+                                env={**os.environ, "CLIPGREP_HOME": str(clipgrep_home),
+                                     "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": hub.url})
+    assert result.returncode == 0, result.stderr
+    assert _manifest(clipgrep_home, entry.name)["provenance"]["repo"] == entry.repo

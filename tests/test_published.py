@@ -260,3 +260,45 @@ def test_cli_add_from_dir_and_search_path(tiny_export: dict[str, Any]) -> None:
     info = subprocess.run([sys.executable, "-m", "clipgrep", "models", "info", "cli-imm", "--json"],
                           capture_output=True, text=True)
     assert json.loads(info.stdout)["provenance"]["layout"] == "immich"
+
+
+def test_multilingual_index_and_search_never_import_torch(mclip_export: dict[str, Any], tmp_path: Path,
+                                                         clipgrep_home: Path) -> None:
+    """With an imported multilingual model, `index` and `search "chat noir..."` work and load no torch."""
+    from PIL import Image
+
+    from clipgrep.models import add_model
+
+    from .test_imports import TRAINING, imported_modules
+
+    add_model("multi", from_source=str(mclip_export["root"]), precision="fp32")
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for i, colour in enumerate(["red", "black", "white"]):
+        Image.new("RGB", (80, 60), colour).save(pics / f"{i}.jpg")
+    for argv in (["index", str(pics), "--model", "multi"], ["search", "chat noir sur un canapé", "--model", "multi"],
+                 ["search", "黒い猫", "--model", "multi", "--json"]):
+        loaded = imported_modules(["-m", "clipgrep", *argv], env={"CLIPGREP_HOME": str(clipgrep_home)})
+        assert loaded.isdisjoint(TRAINING), (argv, sorted(loaded & set(TRAINING)))
+    result = subprocess.run([sys.executable, "-m", "clipgrep", "search", "黒い猫", "--model", "multi", "--paths"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == 3
+
+
+def test_models_available_lists_the_catalogue(clipgrep_home: Path) -> None:
+    from clipgrep.catalogue import CATALOGUE, DEFAULT
+
+    result = subprocess.run([sys.executable, "-m", "clipgrep", "models", "available", "--json"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["name"] for r in rows] == [e.name for e in CATALOGUE]
+    for row in rows:
+        assert {"repo", "languages", "embed_dim", "download_mb", "int8_mb", "quality", "quality_source", "licence",
+                "speed", "installed"} <= set(row)
+        assert row["quality"] is None or row["quality_source"]
+    assert DEFAULT.licence.startswith(("MIT", "Apache")) and DEFAULT.name == "vit-b-32"
+    assert any(r["languages"] != "en" for r in rows)
+    table = subprocess.run([sys.executable, "-m", "clipgrep", "models", "available"], capture_output=True, text=True,
+                           check=False)
+    assert "vit-b-32 *" in table.stdout and "nllb-clip-base-siglip" in table.stdout

@@ -41,4 +41,7 @@ def import_export(source: str, staging: Path, *, name: str, precision: str = "in
                             "e.g. --from immich-app/ViT-B-32__openai, or --from ./ViT-B-32__openai")
     step("read export")
     export = read_export(root, source_name=source.rstrip("/"))
+    # Immich names its repos ARCH__WEIGHTS (ViT-B-32__openai); `models list` shows the two.
+    arch, _, weights = Path(source.rstrip("/")).name.partition("__")
+    provenance = {"arch": arch, "weights": weights or "-", **provenance}
     build_bundle(export, staging, name=name, precision=precision, provenance=provenance, on_progress=step)

@@ -19,6 +19,9 @@ one Hugging Face repo per model (``immich-app/ViT-B-32__openai``...)::
 
 Both graphs are traced with batch 1 and *no* dynamic axes (``dynamic_axes`` is
 commented out in the exporter) and their outputs are already L2-normalised.
+The tracer bakes that batch size into Reshape/Expand constants: marking the
+input's batch axis symbolic was tried and onnxruntime then fails in the class
+embedding Add and the attention Reshapes, so such graphs run row by row.
 Tensor names, dtypes and batch dims are read from the graphs themselves, not
 assumed, so a re-export with dynamic axes is run batched.
 """
