@@ -93,6 +93,15 @@ class Bundle:
         return TokenizerSpec(t["kind"], t["file"], t["context_length"], t.get("sot_id"), t.get("eot_id"))
 
     @property
+    def index_id(self) -> str:
+        """The key of this model's image index (tables, snapshots, run state): its ``image_id``.
+
+        Keyed by the image tower, not the whole bundle, so that a model that only
+        swaps the text tower searches the existing index without re-indexing.
+        """
+        return self.image_id
+
+    @property
     def image_id(self) -> str:
         """Hash of what makes image vectors: image encoder file, its tensors, preprocessing, dims.
 

@@ -187,4 +187,4 @@ def _indexed_bundle(model: str | None) -> Bundle:
 def _snapshot_path(bundle: Bundle) -> Path:
     from .paths import snapshot_dir
 
-    return snapshot_dir(bundle.bundle_id)
+    return snapshot_dir(bundle.index_id)

@@ -35,12 +35,12 @@ def index_status(model: str | None = None) -> dict[str, Any]:
         info["rows"] = 0
         info["note"] = f"model {name} is not installed yet; clipgrep index adds it"
         return info
-    snapshot = read_snapshot(snapshot_dir(bundle.bundle_id))
-    run = last_run(directory, bundle.bundle_id) or {}
+    snapshot = read_snapshot(snapshot_dir(bundle.index_id))
+    run = last_run(directory, bundle.index_id) or {}
     info.update({
         "bundle_id": bundle.bundle_id,
         "rows": len(snapshot) if snapshot is not None else 0,
-        "skipped": len(load_skipped(directory, bundle.bundle_id)),
+        "skipped": len(load_skipped(directory, bundle.index_id)),
         "disk_bytes": _disk_bytes(directory) if directory.exists() else 0,
         "last_run": run.get("finished", "never"),
         # Recorded by the last index run, so status need not load LanceDB (~1 s).

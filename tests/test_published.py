@@ -203,13 +203,33 @@ def test_mclip_export_with_sentencepiece_tokenizer(mclip_export: dict[str, Any],
     assert (spec["input"], spec["mask_input"], spec["input_dtype"]) == ("input_ids", "attention_mask", "int32")
 
 
-def test_text_only_swap_shares_the_image_id(tiny_export: dict[str, Any], mclip_export: dict[str, Any]) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_text_only_swap_reuses_the_index(tiny_export: dict[str, Any], mclip_export: dict[str, Any], tmp_path: Path,
+                                         clipgrep_home: Path, precision: str) -> None:
+    """Two models with the same published image tower share one index: the second one needs no re-index."""
+    from PIL import Image
+
     from clipgrep.models import add_model
 
-    clip = add_model("clip32", from_source=str(tiny_export["root"]), precision="fp32")
-    mclip = add_model("mclip32", from_source=str(mclip_export["root"]), precision="fp32")
+    clip = add_model("clip32", from_source=str(tiny_export["root"]), precision=precision)
+    mclip = add_model("mclip32", from_source=str(mclip_export["root"]), precision=precision)
     assert clip.bundle_id != mclip.bundle_id
     assert clip.image_id == mclip.image_id
+    if precision == "int8":  # quantised once: the second model reuses the first one's image.onnx
+        assert mclip.manifest["quantization"]["image"]["reused_from"] == "clip32"
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for i, colour in enumerate(["red", "black"]):
+        Image.new("RGB", (64, 48), colour).save(pics / f"{i}.png")
+
+    def clipgrep(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "clipgrep", *argv], capture_output=True, text=True, check=False)
+
+    assert clipgrep("index", str(pics), "--model", "clip32").returncode == 0
+    found = clipgrep("search", "chat noir", "--model", "mclip32", "--paths")
+    assert found.returncode == 0 and len(found.stdout.splitlines()) == 2, found.stderr
+    status = clipgrep("status", "--model", "mclip32", "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["rows"] == 2
 
 
 def test_nllb_language_prefix(tiny_export: dict[str, Any], tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ def build_bundle(export: PublishedExport, staging: Path, *, name: str, precision
     }
     if precision == "int8":
         step("quantize")
-        fields["quantization"] = _quantize(export, staging)
+        fields["quantization"] = _quantize(export, staging, shared_image_tower(export, fields))
     else:
         fields["extra_files"] = _copy_fp32(export.image.path, staging / "image.onnx") + \
             _copy_fp32(export.text.path, staging / "text.onnx")
@@ -135,13 +135,37 @@ def _timing_feeds(graph: TowerGraph, export: PublishedExport) -> dict[str, np.nd
     return feeds
 
 
-def _quantize(export: PublishedExport, staging: Path) -> dict[str, Any]:
+def shared_image_tower(export: PublishedExport, fields: dict[str, Any]) -> Any:
+    """An installed int8 bundle quantised from the very same published image graph, or None.
+
+    Its image.onnx is reused as is: quantisation picks variants by timing, so
+    quantising again could give other bytes, and the two bundles would no longer
+    share an ``image_id`` (and an index: a text-only swap, e.g. M-CLIP's text
+    towers for OpenAI's ViT-B/32, needs no re-indexing).
+    """
+    from ..models import list_models
+
+    source = fields["provenance"]["source_files"].get("visual/model.onnx")
+    for entry in list_models():
+        bundle = entry.bundle
+        if bundle is not None and bundle.precision == "int8" and \
+                bundle.manifest.get("provenance", {}).get("source_files", {}).get("visual/model.onnx") == source and \
+                bundle.manifest["encoders"]["image"] == fields["encoders"]["image"] and \
+                (bundle.preprocess_config, bundle.embed_dim) == (fields["preprocess"], fields["embed_dim"]):
+            return bundle
+    return None
+
+
+def _quantize(export: PublishedExport, staging: Path, shared: Any) -> dict[str, Any]:
     from ..convert.quantize import quantize_tower
 
-    return {
-        "image": quantize_tower(export.image.path, staging / "image.onnx", _timing_feeds(export.image, export)),
-        "text": quantize_tower(export.text.path, staging / "text.onnx", _timing_feeds(export.text, export)),
-    }
+    if shared is not None:
+        shutil.copyfile(shared.file(shared.image.file), staging / "image.onnx")
+        image = {**shared.manifest["quantization"]["image"], "reused_from": shared.name}
+    else:
+        image = quantize_tower(export.image.path, staging / "image.onnx", _timing_feeds(export.image, export))
+    return {"image": image,
+            "text": quantize_tower(export.text.path, staging / "text.onnx", _timing_feeds(export.text, export))}
 
 
 # --- the gate -----------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
                                         "'clipgrep forget ROOT' drops them") for root in missing]
         save_roots(directory, remembered_roots(directory) + root_list)
         report.seconds = round(time.time() - started, 3)
-        record_run(directory, bundle.bundle_id, {
+        record_run(directory, bundle.index_id, {
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": report.seconds, "rows": report.rows,
             "added": report.added, "updated": report.updated, "removed": report.removed,
             "reused": report.reused, "skipped": report.skipped_total})
@@ -140,8 +140,8 @@ class _Run:
         self.progress = IndexProgress()
         self.on_progress = on_progress
         self.report = IndexReport(roots=roots)
-        self.snapshot_path = snapshot_dir(bundle.bundle_id)
-        self.dirty_marker = self.snapshot_path.parent / f"{bundle.bundle_id}.{DIRTY}"
+        self.snapshot_path = snapshot_dir(bundle.index_id)
+        self.dirty_marker = self.snapshot_path.parent / f"{bundle.index_id}.{DIRTY}"
 
     def _tick(self, **changes: object) -> None:
         for key, value in changes.items():
@@ -156,7 +156,7 @@ class _Run:
         self.report.scanned = len(result.files)
         self.report.scan_problems = [(p.path, p.reason) for p in result.problems]
         self._tick(phase="planning", scanned=len(result.files))
-        skipped = load_skipped(self.directory, self.bundle.bundle_id)
+        skipped = load_skipped(self.directory, self.bundle.index_id)
         # Skip notes of files deleted or excluded since: they were never stored, so no plan removes them.
         present = {e.path for e in result.files} if skipped else set()
         vanished = [p for p in skipped if p not in present and under_roots(p, self.roots)]
@@ -166,7 +166,7 @@ class _Run:
             del skipped[path]
         from ..store import IndexStore
 
-        store = IndexStore(self.directory, self.bundle.bundle_id, self.bundle.embed_dim)
+        store = IndexStore(self.directory, self.bundle.index_id, self.bundle.embed_dim)
         store.cleanup_orphans()
         stored = store.files()
         plan = make_plan(result.files, stored, self.roots)
@@ -337,18 +337,18 @@ class _Run:
                 self.report.updated += 1
             else:
                 self.report.added += 1
-        save_skipped(self.directory, self.bundle.bundle_id, skipped)
+        save_skipped(self.directory, self.bundle.index_id, skipped)
 
     def _finish(self, store: IndexStore, skipped: dict[str, Skipped]) -> None:
         from ..snapshot import write_snapshot
 
         self._tick(phase="finishing")
-        save_skipped(self.directory, self.bundle.bundle_id, skipped)
+        save_skipped(self.directory, self.bundle.index_id, skipped)
         # Index first: maintain() then folds the newest rows into it and prunes old versions.
         self.report.vector_index = store.ensure_vector_index(self.options.vector_index_min_rows)
         store.maintain()
         rows = store.snapshot_rows()
-        write_snapshot(self.snapshot_path, *rows, meta={"bundle_id": self.bundle.bundle_id,
+        write_snapshot(self.snapshot_path, *rows, meta={"bundle_id": self.bundle.index_id,
                                                          "embed_dim": self.bundle.embed_dim,
                                                          "table_version": store.version(),
                                                          "vector_index": self.report.vector_index})
