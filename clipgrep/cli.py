@@ -198,7 +198,8 @@ def models_add(
 
     \b
     Examples:
-      clipgrep models add b32 --from immich-app/ViT-B-32__laion2b_s34b_b79k
+      clipgrep models add nllb-clip-base-siglip          (a name from: clipgrep models available)
+      clipgrep models add b32 --from immich-app/ViT-B-32__laion2b-s34b-b79k
       clipgrep models add xlmr --from ./XLM-Roberta-Large-Vit-B-32
       clipgrep models add b32 --arch ViT-B-32 --pretrained laion2b_s34b_b79k
       clipgrep models add b32 --arch ViT-B-32 --checkpoint open_clip_model.safetensors
