@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,7 +100,6 @@ def test_immich_export_embeds_like_open_clip(tiny_export: dict[str, Any], precis
 def test_clip_tokenizer_json_that_disagrees_runs_through_tokenizers(tiny_export: dict[str, Any],
                                                                      tmp_path: Path) -> None:
     """A CLIP-like tokenizer.json whose ids differ from clipgrep's CLIP tokenizer is run as it is."""
-    import shutil
 
     from clipgrep.models import add_model
 
@@ -142,7 +143,7 @@ def test_import_runs_without_torch(tiny_export: dict[str, Any], tmp_path: Path) 
         "assert not any(m in sys.modules and sys.modules[m] for m in ('torch', 'open_clip'))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env={**__import__("os").environ, "CLIPGREP_HOME": str(tmp_path)})
+                            check=False, env={**os.environ, "CLIPGREP_HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.strip()) >= 0.995
 
@@ -238,8 +239,6 @@ def test_nllb_language_prefix(tiny_export: dict[str, Any], tmp_path: Path) -> No
     from clipgrep.imports.layout import read_export
 
     root = tmp_path / "nllb-clip-tiny"
-    import shutil
-
     shutil.copytree(tiny_export["root"], root)
     config = json.loads((root / "config.json").read_text())
     config["text_cfg"]["hf_tokenizer_name"] = "facebook/nllb-200-distilled-600M"
@@ -260,7 +259,6 @@ def test_nllb_language_prefix(tiny_export: dict[str, Any], tmp_path: Path) -> No
 ])
 def test_incomplete_export_is_refused_with_one_line(tiny_export: dict[str, Any], tmp_path: Path, remove: str,
                                                     message: str) -> None:
-    import shutil
 
     from clipgrep.models import add_model, model_path
 
@@ -275,10 +273,10 @@ def test_incomplete_export_is_refused_with_one_line(tiny_export: dict[str, Any],
 
 def test_cli_add_from_dir_and_search_path(tiny_export: dict[str, Any]) -> None:
     result = subprocess.run([sys.executable, "-m", "clipgrep", "models", "add", "cli-imm", "--from",
-                             str(tiny_export["root"])], capture_output=True, text=True)
+                             str(tiny_export["root"])], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     info = subprocess.run([sys.executable, "-m", "clipgrep", "models", "info", "cli-imm", "--json"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert json.loads(info.stdout)["provenance"]["layout"] == "immich"
 
 

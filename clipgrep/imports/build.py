@@ -176,7 +176,6 @@ def measure_parity(export: PublishedExport, staging: Path) -> dict[str, Any]:
     from ..convert.parity_samples import SAMPLE_TEXTS, sample_images
     from ..embed.onnx import _LazySession
     from ..embed.preprocess import load_image
-
     from ..embed.tokenizer import clean_lower
 
     bundle = load_bundle(staging, verify="full")
