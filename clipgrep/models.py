@@ -81,8 +81,8 @@ def load_model(name: str | None = None, *, auto_install: bool = True,
     if name == DEFAULT_MODEL and auto_install:
         return add_model(DEFAULT_MODEL, on_progress=on_progress)
     raise ModelNotFound(f"no model named {name!r} is installed",
-                        f"add it with: clipgrep models add {name} --arch ARCH --pretrained TAG, "
-                        "or pick one from: clipgrep models list")
+                        f"add it with: clipgrep models add {name} --from OWNER/REPO (see: clipgrep models "
+                        "available), or pick one from: clipgrep models list")
 
 
 def add_model(name: str, *, arch: str | None = None, pretrained: str | None = None,

@@ -207,11 +207,7 @@ class TextEncoder:
         else:
             from .tokenizer import ClipTokenizer
 
-            extra = {k: v for k, v in bundle.manifest["tokenizer"].items() if k in ("pad_id", "special_texts")}
-            if "special_texts" in extra:
-                extra["special_texts"] = tuple(extra["special_texts"])
-            self.tokenizer = ClipTokenizer.from_file(bundle.file(tok.file), context_length=tok.context_length,
-                                                     sot_id=tok.sot_id or 49406, eot_id=tok.eot_id or 49407, **extra)
+            self.tokenizer = ClipTokenizer.from_spec(bundle.file(tok.file), bundle.manifest["tokenizer"])
         self.language = language
         self.batch_size = batch_size
         self.embed_dim = bundle.embed_dim

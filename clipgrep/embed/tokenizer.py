@@ -19,6 +19,7 @@ import zlib
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -138,6 +139,13 @@ class ClipTokenizer:
             raise BundleError(f"{path} is not a CLIP BPE vocabulary", "re-install the model: clipgrep models add ...")
         return cls(merges, context_length=context_length, sot_id=sot_id, eot_id=eot_id, pad_id=pad_id,
                    special_texts=special_texts)
+
+    @classmethod
+    def from_spec(cls, path: str | Path, spec: dict[str, Any]) -> ClipTokenizer:
+        """Load as a bundle manifest's ``tokenizer`` settings say."""
+        return cls.from_file(path, context_length=spec["context_length"], sot_id=spec["sot_id"],
+                             eot_id=spec["eot_id"], pad_id=spec.get("pad_id", 0),
+                             special_texts=tuple(spec.get("special_texts", (SOT_TEXT, EOT_TEXT))))
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Token ids as int64 ``[len(texts), context_length]``; a lone string counts as one text."""

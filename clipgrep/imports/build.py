@@ -78,12 +78,9 @@ def install_tokenizer(export: PublishedExport, staging: Path) -> dict[str, Any]:
     if export.clip_bpe is not None:
         path = staging / VOCAB_FILENAME
         write_clip_vocab(path, export.clip_bpe.merges)
-        settings = export.clip_bpe.settings
-        ours = ClipTokenizer.from_file(path, context_length=settings["context_length"], sot_id=settings["sot_id"],
-                                       eot_id=settings["eot_id"], pad_id=settings["pad_id"],
-                                       special_texts=tuple(settings["special_texts"])).encode(SAMPLE_TEXTS)
+        ours = ClipTokenizer.from_spec(path, export.clip_bpe.settings).encode(SAMPLE_TEXTS)
         if np.array_equal(ours, reference_token_ids(export, [clean_lower(t) for t in SAMPLE_TEXTS])[0]):
-            return {**settings, "file": VOCAB_FILENAME}
+            return {**export.clip_bpe.settings, "file": VOCAB_FILENAME}
         path.unlink()
     shutil.copyfile(export.tokenizer_path, staging / TOKENIZER_FILE)
     return {**export.tokenizer, "file": TOKENIZER_FILE}
