@@ -233,7 +233,7 @@ def models_list(
         render.models_table(entries, default_model_name())
     else:
         render.note("no models installed; the default model is added on first use, "
-                    "or add one from: clipgrep models available")
+                    "or add one with: clipgrep models add NAME (see: clipgrep models available)")
 
 
 @models_app.command("available")
