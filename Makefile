@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test test-base golden bench bench-compress completions-check clean
+.PHONY: test golden bench bench-compress completions-check clean
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
@@ -18,16 +18,6 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@if $(PY) -m pip list 2>/dev/null | grep -iE '^(nvidia|triton)'; then \
 		echo "CUDA packages were installed; check constraints.txt" >&2; exit 1; fi
 	touch $@
-
-# The runtime alone, as `pip install clipgrep` gives it (no torch, open_clip or torchvision):
-# the tests that need no conversion must pass, and none of those three may be installed.
-BASE_VENV ?= .venv-base
-test-base:
-	$(PYTHON) -m venv $(BASE_VENV)
-	$(BASE_VENV)/bin/python -m pip install -q -c constraints.txt '.[test]'
-	@if $(BASE_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|torchvision|open.clip)'; then \
-		echo "the base install pulled in torch or open_clip" >&2; exit 1; fi
-	$(BASE_VENV)/bin/python -m pytest -q -m "not convert"
 
 # Rewrite every golden file (help, output formats, token ids, completions/) from the current output; review the diff.
 golden: $(VENV)/.installed
