@@ -63,7 +63,7 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
         "nllb-clip-base-siglip", "immich-app/nllb-clip-base-siglip__v1", "multilingual (NLLB-200 languages)", 768,
         "CC-BY-NC-4.0 (NLLB; non-commercial)",
         "Crossmodal-3600 image retrieval R@1 50.7 % (mean over 36 languages)", OPEN_CLIP_MULTILINGUAL,
-        note="SigLIP image tower, NLLB-200 text encoder"),
+        note="SigLIP image tower, NLLB-200 text encoder; search --lang LANG adds the language prefix"),
 )
 DEFAULT = CATALOGUE[0]
 

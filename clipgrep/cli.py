@@ -126,6 +126,8 @@ def search(
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per result.")] = False,
     null: Annotated[bool, typer.Option("--null", "-0", help="End results with NUL instead of newline (xargs -0).")]
     = False,
+    lang: Annotated[Optional[str], typer.Option(
+        "--lang", help="Query language (fr, ja...) for models that take one (NLLB); others ignore it.")] = None,
 ) -> None:
     """Search the index: prints 'score<TAB>path' lines, best first. Exit 0 with results, 1 without, 2 on error.
 
@@ -140,7 +142,7 @@ def search(
     if paths and json_output:
         raise ClipgrepError("--paths and --json exclude each other", "pick one output format")
     hits = run_search(query, add=add or (), sub=sub or (), model=model, k=top, threshold=threshold,
-                      under=str(under) if under else None)
+                      under=str(under) if under else None, language=lang)
     render.hits(hits, "json" if json_output else "paths" if paths else "scores", null)
     if not hits:
         raise typer.Exit(EXIT_NO_MATCH)

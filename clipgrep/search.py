@@ -52,11 +52,13 @@ class QueryEncoder(Protocol):
 class BundleQueryEncoder:
     """Encodes queries with a bundle, creating only the sessions a query needs."""
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, language: str | None = None) -> None:
         self.bundle = bundle
+        self.language = language
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        return self.bundle.text_encoder(batch_size=len(texts) or 1).encode(list(texts))
+        encoder = self.bundle.text_encoder(batch_size=len(texts) or 1, language=self.language)
+        return encoder.encode(list(texts))
 
     def encode_images(self, paths: Sequence[Path]) -> np.ndarray:
         return self.bundle.image_encoder().encode_files(list(paths))
@@ -151,8 +153,11 @@ def resolve_under(directory: str) -> str:
 
 def search(queries: Sequence[str], *, add: Sequence[str] = (), sub: Sequence[str] = (), model: str | None = None,
            k: int | None = 10, threshold: float | None = None, under: str | None = None,
-           encoder: QueryEncoder | None = None) -> list[Hit]:
+           encoder: QueryEncoder | None = None, language: str | None = None) -> list[Hit]:
     """Rank indexed images against a query; best first.
+
+    ``language`` (``fr``, ``ja``...) is the text queries' language, for models
+    whose tokenizer takes one (NLLB); others ignore it.
 
     >>> for hit in search(["a red bicycle at night"], k=5):  # doctest: +SKIP
     ...     print(f"{hit.score:.3f}\\t{hit.path}")
@@ -167,7 +172,7 @@ def search(queries: Sequence[str], *, add: Sequence[str] = (), sub: Sequence[str
     if snapshot.vectors.shape[1] != bundle.embed_dim:
         raise ClipgrepError("the index does not match the model", f"rebuild it: clipgrep index --model {bundle.name}")
     terms = parse_query(queries, add, sub)
-    vector = query_vector(terms, encoder or BundleQueryEncoder(bundle), snapshot)
+    vector = query_vector(terms, encoder or BundleQueryEncoder(bundle, language), snapshot)
     return rank(snapshot, vector, k=k, threshold=threshold, under=resolve_under(under) if under else None)
 
 

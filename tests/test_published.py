@@ -250,6 +250,27 @@ def test_nllb_language_prefix(tiny_export: dict[str, Any], tmp_path: Path) -> No
     assert np.array_equal(with_prefix, tok.encode(["fra_Latnblack cat"])[0])
     assert not np.array_equal(with_prefix, tok.encode(["black cat"])[0])
 
+    # ...and `clipgrep search --lang` passes the language down.
+    from PIL import Image
+
+    from clipgrep.models import add_model
+
+    add_model("nllb", from_source=str(root), precision="fp32")
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    Image.new("RGB", (64, 48), "black").save(pics / "cat.png")
+
+    def score(*extra: str) -> float:
+        run = subprocess.run([sys.executable, "-m", "clipgrep", *extra], capture_output=True, text=True, check=False)
+        assert run.returncode == 0, run.stderr
+        return float(run.stdout.split("\t")[0]) if run.stdout else 0.0
+
+    score("index", str(pics), "--model", "nllb")
+    assert score("search", "black cat", "--model", "nllb", "--lang", "fr") != \
+        score("search", "black cat", "--model", "nllb")
+    assert score("search", "black cat", "--model", "nllb", "--lang", "fr") == \
+        score("search", "fra_Latnblack cat", "--model", "nllb")
+
 
 @pytest.mark.parametrize("remove, message", [
     ("visual/model.onnx", "no visual/model.onnx"),
