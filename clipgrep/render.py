@@ -80,6 +80,22 @@ def catalogue_table(entries: Sequence[CatalogueEntry], installed: set[str], defa
     note("* default; figures from: " + "; ".join(sources) + "; add one with: clipgrep models add NAME")
 
 
+def _catalogue_lines(repo: str | None) -> list[tuple[str, str]]:
+    """What the catalogue knows about a model fetched from ``repo``: quality, speed, licence."""
+    from .catalogue import find
+
+    entry = find(repo) if repo else None
+    if entry is None:
+        return []
+    speed = entry.speed or {}
+    lines = [("licence", entry.licence),
+             ("published quality", f"{entry.quality} ({entry.quality_source})" if entry.quality else "-")]
+    if speed:
+        lines.append(("measured speed", f"{_num(speed.get('img_per_s_batch16'))} img/s (batch 16), "
+                                        f"{_num(speed.get('ms_per_query'))} ms/query ({speed.get('source')})"))
+    return lines
+
+
 def _mb(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f} MB"
 
@@ -122,11 +138,18 @@ def model_info(bundle: Bundle) -> None:
             if key in parity:
                 p = parity[key]
                 lines.append((f"parity {key}", f"min cos {p['min_cos']:.6f}, mean {p['mean_cos']:.6f} (n={p['n']})"))
-        lines.append(("token ids", "identical to open_clip" if parity.get("token_ids_identical") else "DIFFER"))
+        reference = parity.get("token_reference", "open_clip")  # imports: the export's tokenizer.json
+        lines.append(("token ids", f"identical to {reference}" if parity.get("token_ids_identical") else "DIFFER"))
     for modality, q in m.get("quantization", {}).items():
         timings = ", ".join(f"{k} {v:.1f} ms" for k, v in q["ms_per_item"].items())
-        lines.append((f"int8 {modality}", f"quantized {q['chosen']} ({timings})"))
-    lines += [(f"{k}", str(v)) for k, v in provenance.items() if k not in ("arch", "weights")]
+        reused = f", reused from {q['reused_from']}" if "reused_from" in q else ""
+        lines.append((f"int8 {modality}", f"quantized {q['chosen']} ({timings}{reused})"))
+    for k, v in provenance.items():
+        if k == "source_files":
+            lines.append(("source files", f"{len(v)}, sha256 of each in the manifest"))
+        elif k not in ("arch", "weights") and v is not None:
+            lines.append((k, str(v)))
+    lines += _catalogue_lines(provenance.get("repo"))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key.ljust(width)}  {value}")

@@ -299,6 +299,9 @@ def test_cli_add_from_dir_and_search_path(tiny_export: dict[str, Any]) -> None:
     info = subprocess.run([sys.executable, "-m", "clipgrep", "models", "info", "cli-imm", "--json"],
                           capture_output=True, text=True, check=False)
     assert json.loads(info.stdout)["provenance"]["layout"] == "immich"
+    text = subprocess.run([sys.executable, "-m", "clipgrep", "models", "info", "cli-imm"], capture_output=True,
+                          text=True, check=False).stdout
+    assert "identical to tokenizer.json" in text and "source files" in text and "'visual/model.onnx'" not in text
 
 
 def test_multilingual_index_and_search_never_import_torch(mclip_export: dict[str, Any], tmp_path: Path,
