@@ -45,3 +45,4 @@ def import_export(source: str, staging: Path, *, name: str, precision: str = "in
     arch, _, weights = Path(source.rstrip("/")).name.partition("__")
     provenance = {"arch": arch, "weights": weights or "-", **provenance}
     build_bundle(export, staging, name=name, precision=precision, provenance=provenance, on_progress=step)
+    step("install")  # the caller (models.add_model) moves ``staging`` into place

@@ -25,7 +25,6 @@ from ..errors import ConversionError
 from .layout import PublishedExport, TowerGraph
 
 Progress = Callable[[str], None]
-STEPS = ("download", "read export", "quantize", "check parity", "install")
 TOKENIZER_FILE = "tokenizer.json"
 
 
