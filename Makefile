@@ -1,25 +1,76 @@
-# Development tasks. `make test` works on a fresh machine: it creates .venv,
-# installs the CPU torch first (an unpinned torchvision would pull CUDA torch),
-# then everything else under constraints.txt, then runs the suite.
+# Development tasks. `make test` works on a fresh machine: it creates .venv, installs
+# the CPU builds of torch and torchvision (tools/install_torch.py: from PyTorch's CPU
+# index, or from pip's own sources when that index does not answer), then everything
+# else under constraints.txt, then runs the suite. .ci/run runs the other checks after it.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Where torch and torchvision come from; empty for pip's configured sources only.
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+export TORCH_INDEX_URL
+BASE_VENV ?= .venv-base
+LATEST_VENV ?= .venv-latest
 
-.PHONY: test golden bench bench-compress completions-check clean
+.PHONY: test lint check-wheel test-base test-latest golden bench bench-compress clean
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt tools/install_torch.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[convert,test]'
+	$(PYTHON) tools/install_torch.py --python $(PY)
+	$(PY) -m pip install -q -c constraints.txt -e '.[convert,test,lint]'
 	@if $(PY) -m pip list 2>/dev/null | grep -iE '^(nvidia|triton)'; then \
-		echo "CUDA packages were installed; check constraints.txt" >&2; exit 1; fi
+		echo "error: the CUDA build of torch was installed (packages above): torch came from a source" \
+			"that only has that build (PyPI), not from the CPU index TORCH_INDEX_URL='$(TORCH_INDEX_URL)'." \
+			"Make that index reachable, or set TORCH_INDEX_URL to an index or mirror that serves" \
+			"torch's CPU build, then run: make clean test" >&2; \
+		exit 1; fi
 	touch $@
 
-# Rewrite every golden file (help, output formats, token ids, completions/) from the current output; review the diff.
+# ruff (its default rules, version pinned in constraints.txt) and mypy (configured in pyproject.toml).
+lint: $(VENV)/.installed
+	$(PY) -m ruff check clipgrep tests tools
+	$(PY) -m mypy clipgrep
+
+# The wheel must ship the completion scripts, the typing marker and the licence.
+check-wheel: $(VENV)/.installed
+	rm -rf build/wheel
+	$(PY) -m pip wheel -q --no-deps . -w build/wheel
+	$(PY) -m zipfile -l build/wheel/clipgrep-*.whl > build/wheel/contents.txt
+	@for f in completions/clipgrep.bash completions/clipgrep.zsh completions/clipgrep.fish \
+			clipgrep/py.typed licenses/LICENSE; do \
+		grep -q "$$f" build/wheel/contents.txt || { echo "error: the wheel lacks $$f" >&2; exit 1; }; done
+
+# The base install alone (no extras, so no torch) must pass the runtime tests.
+# open_clip_torch comes without its dependencies, unimportable: the tests copy the
+# CLIP vocabulary it ships into their tiny bundles, and nothing may import it.
+test-base: $(BASE_VENV)/.installed
+	$(BASE_VENV)/bin/python -m pytest -q -m "not convert"
+
+$(BASE_VENV)/.installed: pyproject.toml constraints.txt
+	rm -rf $(BASE_VENV)
+	$(PYTHON) -m venv $(BASE_VENV)
+	$(BASE_VENV)/bin/python -m pip install -q -c constraints.txt -e '.[test]'
+	$(BASE_VENV)/bin/python -m pip install -q -c constraints.txt --no-deps open_clip_torch
+	@if $(BASE_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^torch'; then \
+		echo "error: the base install pulled in torch (above)" >&2; exit 1; fi
+	touch $@
+
+# The newest versions pyproject.toml allows, without constraints.txt: what pipx and uv
+# users get. Always a fresh venv, so that new releases are picked up.
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install -q -e '.[test]'
+	$(LATEST_VENV)/bin/python -m pip install -q --no-deps open_clip_torch
+	@$(LATEST_VENV)/bin/python -m pip list --format=freeze 2>/dev/null \
+		| grep -iE '^(numpy|onnxruntime|lancedb|pyarrow|pillow|typer|rich|filelock|pathspec)=='
+	$(LATEST_VENV)/bin/python -m pytest -q -m "not convert"
+
+# Rewrite every golden file (help, output formats, token ids, clipgrep/completions/) from the current output; review the diff.
 golden: $(VENV)/.installed
 	$(PY) -m pytest -q --update-golden -m "not convert"
 
@@ -33,4 +84,4 @@ bench-compress: $(VENV)/.installed
 	$(PY) benchmarks/bench_compress.py
 
 clean:
-	rm -rf $(VENV) bench-out .pytest_cache
+	rm -rf $(VENV) $(BASE_VENV) $(LATEST_VENV) build/wheel bench-out .pytest_cache

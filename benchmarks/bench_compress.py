@@ -3,10 +3,10 @@
 
 One command, CPU only, no downloads:
 
-1. generate a captioned shapes set (``compress.synthetic``: 1-3 groups of coloured shapes
+1. generate a captioned shapes set (``benchmarks/synthetic.py``: 1-3 groups of coloured shapes
    with counts, sizes and positions; 5 templated captions per image) and split it by image
    (``data.split_pairs``); everything below trains on the train side only;
-2. train a tiny CLIP teacher on it from scratch (``compress.teacher_training``; the shape of
+2. train a tiny CLIP teacher on it from scratch (``benchmarks/teacher_training.py``; the shape of
    ViT-B/32 in miniature: a 6-block ViT and a 12-block text tower, 64 wide);
 3. stage 1 (intra-modal contrastive KD) of a student with 3 of the 6 image blocks (copied
    from the teacher) and a narrow text tower of 2, 4 or 6 blocks (random init, width 24);
@@ -123,7 +123,7 @@ def student_spec(text_blocks: int) -> str:
 
 
 def generated(directory: Path, n_images: int, seed: int) -> Path:
-    from clipgrep.compress.synthetic import generate_dataset
+    from benchmarks.synthetic import generate_dataset
 
     pairs = directory / "pairs.jsonl"
     if not pairs.is_file():
@@ -150,8 +150,8 @@ def prepare_data(out: Path, s: Settings) -> tuple[Path, Path, Path]:
 
 
 def train_teacher(out: Path, pairs: Path, s: Settings) -> Path:
-    from clipgrep.compress.teacher_training import TeacherTrainConfig
-    from clipgrep.compress.teacher_training import train_teacher as train
+    from benchmarks.teacher_training import TeacherTrainConfig
+    from benchmarks.teacher_training import train_teacher as train
 
     config = TeacherTrainConfig(str(pairs), str(out / "teacher"), epochs=s.teacher_epochs,
                                 val_fraction=s.val_fraction, seed=s.seed, device="cpu")

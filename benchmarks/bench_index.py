@@ -39,12 +39,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 # This script's directory is sys.path[0] when run as a script: reuse bench_runtime's bundle and
 # photo caches, machine facts and timing helpers, so both benchmarks describe the same inputs.
 import bench_runtime as rt
+import numpy as np
+from PIL import Image
+
 from clipgrep.bundle import Bundle
 from clipgrep.embed.onnx import available_cpus
 from clipgrep.embed.preprocess import PreprocessConfig, load_image

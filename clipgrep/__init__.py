@@ -11,7 +11,14 @@ stays fast and never loads onnxruntime, lancedb or torch.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# onnxruntime (1.32) writes a device id and queues telemetry events under
+# ~/.cache/Microsoft/DeveloperTools/ on every run unless this is set before it is
+# first imported (calling its API afterwards is too late). Every clipgrep module,
+# and so every clipgrep import of onnxruntime, runs this first.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 __version__ = "0.1.0"
 
@@ -27,11 +34,11 @@ _API = {
     "update_index": "clipgrep.index.build",
     "IndexOptions": "clipgrep.index.build",
     "IndexReport": "clipgrep.index.build",
-    "search": "clipgrep.search",
-    "Hit": "clipgrep.search",
+    "search": "clipgrep.ranking",
+    "Hit": "clipgrep.ranking",
 }
 
-__all__ = ["__version__", *_API]
+__all__ = ["__version__", *_API]  # noqa: PLE0604 - _API's keys are the names
 
 
 def __getattr__(name: str) -> Any:

@@ -9,17 +9,20 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from . import __version__, render
+from .cli_commands import CONTEXT_SETTINGS, ClipgrepGroup, SearchCommand
 from .cli_compress import compress_app
-from .cli_errors import EXIT_ERROR, EXIT_NO_MATCH, handle_errors
+from .cli_errors import EXIT_ERROR, EXIT_NO_MATCH, handle_errors, output_failed
 from .errors import ClipgrepError
 
 app = typer.Typer(
     name="clipgrep",
+    cls=ClipgrepGroup,
+    context_settings=CONTEXT_SETTINGS,
     help="Semantic image search from the command line.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -38,7 +41,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
 ) -> None:
     """Semantic image search from the command line.
@@ -58,7 +61,7 @@ def complete_model_names(incomplete: str) -> list[str]:
     return [n for n in names if n.startswith(incomplete)]
 
 
-ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Model name or bundle dir.",
+ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Model name or bundle dir.",
                                                     show_default="the default model",
                                                     autocompletion=complete_model_names)]
 
@@ -66,20 +69,28 @@ ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Model
 @app.command("index")
 @handle_errors
 def index(
-    roots: Annotated[Optional[list[Path]], typer.Argument(
-        help="Directories (or image files) to index. Default: every root indexed before, else the current dir.",
+    roots: Annotated[list[Path] | None, typer.Argument(
+        help="Directories or image files to index (a file is remembered as a file, not a root). "
+             "Default: every root and file indexed before, else the current dir.",
         show_default=False)] = None,
     model: ModelOption = None,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help=(
-        "gitignore-style pattern to skip (repeatable); .clipgrepignore files work too."))] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", "-x", help=(
+        "gitignore-style pattern to skip (repeatable), remembered with the roots indexed (every root "
+        "when none is given); .clipgrepignore files work too."))] = None,
+    remove_exclude: Annotated[list[str] | None, typer.Option("--remove-exclude", help=(
+        "Forget a remembered exclude, written as it was given (repeatable)."))] = None,
+    prune: Annotated[bool, typer.Option("--prune", help=(
+        "Drop the rows of indexed files that are still there but left out now (excluded, hidden, "
+        "unreadable), and of roots that look unmounted; without it they are kept, with a warning."))] = False,
     hidden: Annotated[bool, typer.Option("--hidden", help="Include hidden files and directories.")] = False,
     follow_symlinks: Annotated[bool, typer.Option("--follow-symlinks", help="Follow symbolic links.")] = False,
-    workers: Annotated[Optional[int], typer.Option(help="Decoding processes.", show_default="one per CPU")] = None,
+    workers: Annotated[int | None, typer.Option(help="Decoding processes.", show_default="one per CPU")] = None,
     retry_skipped: Annotated[bool, typer.Option("--retry-skipped", help="Try files skipped before again.")] = False,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Exit if another index run holds the lock.")] = False,
-    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar on stderr.",
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar on stderr.",
                                                      show_default="on a terminal")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List skipped files and why.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=(
+        "List every skipped file and why, skipped by this run or an earlier one."))] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the run's report as JSON on stdout.")] = False,
 ) -> None:
     """Index images under ROOTS, or update the index: only new, changed, moved and deleted files cost work.
@@ -88,45 +99,55 @@ def index(
     Examples:
       clipgrep index ~/Pictures /mnt/photos
       clipgrep index                       # refresh every root indexed before
-      clipgrep index . -x 'raw/' -x '*.png'
+      clipgrep index . -x 'raw/' -x '*.png'  # remembered for this root
+      clipgrep index . --remove-exclude '*.png'
     """
     from .index.build import IndexOptions, update_index
+    from .index.interrupt import IndexInterrupted
     from .index.scan import ScanOptions
     from .models import load_model
 
     options = IndexOptions(scan=ScanOptions(excludes=tuple(exclude or ()), include_hidden=hidden,
                                             follow_symlinks=follow_symlinks),
+                           remove_excludes=tuple(remove_exclude or ()), prune=prune,
                            workers=workers, retry_skipped=retry_skipped, wait_for_lock=not no_wait)
     show = sys.stderr.isatty() if progress is None else progress
     with render.step_progress("adding the default model", ("load model", "export ONNX", "quantize",
                                                              "check parity", "install")) as on_step:
         bundle = load_model(model, on_progress=on_step)
-    with render.index_progress(show) as on_progress:
-        report = update_index([str(r) for r in roots or ()], bundle=bundle, options=options,
-                              on_progress=on_progress,
-                              on_wait=lambda: render.note("another index run holds the lock; waiting for it"))
+    try:
+        with render.index_progress(show) as on_progress:
+            report = update_index([str(r) for r in roots or ()], bundle=bundle, options=options,
+                                  on_progress=on_progress,
+                                  on_wait=lambda: render.note("another index run holds the lock; waiting for it"))
+    except IndexInterrupted as stopped:
+        render.note(f"interrupted: {stopped.kept} images kept; rerun to resume")
+        raise typer.Exit(128 + stopped.signum) from None  # as a shell reports a process its signal ended
     if json_output:
         render.index_report_json(report)
     render.index_summary(report, verbose)
 
 
-@app.command("search")
+@app.command("search", cls=SearchCommand)
 @handle_errors
 def search(
     query: Annotated[list[str], typer.Argument(help=(
-        "Text, or an image file, to search for. 'W:term' weights a term (e.g. '2:golden retriever'); "
-        "'text:...' forces text; a leading backslash keeps a literal 'N:'."), show_default=False)],
-    add: Annotated[Optional[list[str]], typer.Option("--add", "-a", help="Add a term (text or image).")] = None,
-    sub: Annotated[Optional[list[str]], typer.Option("--sub", "-s", help="Subtract a term (text or image).")] = None,
-    top: Annotated[int, typer.Option("--top", "-k", min=1, help="How many results.")] = 10,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", "-t", help="Only scores >= this.")] = None,
-    under: Annotated[Optional[Path], typer.Option("--under", "-u", help="Only images inside this directory.")] = None,
+        "Text, or an image file, to search for. 'W:term' weights a term (e.g. '2:golden retriever', '-0.5:cat'); "
+        "'text:...' forces text; a leading backslash keeps a literal 'N:'; after '--' every word is a term."),
+        show_default=False)],
+    add: Annotated[list[str] | None, typer.Option("--add", "-a", help="Add a term (text or image).")] = None,
+    sub: Annotated[list[str] | None, typer.Option("--sub", "-s", help="Subtract a term (text or image).")] = None,
+    top: Annotated[int | None, typer.Option("--top", "-k", help="How many results.",
+                                               show_default="10, or all with --threshold")] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", "-t",
+                                                       help="Only scores >= this cosine (-1 to 1).")] = None,
+    under: Annotated[Path | None, typer.Option("--under", "-u", help="Only images inside this directory.")] = None,
     model: ModelOption = None,
     paths: Annotated[bool, typer.Option("--paths", "-p", help="Print paths only.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per result.")] = False,
     null: Annotated[bool, typer.Option("--null", "-0", help="End results with NUL instead of newline (xargs -0).")]
     = False,
-    lang: Annotated[Optional[str], typer.Option(
+    lang: Annotated[str | None, typer.Option(
         "--lang", help="Query language (fr, ja...) for models that take one (NLLB); others ignore it.")] = None,
 ) -> None:
     """Search the index: prints 'score<TAB>path' lines, best first. Exit 0 with results, 1 without, 2 on error.
@@ -137,13 +158,15 @@ def search(
       clipgrep search "2:golden retriever" --add ./pool.jpg --sub fruit -k 20
       clipgrep search sunset --under ~/Pictures/2024 --paths -0 | xargs -0 feh
     """
-    from .search import search as run_search
+    from .ranking import search as run_search
 
     if paths and json_output:
         raise ClipgrepError("--paths and --json exclude each other", "pick one output format")
     hits = run_search(query, add=add or (), sub=sub or (), model=model, k=top, threshold=threshold,
-                      under=str(under) if under else None, language=lang)
+                      under=str(under) if under is not None else None, language=lang)
     render.hits(hits, "json" if json_output else "paths" if paths else "scores", null)
+    if threshold is not None and hits.left_out:
+        render.note(f"{hits.left_out} more results score {threshold:g} or more; raise -k to see them")
     if not hits:
         raise typer.Exit(EXIT_NO_MATCH)
 
@@ -152,11 +175,27 @@ def search(
 @handle_errors
 def status(
     model: ModelOption = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print as one JSON object.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help=(
+        "Print as one JSON object; with --skipped, one object per file."))] = False,
+    skipped: Annotated[bool, typer.Option("--skipped", help=(
+        "List the files index runs skipped, as 'reason<TAB>path' lines, instead."))] = False,
+    null: Annotated[bool, typer.Option("--null", "-0", help="With --skipped: end records with NUL, not newline.")]
+    = False,
 ) -> None:
-    """Show indexed roots, model, rows, skipped files, size on disk, last run and the vector index."""
-    from .status import index_status
+    """Show indexed roots (with excludes) and files, model, rows, skipped files, size, last run, vector index.
 
+    \b
+    Examples:
+      clipgrep status
+      clipgrep status --skipped --json | jq -r .reason | sort | uniq -c
+    """
+    from .status import index_status, skipped_files
+
+    if skipped:
+        render.skipped_files(skipped_files(model), "json" if json_output else "reasons", null)
+        return
+    if null:
+        raise ClipgrepError("-0/--null goes with --skipped", "use: clipgrep status --skipped -0")
     info = index_status(model)
     if json_output:
         render.json_line(info)
@@ -166,12 +205,30 @@ def status(
 
 @app.command("forget")
 @handle_errors
-def forget(root: Annotated[Path, typer.Argument(help="A root given to 'clipgrep index' before.")]) -> None:
-    """Stop indexing ROOT and drop its images from the index (files are not touched)."""
+def forget(root: Annotated[Path, typer.Argument(help=(
+        "A root or file given to 'clipgrep index' before, or a folder or file inside a root."))]) -> None:
+    """Stop indexing ROOT and drop its images from the index (files are not touched).
+
+    A folder or file inside a root is excluded from that root from now on.
+    """
     from .index.forget import forget_root
 
-    removed = forget_root(str(root))
-    render.note(f"forgot {os.path.abspath(root)} ({removed} rows removed)")
+    render.forgotten(forget_root(str(root)))
+
+
+class Shell(str, Enum):
+    bash = "bash"
+    zsh = "zsh"
+    fish = "fish"
+
+
+@app.command("completions")
+@handle_errors
+def completions(shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish.", show_default=False)]) -> None:
+    """Print the shell completion script (the README says where to put it)."""
+    from .completions import completion_script
+
+    sys.stdout.write(completion_script(shell.value))
 
 
 class Precision(str, Enum):
@@ -183,18 +240,18 @@ class Precision(str, Enum):
 @handle_errors
 def models_add(
     name: Annotated[str, typer.Argument(help="Name to install the model under.")],
-    arch: Annotated[Optional[str], typer.Option(help="open_clip architecture, e.g. ViT-B-32, MobileCLIP-S1.")] = None,
-    pretrained: Annotated[Optional[str], typer.Option(
+    arch: Annotated[str | None, typer.Option(help="open_clip architecture, e.g. ViT-B-32, MobileCLIP-S1.")] = None,
+    pretrained: Annotated[str | None, typer.Option(
         help="open_clip pretrained tag (downloaded); with --checkpoint, only its preprocessing is used.")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(
+    checkpoint: Annotated[Path | None, typer.Option(
         help="Local weights file (.safetensors, .pt/.bin), a local open_clip dir, or a bundle dir to copy.")] = None,
     precision: Annotated[Precision, typer.Option(help="int8 is ~2x faster on CPU; fp32 is exact.")] = Precision.int8,
     random_init: Annotated[bool, typer.Option("--random-init", help="Random weights (for benchmarks and tests).")] = False,
     replace: Annotated[bool, typer.Option("--replace", help="Replace a model already installed under NAME.")] = False,
-    from_source: Annotated[Optional[str], typer.Option(
+    from_source: Annotated[str | None, typer.Option(
         "--from", help="A published ONNX export (no torch needed): Hugging Face repo (immich-app/...) or local dir.")
     ] = None,
-    revision: Annotated[Optional[str], typer.Option(help="With --from REPO: branch, tag or commit.")] = None,
+    revision: Annotated[str | None, typer.Option(help="With --from REPO: branch, tag or commit.")] = None,
 ) -> None:
     """Install a model as NAME: import a published ONNX export, or convert an open_clip model.
 
@@ -214,7 +271,8 @@ def models_add(
     with render.step_progress(f"adding {name}", steps) as on_progress:
         bundle = add_model(name, arch=arch, pretrained=pretrained, checkpoint=checkpoint,
                            precision=precision.value, random_init=random_init, replace=replace,
-                           from_source=from_source, revision=revision, on_progress=on_progress)
+                           from_source=from_source, revision=revision, on_progress=on_progress,
+                           on_wait=render.waiting)
     render.note(f"installed {bundle.name} ({bundle.precision}, {render.human_bytes(bundle.size_bytes())}) "
                 f"at {bundle.path}")
 
@@ -275,13 +333,18 @@ def models_info(
 
 @models_app.command("remove")
 @handle_errors
-def models_remove(name: Annotated[str, typer.Argument(help="Installed model name.",
-                                                     autocompletion=complete_model_names)]) -> None:
-    """Delete an installed model."""
+def models_remove(
+    name: Annotated[str, typer.Argument(help="Installed model name.", autocompletion=complete_model_names)],
+    purge: Annotated[bool, typer.Option("--purge", help=(
+        "Also delete its index and caches (also works after a plain remove)."))] = False,
+) -> None:
+    """Delete an installed model; --purge deletes its index and caches too.
+
+    Without --purge they stay, and a re-install of the same model reuses them.
+    """
     from .models import remove_model
 
-    path = remove_model(name)
-    render.note(f"removed {name} ({path})")
+    render.removal(remove_model(name, purge=purge, on_wait=render.waiting))
 
 
 def main() -> None:
@@ -294,11 +357,14 @@ def main() -> None:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_ERROR)
     try:
         sys.stdout.flush()
+    except OSError as e:  # output printed but still buffered (e.g. --version) fails only here
+        code = output_failed(e) or code
+    try:
         sys.stderr.flush()
-    except (BrokenPipeError, OSError):  # e.g. `clipgrep search x | head -1`
-        code = code or 0
+    except OSError:
+        pass
     os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -11,13 +11,16 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from .errors import ClipgrepError
+
 if TYPE_CHECKING:
     from .bundle import Bundle
     from .catalogue import CatalogueEntry
-    from .errors import ClipgrepError
     from .index.build import IndexProgress, IndexReport
-    from .models import ModelEntry
-    from .search import Hit
+    from .index.forget import Forgotten
+    from .index.state import Skipped
+    from .models import ModelEntry, Removal
+    from .ranking import Hit
 
 
 def error(e: ClipgrepError) -> None:
@@ -32,11 +35,38 @@ def note(message: str) -> None:
     print(f"clipgrep: {message}", file=sys.stderr)
 
 
+def output_error(error: OSError) -> ClipgrepError:
+    """What to say when stdout cannot take the output (`> /dev/full`, a full disk): not a bug."""
+    return ClipgrepError(f"cannot write the output: {error.strerror or error}",
+                         "free some space, or send the output elsewhere")
+
+
+@contextmanager
+def _stdout() -> Iterator[None]:
+    """Wrap every write to stdout. A closed pipe stays a BrokenPipeError, on which the CLI edge stops
+    quietly as grep does (`| head`); any other write error becomes ``output_error``. Flushes on the way
+    out, since a redirected stdout is block-buffered and would only fail later, at exit."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        abandon_stdout()
+        raise output_error(e) from None
+
+
+def abandon_stdout() -> None:
+    """Send what is still printed, or left in the buffer, to /dev/null: stdout cannot take it."""
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives until the process exits
+
+
 def json_line(obj: Any) -> None:
-    print(json.dumps(obj, ensure_ascii=False))
+    with _stdout():
+        print(json.dumps(obj, ensure_ascii=False))
 
 
-def human_bytes(n: int) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -61,8 +91,9 @@ def models_table(entries: Sequence[ModelEntry], default: str) -> None:
         provenance = b.manifest.get("provenance", {})
         rows.append((name, b.precision, str(b.embed_dim), human_bytes(b.size_bytes()),
                      str(provenance.get("arch", "?")), str(provenance.get("weights", "?"))))
-    for line in _columns(rows):
-        print(line)
+    with _stdout():
+        for line in _columns(rows):
+            print(line)
 
 
 def catalogue_table(entries: Sequence[CatalogueEntry], installed: set[str], default: str) -> None:
@@ -74,8 +105,9 @@ def catalogue_table(entries: Sequence[CatalogueEntry], installed: set[str], defa
         rows.append((e.name + mark, e.languages, str(e.embed_dim), _mb(e.download_mb), _mb(e.int8_mb),
                      _num(speed.get("img_per_s_batch16")), _num(speed.get("ms_per_query")), e.licence,
                      e.quality or "-"))
-    for line in _columns(rows):
-        print(line)
+    with _stdout():
+        for line in _columns(rows):
+            print(line)
     sources = sorted({s for e in entries for s in (e.quality_source, (e.speed or {}).get("source")) if s})
     note("* default; figures from: " + "; ".join(sources) + "; add one with: clipgrep models add NAME")
 
@@ -91,8 +123,8 @@ def _catalogue_lines(repo: str | None) -> list[tuple[str, str]]:
     lines = [("licence", entry.licence),
              ("published quality", f"{entry.quality} ({entry.quality_source})" if entry.quality else "-")]
     if speed:
-        lines.append(("measured speed", f"{_num(speed.get('img_per_s_batch16'))} img/s (batch 16), "
-                                        f"{_num(speed.get('ms_per_query'))} ms/query ({speed.get('source')})"))
+        lines.append(("measured speed", (f"{_num(speed.get('img_per_s_batch16'))} img/s (batch 16), "
+                                         f"{_num(speed.get('ms_per_query'))} ms/query ({speed.get('source')})")))
     return lines
 
 
@@ -110,6 +142,22 @@ def model_summary(entry: ModelEntry) -> dict[str, Any]:
     b = entry.bundle
     return {"name": b.name, "path": str(b.path), "bundle_id": b.bundle_id, "precision": b.precision,
             "embed_dim": b.embed_dim, "bytes": b.size_bytes(), "provenance": b.manifest.get("provenance", {})}
+
+
+def waiting(what: str) -> None:
+    note(f"{what} holds the lock; waiting for it to finish")
+
+
+def removal(r: Removal) -> None:
+    if r.path is not None:
+        note(f"removed {r.name} ({r.path})")
+    if r.shared_with:
+        note(f"its index stays: {', '.join(r.shared_with)} has the same image tower and uses it")
+    elif r.purged:
+        note(f"deleted its index and caches ({human_bytes(r.data_bytes)})")
+    elif r.data_bytes:
+        note(f"its index and caches ({human_bytes(r.data_bytes)}) stay, for a re-install of the same model; "
+             f"delete them with: clipgrep models remove {r.name} --purge")
 
 
 def model_info(bundle: Bundle) -> None:
@@ -150,9 +198,14 @@ def model_info(bundle: Bundle) -> None:
         elif k not in ("arch", "weights") and v is not None:
             lines.append((k, str(v)))
     lines += _catalogue_lines(provenance.get("repo"))
+    _key_values(lines)
+
+
+def _key_values(lines: Sequence[tuple[str, Any]]) -> None:
     width = max(len(k) for k, _ in lines)
-    for key, value in lines:
-        print(f"{key.ljust(width)}  {value}")
+    with _stdout():
+        for key, value in lines:
+            print(f"{key.ljust(width)}  {value}")
 
 
 @contextmanager
@@ -194,18 +247,18 @@ def _write_path_line(prefix: str, path: str, end: bytes) -> None:
 
 def hits(results: Sequence[Hit], fmt: str, null: bool) -> None:
     """Search results on stdout: ``score<TAB>path`` (default), ``paths``, or ``json`` lines."""
-    sys.stdout.flush()
     end = b"\0" if null else b"\n"
-    for hit in results:
-        if fmt == "json":
-            line = json.dumps({"score": round(hit.score, 6), "path": hit.path}, ensure_ascii=False)
-            # A non-UTF-8 name holds lone surrogates; backslashreplace writes them as JSON \udcXX escapes.
-            sys.stdout.buffer.write(line.encode("utf-8", "backslashreplace") + end)
-        elif fmt == "paths":
-            _write_path_line("", hit.path, end)
-        else:
-            _write_path_line(f"{hit.score:.4f}\t", hit.path, end)
-    sys.stdout.buffer.flush()
+    with _stdout():
+        sys.stdout.flush()
+        for hit in results:
+            if fmt == "json":
+                line = json.dumps({"score": round(hit.score, 6), "path": hit.path}, ensure_ascii=False)
+                # A non-UTF-8 name holds lone surrogates; backslashreplace writes them as JSON \udcXX escapes.
+                sys.stdout.buffer.write(line.encode("utf-8", "backslashreplace") + end)
+            elif fmt == "paths":
+                _write_path_line("", hit.path, end)
+            else:
+                _write_path_line(f"{hit.score:.4f}\t", hit.path, end)
 
 
 def index_summary(report: IndexReport, verbose: bool) -> None:
@@ -214,20 +267,23 @@ def index_summary(report: IndexReport, verbose: bool) -> None:
     skipped = len(report.skipped)
     if skipped:
         parts.append(f"{skipped} skipped" + ("" if verbose else " (--verbose lists them)"))
+    if report.kept:
+        parts.append(f"{report.kept} kept")
     note(f"{report.rows} images indexed ({', '.join(parts)}) in {report.seconds:.1f} s")
-    if verbose:
-        for item in report.skipped:
+    if verbose:  # every file skipped now, by this run or an earlier one
+        for item in report.skipped_files:
             print(f"  skipped {os.fsdecode(os.fsencode(item.path))}: {item.reason}", file=sys.stderr)
     for path, reason in report.scan_problems:
         print(f"  warning: {path}: {reason}", file=sys.stderr)
 
 
 def index_report_json(report: IndexReport) -> None:
-    data = {k: v for k, v in vars(report).items() if k not in ("skipped", "scan_problems")}
+    data = {k: v for k, v in vars(report).items() if k not in ("skipped", "skipped_files", "scan_problems")}
     data["skipped"] = [{"path": s.path, "reason": s.reason} for s in report.skipped]
     data["scan_problems"] = [{"path": p, "reason": r} for p, r in report.scan_problems]
     line = json.dumps(data, ensure_ascii=False)
-    sys.stdout.buffer.write(line.encode("utf-8", "backslashreplace") + b"\n")
+    with _stdout():
+        sys.stdout.buffer.write(line.encode("utf-8", "backslashreplace") + b"\n")
 
 
 @contextmanager
@@ -257,19 +313,44 @@ def index_progress(show: bool) -> Iterator[Callable[[IndexProgress], None]]:
         yield update
 
 
+def forgotten(result: Forgotten) -> None:
+    line = f"forgot {result.path} ({result.removed} rows removed)"
+    if result.pattern and result.excluded_from:
+        import shlex
+
+        root, pattern = shlex.quote(result.excluded_from), shlex.quote(result.pattern)
+        line += (f"; {result.excluded_from} excludes {pattern} from now on "
+                 f"('clipgrep index {root} --remove-exclude {pattern}' undoes it)")
+    note(line)
+
+
+def skipped_files(items: Sequence[Skipped], fmt: str, null: bool) -> None:
+    """Skipped files on stdout: ``reason<TAB>path`` (like search's ``score<TAB>path``) or ``json`` lines."""
+    sys.stdout.flush()
+    end = b"\0" if null else b"\n"
+    for item in items:
+        if fmt == "json":
+            line = json.dumps({"path": item.path, "reason": item.reason, "size": item.size,
+                               "mtime_ns": item.mtime_ns}, ensure_ascii=False)
+            sys.stdout.buffer.write(line.encode("utf-8", "backslashreplace") + end)
+        else:
+            _write_path_line(f"{item.reason}\t", item.path, end)
+    sys.stdout.buffer.flush()
+
+
 def status(info: dict[str, Any]) -> None:
     lines = []
     for key, value in info.items():
         if key.endswith("_bytes"):
             key, value = key[: -len("_bytes")], human_bytes(value)
-        if isinstance(value, list):
+        if isinstance(value, dict):  # root -> its excludes
+            value = "; ".join(f"{k}: {' '.join(v)}" for k, v in value.items()) or "-"
+        elif isinstance(value, list):
             value = ", ".join(map(str, value)) or "-"
         elif isinstance(value, bool):
             value = "yes" if value else "no"
         lines.append((key.replace("_", " "), value))
-    width = max(len(k) for k, _ in lines)
-    for key, value in lines:
-        print(f"{key.ljust(width)}  {value}")
+    _key_values(lines)
 
 
 _EVAL_COLUMNS = (
@@ -291,9 +372,7 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None:
         return "-"
-    if key == "params":
-        value = value / 1e6
-    elif key == "bytes":
+    if key == "params" or key == "bytes":
         value = value / 1e6
     return fmt.format(value)
 
@@ -303,9 +382,10 @@ def eval_table(rows: Sequence[dict[str, Any]]) -> None:
     for columns in (_EVAL_COLUMNS, _RATIO_COLUMNS):
         table = [tuple(title for title, _, _ in columns)]
         table += [tuple(_cell(row, key, fmt) for _, key, fmt in columns) for row in rows]
-        for line in _columns(table):
-            print(line)
-        print()
+        with _stdout():
+            for line in _columns(table):
+                print(line)
+            print()
 
 
 @contextmanager
@@ -350,3 +430,20 @@ def _phase(progress: Any) -> str:
     """The tower a stage-2 report trains, as a prefix ("image ", "text "); empty for other reports."""
     phase = getattr(progress, "phase", None)
     return f"{phase} " if phase else ""
+
+
+def fidelity_report(report: dict[str, Any]) -> None:
+    """``compress auto``'s label-free report: how closely the student ranks the library like the teacher."""
+    print(f"{report['student']} vs {report['teacher']} on {report['n_images']} library images")
+    for line in _columns([
+        ("", f"{report['n_text_queries']} text queries", f"{report['n_image_queries']} image queries"),
+        ("recall@10 vs teacher", f"{report['text_recall_at_10']:.3f}", f"{report['image_recall_at_10']:.3f}"),
+        ("Spearman", f"{report['text_spearman']:.3f}", f"{report['image_spearman']:.3f}"),
+    ]):
+        print(line)
+    print(f"size   {human_bytes(report['student_bytes'])} vs {human_bytes(report['teacher_bytes'])} "
+          f"({report['size_ratio']:.2f}x)")
+    print(f"image  {report['student_image_ms_b16']:.2f} vs {report['teacher_image_ms_b16']:.2f} ms per image at "
+          f"batch 16 ({report['image_speedup_b16']:.2f}x faster)")
+    print(f"text   {report['student_text_ms_b1']:.2f} vs {report['teacher_text_ms_b1']:.2f} ms per query "
+          f"({report['text_speedup_b1']:.2f}x faster)")

@@ -34,14 +34,18 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import pairwise
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from .errors import ClipgrepError
+
+IntColumn = Sequence[int] | np.ndarray  # a list, or a column straight from the table
 
 FORMAT = "clipgrep-snapshot"
 FORMAT_VERSION = 1
@@ -83,7 +87,7 @@ class Snapshot:
         """Every path (~50 ms for 100k rows); prefer ``path(i)`` on the search path."""
         blob = self.path_bytes.tobytes()
         bounds = self.path_offsets.tolist()
-        return [os.fsdecode(blob[a:b]) for a, b in zip(bounds, bounds[1:])]
+        return [os.fsdecode(blob[a:b]) for a, b in pairwise(bounds)]
 
     @cached_property
     def fingerprints(self) -> list[str]:
@@ -117,8 +121,8 @@ class Snapshot:
         return slice(start, bisect.bisect_left(rows, upper, lo=start, key=self.raw_path))
 
 
-def write_snapshot(directory: Path, paths: Sequence[str | bytes], vectors: np.ndarray, sizes: Sequence[int],
-                   mtimes_ns: Sequence[int], indexed_ns: Sequence[int], fingerprints: Sequence[str],
+def write_snapshot(directory: Path, paths: Sequence[str | bytes], vectors: np.ndarray, sizes: IntColumn,
+                   mtimes_ns: IntColumn, indexed_ns: IntColumn, fingerprints: Sequence[str],
                    meta: dict[str, Any]) -> None:
     """Write a new generation under ``directory`` and switch readers to it atomically.
 
@@ -142,11 +146,11 @@ def write_snapshot(directory: Path, paths: Sequence[str | bytes], vectors: np.nd
     _remove_other_generations(directory, keep=generation.name)
 
 
-def _row_arrays(encoded: list[bytes], order: list[int], vectors: np.ndarray, sizes: Sequence[int],
-                mtimes_ns: Sequence[int], indexed_ns: Sequence[int],
+def _row_arrays(encoded: list[bytes], order: list[int], vectors: np.ndarray, sizes: IntColumn,
+                mtimes_ns: IntColumn, indexed_ns: IntColumn,
                 fingerprints: Sequence[str]) -> dict[str, np.ndarray]:
     n = len(encoded)
-    if any(encoded[a] == encoded[b] for a, b in zip(order, order[1:])):
+    if any(encoded[a] == encoded[b] for a, b in pairwise(order)):
         raise ValueError("snapshot rows must have distinct paths")
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or len(vectors) != n:
@@ -173,6 +177,8 @@ def _write_durably(path: Path, write: Any) -> None:
 
 
 def _fsync_dir(directory: Path) -> None:
+    if os.name == "nt":  # Windows cannot open a directory; its renames need no directory fsync
+        return
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

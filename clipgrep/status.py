@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .paths import index_dir, snapshot_dir
 
+if TYPE_CHECKING:
+    from .index.state import Skipped
 
-def _disk_bytes(path: Path) -> int:
+
+def disk_bytes(path: Path) -> int:
+    """Bytes of the files under directory ``path`` (links not followed)."""
     total = 0
     for directory, _, files in os.walk(path):
         for name in files:
@@ -20,15 +24,20 @@ def _disk_bytes(path: Path) -> int:
 
 
 def index_status(model: str | None = None) -> dict[str, Any]:
-    """Roots, model, row count, skipped count, size on disk, last run, vector index."""
+    """Roots (with their excludes), files, model, row count, skipped count, size on disk, last run,
+    vector index."""
     from .errors import ModelNotFound
-    from .index.state import last_run, load_skipped, remembered_roots
+    from .index.roots import RootSet
+    from .index.state import last_run, load_skipped
     from .models import default_model_name, load_model
     from .snapshot import read_snapshot
 
     directory = index_dir()
     name = model or default_model_name()
-    info: dict[str, Any] = {"index": str(directory), "roots": remembered_roots(directory), "model": name}
+    tracked = RootSet.load(directory)
+    excludes = {path: list(root.excludes) for path, root in sorted(tracked.roots.items()) if root.excludes}
+    info: dict[str, Any] = {"index": str(directory), "roots": sorted(tracked.roots), "excludes": excludes,
+                            "files": sorted(tracked.files), "model": name}
     try:
         bundle = load_model(name, auto_install=False)
     except ModelNotFound:
@@ -41,9 +50,24 @@ def index_status(model: str | None = None) -> dict[str, Any]:
         "bundle_id": bundle.bundle_id,
         "rows": len(snapshot) if snapshot is not None else 0,
         "skipped": len(load_skipped(directory, bundle.index_id)),
-        "disk_bytes": _disk_bytes(directory) if directory.exists() else 0,
+        "disk_bytes": disk_bytes(directory) if directory.exists() else 0,
         "last_run": run.get("finished", "never"),
         # Recorded by the last index run, so status need not load LanceDB (~1 s).
         "vector_index": bool(snapshot.meta.get("vector_index")) if snapshot is not None else False,
     })
     return info
+
+
+def skipped_files(model: str | None = None) -> list[Skipped]:
+    """The files that index runs of ``model`` skipped and will not retry until they change, by path."""
+    from .errors import ModelNotFound
+    from .index.state import load_skipped
+    from .models import load_model
+
+    try:
+        bundle = load_model(model, auto_install=False)
+    except ModelNotFound:
+        if model:
+            raise
+        return []  # the default model, not added yet: nothing was ever skipped
+    return sorted(load_skipped(index_dir(), bundle.index_id).values(), key=lambda s: s.path)

@@ -22,10 +22,11 @@ import hashlib
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -127,6 +128,14 @@ class IndexStore:
         self.name = table_name(bundle_id)
         self.table_dir = self.directory / f"{self.name}.lance"
         self._table: Any = None
+
+    @classmethod
+    def existing(cls, directory: Path, bundle_id: str) -> IndexStore:
+        """The store of an existing table, with the vector size its schema records (no model needed)."""
+        table = _import_lancedb().connect(str(directory)).open_table(table_name(bundle_id))
+        store = cls(directory, bundle_id, table.schema.field("vector").type.list_size)
+        store._table = table
+        return store
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -52,15 +52,16 @@ TEACHER_CONFIG = {
 }
 
 
-def random_teacher_dir(arch_dir: Path, out_dir: Path) -> Path:
-    """A random ``TEACHER_ARCH`` teacher saved as a local dir, so its weights do not depend on any seed."""
+def random_teacher_dir(arch_dir: Path, out_dir: Path, seed: int = 0) -> Path:
+    """A random ``TEACHER_ARCH`` teacher saved as a local dir, so its weights do not depend on any seed
+    after it is written (another ``seed``: another teacher)."""
     import torch
 
     from clipgrep.compress.checkpoint import save_local_dir
     from clipgrep.compress.teacher import load_teacher
 
     register_arch(TEACHER_ARCH, TEACHER_CONFIG, arch_dir)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     teacher = load_teacher(f"{TEACHER_ARCH}:random")
     return save_local_dir(teacher.model, teacher.model_cfg, teacher.preprocess, out_dir)
 

@@ -166,3 +166,136 @@ def test_text_sessions_load_from_a_per_machine_optimised_cache(bundle_dir: Path,
     (entries[0] / "model.onnx").write_bytes(b"damaged")
     np.testing.assert_array_equal(bundle.text_encoder().encode(["a red bicycle"]), first)  # rebuilt
     assert (entries[0] / "model.onnx").stat().st_size > 100
+
+
+# --- hostile manifests: always a BundleError, never another exception ------------------------------
+
+
+def test_a_deeply_nested_manifest_is_refused(bundle_dir: Path) -> None:
+    edit_manifest(bundle_dir, provenance=json.loads("[" * 50 + "]" * 50))  # parses, but is no manifest
+    with pytest.raises(BundleError, match="nested more than 16 levels"):
+        load_bundle(bundle_dir)
+    (bundle_dir / MANIFEST).write_text("[" * 100_000 + "]" * 100_000)  # a RecursionError before
+    with pytest.raises(BundleError, match="nested too deeply"):
+        load_bundle(bundle_dir)
+
+
+def test_a_huge_manifest_is_refused_without_reading_it(bundle_dir: Path) -> None:
+    with open(bundle_dir / MANIFEST, "ab") as f:
+        f.truncate(1 << 30)  # 1 GB, sparse: cost 2 GB of RAM in `models list` before
+    with pytest.raises(BundleError, match="larger than 1024 KiB"):
+        load_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize("path, value", [
+    (("encoders",), []),
+    (("encoders", "image"), "image.onnx"),
+    (("encoders", "text", "extra"), 1),
+    (("encoders", "text", "input"), 5),
+    (("tokenizer",), "clip-bpe"),
+    (("tokenizer", "context_length"), "77"),
+    (("tokenizer", "kind"), ["clip-bpe"]),
+    (("files",), ["image.onnx"]),
+    (("files", "image.onnx"), "abc"),
+    (("files", "image.onnx", "bytes"), "10"),
+    (("files", "image.onnx", "sha256"), None),
+    (("preprocess",), None),
+    (("preprocess", "size"), "32"),
+    (("preprocess", "size"), [32, True]),
+    (("preprocess", "mean"), {"r": 1}),
+    (("preprocess", "interpolation"), 3),
+    (("embed_dim",), "8"),
+    (("embed_dim",), True),
+    (("bundle_id",), "../../escape"),
+    (("name",), {"x": 1}),
+    (("provenance",), ["arch"]),
+    (("params",), {"image": "1M", "text": 2}),
+    (("parity",), {"image": {"min_cos": "high", "mean_cos": 1, "n": 3}}),
+    (("quantization",), {"image": {"chosen": "x", "ms_per_item": {"a": "fast"}}}),
+])
+def test_wrong_json_types_are_refused_with_the_field_named(bundle_dir: Path, path: tuple[str, ...],
+                                                           value: object) -> None:
+    """These raised AttributeError, TypeError or KeyError (an "internal error") in models list/info."""
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    parent = manifest
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = value
+    (bundle_dir / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="manifest field|unknown|unsupported|no hash") as info:
+        load_bundle(bundle_dir)
+    assert path[0] in info.value.message or "hash" in info.value.message
+
+
+def test_preprocess_values_the_runtime_cannot_use_are_a_bundle_error(bundle_dir: Path) -> None:
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    fields = {k: manifest[k] for k in ("name", "embed_dim", "precision", "preprocess", "tokenizer", "encoders")}
+    write_manifest(bundle_dir, {**fields, "preprocess": {**fields["preprocess"], "interpolation": "sinc"}})
+    with pytest.raises(BundleError, match="bad preprocess config: unknown interpolation 'sinc'"):
+        load_bundle(bundle_dir).image_encoder()
+
+
+# --- files the manifest does not hash: external ONNX weights, links ---------------------------------
+
+
+def move_weights_outside(bundle_dir: Path, location: str) -> None:
+    """Re-save image.onnx with its weights in a side file ``location`` (as models over 2 GB must be)."""
+    import onnx
+
+    model = onnx.load(str(bundle_dir / "image.onnx"))
+    onnx.save(model, str(bundle_dir / "image.onnx"), save_as_external_data=True, location=location,
+              size_threshold=0)
+
+
+def rewrite_manifest(bundle_dir: Path) -> None:
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    write_manifest(bundle_dir, {k: manifest[k] for k in ("name", "embed_dim", "precision", "preprocess",
+                                                        "tokenizer", "encoders")})
+
+
+def rehash_by_hand(bundle_dir: Path, name: str) -> None:
+    """Update the manifest's hash of ``name`` as a hand-made (or older writer's) bundle would."""
+    from clipgrep.bundle import compute_bundle_id, sha256_file
+
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    manifest["files"][name] = {"sha256": sha256_file(bundle_dir / name), "bytes": (bundle_dir / name).stat().st_size}
+    manifest["bundle_id"] = compute_bundle_id(manifest)
+    (bundle_dir / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_external_weights_the_manifest_hashes_are_verified(bundle_dir: Path, tmp_path: Path) -> None:
+    move_weights_outside(bundle_dir, "image.weights")
+    rewrite_manifest(bundle_dir)
+    bundle = load_bundle(bundle_dir, verify="full")
+    assert "image.weights" in bundle.manifest["files"]
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(image)
+    assert bundle.image_encoder().encode_files([image]).shape == (1, 8)
+    weights = bundle_dir / "image.weights"
+    weights.write_bytes(bytes(reversed(weights.read_bytes())))  # swapped: same size, other weights
+    with pytest.raises(BundleError, match="image.weights does not match its sha256"):
+        load_bundle(bundle_dir, verify="full")
+
+
+def test_external_weights_the_manifest_does_not_hash_are_refused(bundle_dir: Path) -> None:
+    """Before: the manifest hashed image.onnx, which names the side file; the file itself could be swapped."""
+    move_weights_outside(bundle_dir, "image.weights")
+    rehash_by_hand(bundle_dir, "image.onnx")
+    with pytest.raises(BundleError, match="image.onnx loads weights from 'image.weights', which the manifest "
+                                          "does not hash"):
+        load_bundle(bundle_dir, verify="full")
+
+
+def test_a_malformed_onnx_file_is_a_bundle_error(bundle_dir: Path) -> None:
+    (bundle_dir / "image.onnx").write_bytes(b"\x0a\xff\xff\xff\xff\x0f")  # a field longer than the file
+    rehash_by_hand(bundle_dir, "image.onnx")
+    with pytest.raises(BundleError, match="not a readable ONNX file"):
+        load_bundle(bundle_dir, verify="full")
+
+
+def test_bundle_files_must_be_regular_files(bundle_dir: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere.onnx"
+    shutil.move(bundle_dir / "text.onnx", outside)
+    (bundle_dir / "text.onnx").symlink_to(outside)
+    with pytest.raises(BundleError, match="text.onnx is not a regular file"):
+        load_bundle(bundle_dir)

@@ -1,4 +1,4 @@
-"""Shell completion scripts: generated from the app into completions/, and completion itself stays light."""
+"""Shell completion scripts: generated from the app into clipgrep/completions/, and completion stays light."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ import pytest
 
 from .factories import make_contract_bundle
 
-COMPLETIONS = Path(__file__).parent.parent / "completions"
+COMPLETIONS = Path(__file__).parent.parent / "clipgrep" / "completions"
 
 
 def run_completion(env: dict[str, str]) -> str:
@@ -24,6 +24,14 @@ def test_completion_scripts_match_the_app(shell: str, golden) -> None:
     script = run_completion({"_CLIPGREP_COMPLETE": f"source_{shell}"})
     assert "_CLIPGREP_COMPLETE" in script
     golden.check(str(COMPLETIONS / f"clipgrep.{shell}"), script)
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completions_command_prints_the_shipped_script(shell: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "clipgrep", "completions", shell], capture_output=True,
+                            text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (COMPLETIONS / f"clipgrep.{shell}").read_text(encoding="utf-8")
 
 
 def test_bash_completion_lists_commands() -> None:

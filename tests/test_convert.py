@@ -211,7 +211,7 @@ def test_tampered_bundle_directory_is_not_installed(tiny: str, tmp_path: Path) -
 def test_pretrained_download_failure_says_how_to_use_a_local_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     from clipgrep.models import add_model
 
-    DEFAULT_ARCH, DEFAULT_PRETRAINED = "ViT-B-32", "laion2b_s34b_b79k"  # noqa: N806
+    DEFAULT_ARCH, DEFAULT_PRETRAINED = "ViT-B-32", "laion2b_s34b_b79k"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConversionError) as info:
         add_model("b32", arch=DEFAULT_ARCH, pretrained=DEFAULT_PRETRAINED)

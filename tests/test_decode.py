@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import zlib
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -35,11 +34,20 @@ from clipgrep.index.decode import (
     map_ordered,
 )
 
+from .hostile import (
+    fake_ghostscript,
+    path_with,
+    write_blank_png,
+    write_eps,
+    write_svg,
+    write_undecodable_tiff,
+)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CFG = PreprocessConfig(size=(32, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
                        interpolation="bicubic", resize_mode="shortest")
-# Low enough that the "bomb" below is cheap to make, high enough for every good test image.
-LIMITS = DecodeLimits(max_pixels=1_000_000)
+# Low enough that the "bomb" and "large" images below are cheap to make, high enough for every good one.
+LIMITS = DecodeLimits(max_pixels=1_000_000, max_decoded_pixels=250_000)
 HAS_HEIF = importlib.util.find_spec("pillow_heif") is not None
 
 
@@ -54,20 +62,6 @@ def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(np.stack(waves, -1) + noise, 0, 255).astype(np.uint8))
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _bomb_png(path: Path, side: int) -> None:
-    """A valid 1-bit PNG of side x side black pixels: ~200 KB for 20000 x 20000 (400 MP)."""
-    row = bytes(1 + (side + 7) // 8)  # filter byte + packed bits
-    z = zlib.compressobj(1)
-    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
-    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
-                     + _png_chunk(b"IEND", b""))
-
-
 def _write_images(d: Path) -> dict[str, str | None]:
     """Every file class decode_images must handle, and the skip reason each must get (None: decodes)."""
     photo = _photo(160, 128)  # large enough for a 1/2-scale JPEG draft at size 32
@@ -80,6 +74,10 @@ def _write_images(d: Path) -> dict[str, str | None]:
         data = (d / name).read_bytes()
         (d / f"truncated{Path(name).suffix}").write_bytes(data[: len(data) // 2])
     Image.new("1", (1200, 1000)).save(d / "bomb.png")  # 1.2 MP > LIMITS' 1 MP; a few hundred bytes
+    Image.new("1", (600, 600)).save(d / "large.png")  # 0.36 MP: under the header limit, over the decode one
+    write_eps(d / "holiday.jpg")  # Pillow would run Ghostscript on it
+    write_undecodable_tiff(d / "multipage.tif")
+    write_svg(d / "drawing.png")
     red, blue = Image.new("RGB", (48, 40), (255, 0, 0)), Image.new("RGB", (48, 40), (0, 0, 255))
     red.save(d / "animated.gif", save_all=True, append_images=[blue], duration=100, loop=0)
     ramp = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
@@ -98,6 +96,10 @@ def _write_images(d: Path) -> dict[str, str | None]:
         "good.jpg": None, "good.png": None, "png_named.jpg": None, "empty.jpg": "empty file",
         "text.jpg": "not an image", "truncated.jpg": CORRUPT, "truncated.png": CORRUPT,
         "bomb.png": "too many pixels (1.2 MP > 1 MP)", "animated.gif": None, "sixteen_bit.png": None,
+        "large.png": "too many pixels to decode (0.36 MP > 0.25 MP)",
+        "holiday.jpg": "unsupported image format (EPS)",
+        "multipage.tif": "unsupported image format (a TIFF variant Pillow cannot open)",
+        "drawing.png": "not an image",
         "cmyk.jpg": None, "rotated.jpg": None, "palette_alpha.png": None, "corrupt_exif.jpg": None,
         "gone.jpg": "vanished during indexing", "folder.jpg": "not a regular file",
         "fifo.jpg": "not a regular file",
@@ -223,12 +225,83 @@ def test_exif_orientation_is_applied(images: tuple[Path, dict[str, str | None]])
 
 
 def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
-    _bomb_png(tmp_path / "bomb.png", 20_000)
+    write_blank_png(tmp_path / "bomb.png", 20_000, 20_000)
     assert (tmp_path / "bomb.png").stat().st_size < 300_000
     started = time.perf_counter()
     pixels, reason = decode_file(str(tmp_path / "bomb.png"), CFG)  # default limits: 200 MP
     assert (pixels, reason) == (None, "too many pixels (400 MP > 200 MP)")
     assert time.perf_counter() - started < 1.0  # header only: decoding would take seconds and 400 MB
+
+
+def test_decoded_pixels_are_capped_after_the_draft(tmp_path: Path) -> None:
+    # The cap bounds a decode's memory, so it applies to what is decoded: a JPEG that draft
+    # reduces decodes, the same pixels as a PNG (which cannot be reduced) are refused.
+    photo = _photo(800, 640)  # 0.51 MP > 0.25 MP; a 1/4-scale draft still covers 2 x 32 on the short side
+    photo.save(tmp_path / "large.jpg", quality=90)
+    photo.save(tmp_path / "large.png")
+    limits = DecodeLimits(max_decoded_pixels=250_000)
+    refused = "too many pixels to decode (0.512 MP > 0.25 MP)"
+    assert decode_file(str(tmp_path / "large.png"), CFG, limits=limits) == (None, refused)
+    assert decode_file(str(tmp_path / "large.jpg"), CFG, draft=False, limits=limits) == (None, refused)
+    pixels, reason = decode_file(str(tmp_path / "large.jpg"), CFG, limits=limits)
+    assert reason is None and pixels is not None
+    assert np.array_equal(pixels, load_image(tmp_path / "large.jpg", CFG))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+def test_extreme_aspect_ratio_decodes_in_bounded_memory(tmp_path: Path) -> None:
+    """A 10000x1 PNG is a few hundred bytes; resizing its short side to 224 made a 2240000x224 image (2 GB)."""
+    Image.new("RGB", (10_000, 1), (255, 0, 0)).save(tmp_path / "strip.png")
+    Image.new("RGB", (1, 10_000), (0, 0, 255)).save(tmp_path / "pole.png")
+    # VmHWM, not getrusage: a child's ru_maxrss starts from its parent's RSS (pytest's, here).
+    script = textwrap.dedent(f"""
+        import re
+        from clipgrep.embed.preprocess import PreprocessConfig
+        from clipgrep.index.decode import decode_file
+        cfg = PreprocessConfig((224, 224), (0.5,) * 3, (0.25,) * 3, "bicubic", "shortest")
+        for name in ("strip.png", "pole.png"):
+            pixels, reason = decode_file({str(tmp_path)!r} + "/" + name, cfg)
+            assert reason is None and pixels.shape == (3, 224, 224), reason
+        with open("/proc/self/status") as f:
+            print(int(re.search(r"VmHWM:\\s*(\\d+) kB", f.read()).group(1)) // 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
+                         cwd=REPO_ROOT, timeout=120)
+    peak_mib = int(out.stdout)
+    assert peak_mib < 200, f"decoding two 10000-pixel strips peaked at {peak_mib} MiB"  # was ~2 GiB each
+
+
+def test_ghostscript_never_runs(tmp_path: Path) -> None:
+    """An EPS named .jpg: decode_file and load_image refuse it; a plain Image.open would run gs."""
+    write_eps(tmp_path / "holiday.jpg")
+    bin_dir, marker = fake_ghostscript(tmp_path / "bin")
+    script = textwrap.dedent(f"""
+        import sys
+        from clipgrep.embed.formats import UnsupportedImageFormat
+        from clipgrep.embed.preprocess import PreprocessConfig, load_image
+        from clipgrep.index.decode import decode_file
+        path = {str(tmp_path / "holiday.jpg")!r}
+        cfg = PreprocessConfig((32, 32), (0.5,) * 3, (0.25,) * 3, "bicubic", "shortest")
+        print(decode_file(path, cfg)[1])
+        try:
+            load_image(path, cfg)
+        except UnsupportedImageFormat as e:
+            print(e)
+        if sys.argv[1:] == ["control"]:  # what the restriction prevents: Pillow's own open runs gs
+            from PIL import Image
+            try:
+                Image.open(path).load()
+            except Exception:
+                pass
+    """)
+    env = {**os.environ, "PATH": path_with(bin_dir)}
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
+                         cwd=REPO_ROOT, timeout=60, env=env)
+    assert out.stdout.splitlines() == ["unsupported image format (EPS)"] * 2
+    assert not marker.exists()
+    subprocess.run([sys.executable, "-c", script, "control"], check=True, capture_output=True, cwd=REPO_ROOT,
+                   timeout=60, env=env)
+    assert marker.exists()  # the fake gs is found and run when Pillow is left to choose
 
 
 def test_pil_globals_neither_loosen_nor_leak(images: tuple[Path, dict[str, str | None]],

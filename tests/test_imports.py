@@ -20,7 +20,7 @@ TRAINING = ("torch", "torchvision", "open_clip", "timm")
 
 def imported_modules(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> set[str]:
     """Top-level modules a fresh interpreter imported while running ``args``."""
-    result = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-X", "importtime", *args], check=False, capture_output=True, text=True,
                             env={**os.environ, **(env or {})}, cwd=cwd)
     assert result.returncode == 0, result.stderr[-2000:]
     names = set()

@@ -40,9 +40,9 @@ def holder(lock_path: Path):
 
 
 def test_a_second_run_is_refused_with_the_holders_pid(lock_path: Path, holder: subprocess.Popen) -> None:
-    with pytest.raises(ClipgrepError, match=f"another clipgrep index is running \\(pid {holder.pid}\\)") as info:
-        with index_lock(lock_path, wait=False):
-            pytest.fail("got a lock that another process holds")
+    expected = f"another clipgrep index is running \\(pid {holder.pid}\\)"
+    with pytest.raises(ClipgrepError, match=expected) as info, index_lock(lock_path, wait=False):
+        pytest.fail("got a lock that another process holds")
     assert "wait for it" in info.value.hint
 
 
@@ -71,12 +71,10 @@ def test_a_free_lock_is_taken_without_waiting_and_released_on_errors(lock_path: 
     def on_wait() -> None:
         pytest.fail("waited for a free lock")
 
-    with pytest.raises(RuntimeError):
-        with index_lock(lock_path, on_wait=on_wait):
-            raise RuntimeError("the run failed")
+    with pytest.raises(RuntimeError), index_lock(lock_path, on_wait=on_wait):
+        raise RuntimeError("the run failed")
     assert lock_path.read_text() == ""  # no stale pid left behind
-    with index_lock(lock_path, wait=False):
-        # Not re-entrant: a second descriptor conflicts even within one process.
-        with pytest.raises(ClipgrepError, match=f"pid {os.getpid()}"):
-            with index_lock(lock_path, wait=False):
-                pass
+    # Not re-entrant: a second descriptor conflicts even within one process.
+    with (index_lock(lock_path, wait=False), pytest.raises(ClipgrepError, match=f"pid {os.getpid()}"),
+          index_lock(lock_path, wait=False)):
+        pass

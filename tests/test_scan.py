@@ -15,12 +15,15 @@ from clipgrep.errors import ClipgrepError
 from clipgrep.index.scan import (
     DEFAULT_EXCLUDES,
     IGNORE_FILE,
+    IGNORE_FILE_MAX_BYTES,
     PROGRESS_EVERY,
     ScanOptions,
     ScanProblem,
     ScanResult,
     scan,
 )
+
+from .hostile import deadline
 
 
 def touch(root: Path, *names: str, data: bytes = b"") -> None:
@@ -99,7 +102,20 @@ def test_fifo_named_like_an_image_is_not_a_file(tmp_path: Path) -> None:
         pytest.skip("no FIFOs on this platform")
     os.mkfifo(tmp_path / "pipe.jpg")
     touch(tmp_path, "real.jpg")
-    assert found(scan([tmp_path]), tmp_path) == ["real.jpg"]
+    result = scan([tmp_path])
+    assert found(result, tmp_path) == ["real.jpg"]
+    assert problems(result, tmp_path) == {("pipe.jpg", "not a regular file")}  # said, not silently dropped
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero")
+def test_link_to_a_device_named_like_an_image_is_not_a_file(tmp_path: Path) -> None:
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    touch(tmp_path, "real.jpg")
+    result = scan([tmp_path], ScanOptions(follow_symlinks=True))
+    assert found(result, tmp_path) == ["real.jpg"]
+    assert problems(result, tmp_path) == {("zero.jpg", "not a regular file")}
+    default = scan([tmp_path])  # links are not followed at all by default
+    assert (found(default, tmp_path), default.problems, default.excluded) == (["real.jpg"], [], 1)
 
 
 # --- --exclude patterns ----------------------------------------------------------------------
@@ -190,6 +206,21 @@ def test_invalid_line_in_ignore_file_is_a_problem_and_the_rest_applies(tmp_path:
     result = scan([tmp_path])
     assert found(result, tmp_path) == ["b.jpg"]
     assert problems(result, tmp_path) == {(IGNORE_FILE, "invalid pattern '!' ignored")}
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.exists("/dev/zero"), reason="POSIX only")
+def test_hostile_ignore_file_is_a_problem_not_a_hang(tmp_path: Path) -> None:
+    # A FIFO would block the open forever; a link to /dev/zero would be read without end.
+    touch(tmp_path, "fifo/a.jpg", "zero/b.jpg", "huge/c.jpg", "fine.jpg")
+    os.mkfifo(tmp_path / "fifo" / IGNORE_FILE)
+    (tmp_path / "zero" / IGNORE_FILE).symlink_to("/dev/zero")
+    (tmp_path / "huge" / IGNORE_FILE).write_bytes(b"#" * (IGNORE_FILE_MAX_BYTES + 1))
+    with deadline(20):
+        result = scan([tmp_path])
+    assert found(result, tmp_path) == ["fifo/a.jpg", "fine.jpg", "huge/c.jpg", "zero/b.jpg"]
+    assert problems(result, tmp_path) == {(f"fifo/{IGNORE_FILE}", "not a regular file"),
+                                          (f"zero/{IGNORE_FILE}", "not a regular file"),
+                                          (f"huge/{IGNORE_FILE}", "too large for a pattern file")}
 
 
 # --- defaults: hidden files and junk directories ---------------------------------------------

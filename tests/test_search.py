@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,8 @@ from clipgrep.cli import app
 from clipgrep.errors import ClipgrepError
 from clipgrep.index.build import IndexOptions, update_index
 from clipgrep.models import add_model
-from clipgrep.search import QueryTerm, parse_query, parse_term, rank, search
+from clipgrep.query import QueryTerm, parse_query, parse_term
+from clipgrep.ranking import rank, search
 from clipgrep.snapshot import read_snapshot
 
 from .factories import make_contract_bundle
@@ -80,6 +83,31 @@ def test_existing_file_is_an_image_term_unless_forced_to_text(tmp_path: Path, mo
     assert parse_term("pool.jpg", sign=-1).weight == -1.0
 
 
+@pytest.mark.parametrize("raw", ["a photo of " + "a very long caption " * 15,   # longer than NAME_MAX (item 19)
+                                 "x" * 5000,                                        # longer than PATH_MAX
+                                 "nul\0byte", "/".join(["deep"] * 2000)])
+def test_any_text_is_a_text_term_even_when_it_cannot_be_a_path(raw: str) -> None:
+    assert parse_term(raw) == QueryTerm(1.0, text=raw)
+    assert parse_term("2:" + raw) == QueryTerm(2.0, text=raw)
+
+
+def test_only_regular_files_are_image_terms(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo("pipe.jpg")                      # opening it would block
+    os.symlink("/dev/zero", "zero.jpg")        # reading it never ends
+    os.mkdir("folder.jpg")
+    for name in ("pipe.jpg", "zero.jpg", "folder.jpg"):
+        assert parse_term(name) == QueryTerm(1.0, text=name)
+    Image.new("RGB", (4, 4)).save("real.png")
+    os.symlink("real.png", "link.png")
+    assert parse_term("link.png").image == tmp_path / "link.png"  # a link to a regular file is one
+
+
+def test_weights_must_be_finite() -> None:
+    with pytest.raises(ClipgrepError, match="too large"):
+        parse_term("1" + "0" * 400 + ":dog")   # float() makes it inf
+
+
 def test_empty_and_zero_queries_are_user_errors() -> None:
     with pytest.raises(ClipgrepError, match="no query"):
         parse_query([])
@@ -122,7 +150,55 @@ def test_threshold_and_top_k(indexed: Path) -> None:
     assert len(fake_search("red", k=3)) == 3
     above = fake_search("red", k=None, threshold=0.9)
     assert above and all(score >= 0.9 for _, score in above)
-    assert fake_search("red", threshold=1.01) == []
+    assert fake_search("red", threshold=1.0) == []
+
+
+def test_huge_finite_weights_only_scale_the_query(indexed: Path) -> None:
+    """Only the ratio of weights matters; 1e300 x a float32 vector used to overflow to inf, then nan scores."""
+    plain = fake_search("red", sub=["blue"], k=None)
+    huge = fake_search("1" + "0" * 300 + ":red", sub=["1" + "0" * 300 + ":blue"], k=None)
+    assert [name for name, _ in huge] == [name for name, _ in plain]
+    assert np.allclose([score for _, score in huge], [score for _, score in plain], atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"threshold": float("nan")}, "threshold must be a cosine between -1 and 1"),
+    ({"threshold": float("inf")}, "threshold must be a cosine between -1 and 1"),
+    ({"threshold": 1.5}, "threshold must be a cosine between -1 and 1"),
+    ({"k": 0}, "at least 1"),
+    ({"k": -3}, "at least 1"),
+])
+def test_numeric_options_are_checked(indexed: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ClipgrepError, match=message):
+        fake_search("red", **kwargs)
+
+
+@pytest.fixture
+def many_reds(tmp_path: Path) -> Path:
+    """14 shades of red: more matches above a threshold than the default 10 results."""
+    bundle = add_model("tiny", checkpoint=make_contract_bundle(tmp_path / "bundle"))
+    root = tmp_path / "reds"
+    root.mkdir()
+    for i in range(14):
+        Image.new("RGB", (8, 8), (255 - 5 * i, 5 * i, 0)).save(root / f"red{i:02d}.png")
+    update_index([root], bundle=bundle, encoder=FakeImageEncoder(), options=IndexOptions(workers=0))
+    return root
+
+
+def test_a_threshold_without_k_returns_every_match(many_reds: Path) -> None:
+    assert len(fake_search("red")) == 10                      # no threshold: the best 10
+    assert len(fake_search("red", threshold=0.9)) == 14       # was cut to 10 in silence
+    assert len(fake_search("red", threshold=0.9, k=5)) == 5
+
+
+def test_cli_threshold_lists_all_matches_and_says_what_k_left_out(many_reds: Path) -> None:
+    query = str(many_reds / "red00.png")
+    everything = cli(query, "--threshold", "0.9", "--paths", "-0")
+    assert everything.exit_code == 0 and everything.stderr == ""
+    assert everything.stdout_bytes.count(b"\0") == 14
+    capped = cli(query, "--threshold", "0.9", "-k", "4")
+    assert capped.exit_code == 0 and len(capped.stdout.splitlines()) == 4
+    assert capped.stderr == "clipgrep: 10 more results score 0.9 or more; raise -k to see them\n"
 
 
 @pytest.mark.parametrize("under, expected", [
@@ -130,10 +206,16 @@ def test_threshold_and_top_k(indexed: Path) -> None:
     ("under_score", {"red too.png"}),
     ("under%", {"red again.png"}),
     ("under/", {"blue sky.png"}),
-    ("nowhere", set()),
+    ("..", set(COLOURS)),                     # above the root: everything in it
 ])
 def test_under_matches_exact_subtrees_despite_like_wildcards(indexed: Path, under: str, expected: set) -> None:
-    assert {name for name, _ in fake_search("red", k=None, under=str(indexed / under))} == expected
+    found = {name for name, _ in fake_search("red", k=None, under=str(indexed / under))}
+    assert found == {os.path.basename(name) for name in expected}
+
+
+def test_under_an_empty_subdirectory_is_no_match_not_an_error(indexed: Path) -> None:
+    (indexed / "empty").mkdir()
+    assert fake_search("red", under=str(indexed / "empty")) == []
 
 
 def test_rank_orders_ties_by_path_and_scores_descend(indexed: Path) -> None:
@@ -188,8 +270,90 @@ def test_json_lines_parse(indexed: Path) -> None:
 
 
 def test_no_results_exits_1_with_empty_stdout(indexed: Path) -> None:
-    result = cli(str(indexed / "red.png"), "--threshold", "1.5")
-    assert result.exit_code == 1 and result.stdout == ""
+    result = cli(str(indexed / "blue.png"), "--threshold", "0.9", "--under", str(indexed / "under_score"))
+    assert result.exit_code == 1 and result.stdout == "" and result.stderr == ""
+
+
+def one_line_error(result, message: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("clipgrep: error: ")
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--under", "{root}/nowhere"), "--under {root}/nowhere does not exist"),
+    (("--under", "{root}/red.png"), "is not a directory"),
+    (("--under", "{outside}"), "is outside every indexed root"),
+    (("--model", "nope"), "no model named 'nope' is installed"),
+    (("--model", "nope"), "clipgrep models list"),
+    (("--threshold", "nan"), "threshold must be a cosine between -1 and 1, not nan"),
+    (("--threshold", "1e400"), "not inf"),
+    (("--threshold", "-2"), "between -1 and 1"),
+    (("-k", "0"), "number of results must be at least 1"),
+    (("1" + "0" * 400 + ":red",), "too large"),
+])
+def test_bad_search_input_is_one_line_and_exit_2(indexed: Path, tmp_path: Path, args: tuple[str, ...],
+                                                 message: str) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    fill = {"root": str(indexed), "outside": str(outside)}
+    result = cli("red", *(a.format(**fill) for a in args))
+    one_line_error(result, message.format(**fill))
+
+
+def test_a_caption_longer_than_a_file_name_is_searched_as_text(indexed: Path) -> None:
+    caption = "a long caption about a small red bicycle leaning on a wall at night, " * 5
+    assert len(caption) > 255
+    result = cli(caption, "-k", "3")
+    assert result.exit_code == 0 and result.stderr == "" and len(result.stdout.splitlines()) == 3
+
+
+@pytest.mark.parametrize("args", [("red", "-0.5:blue", "-k", "3", "-p"),
+                                  ("-0.5:blue", "red", "-k", "3", "-p"),
+                                  ("-k", "3", "-p", "--", "-0.5:blue", "red"),
+                                  ("red", "--sub", "0.5:blue", "-k", "3", "-p"),
+                                  ("red", "--add", "-0.5:blue", "-k", "3", "-p")])
+def test_a_negative_weight_can_start_a_term(indexed: Path, args: tuple[str, ...]) -> None:
+    """`-0.5:blue` is a term wherever it stands (Click read it as the options -0 -. -5 ...)."""
+    expected = [h.path for h in search(["red"], sub=["0.5:blue"], model="tiny", k=3)]
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == expected
+
+
+def test_words_after_double_dash_are_all_terms(indexed: Path) -> None:
+    """POSIX: `--` ends the options, so `-k 3` after it is text (options go before `--`)."""
+    expected = search(["-k", "3"], model="tiny", k=4)
+    result = cli("-k", "4", "--", "-k", "3")
+    assert result.exit_code == 0
+    assert result.stdout.splitlines() == [f"{h.score:.4f}\t{h.path}" for h in expected]
+
+
+def search_process(indexed: Path, stdout: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clipgrep", "search", "--model", "tiny", str(indexed / "red.png")],
+                          stdout=stdout, stderr=subprocess.PIPE, text=True, check=False)
+
+
+def test_output_to_a_full_device_is_one_line_and_exit_2(indexed: Path) -> None:
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    with open("/dev/full", "w") as full:
+        result = search_process(indexed, full)
+    assert result.returncode == 2
+    assert result.stderr == ("clipgrep: error: cannot write the output: No space left on device "
+                             "(free some space, or send the output elsewhere)\n")
+
+
+def test_results_into_a_closed_pipe_exit_0_quietly(indexed: Path) -> None:
+    """`clipgrep search x | head -1`: the reader leaving early is not an error (as with grep)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = search_process(indexed, write)
+    finally:
+        os.close(write)
+    assert result.returncode == 0 and result.stderr == ""
 
 
 def test_conflicting_formats_exit_2(indexed: Path) -> None:

@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..convert import local_dir
 from ..errors import ClipgrepError, first_line
 
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-WEIGHTS = "open_clip_model.safetensors"
+OPEN_CLIP_CONFIG = local_dir.CONFIG
+WEIGHTS = local_dir.WEIGHTS
 STAGE_CONFIG = "config.json"
 TRAINING_STATE_FORMAT = 1
 # torch.compile wraps a module as ``_orig_mod``; nanochat strips it the same way.
@@ -56,7 +57,7 @@ def save_local_dir(model: Any, model_cfg: dict[str, Any], preprocess_cfg: Mappin
     out = Path(out_dir).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     if dataclasses.is_dataclass(preprocess_cfg):
-        preprocess_cfg = dataclasses.asdict(preprocess_cfg)
+        preprocess_cfg = dataclasses.asdict(preprocess_cfg)  # type: ignore[arg-type]  # an instance, not a class
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         save_file(_plain_tensors(model.state_dict()), str(staging / WEIGHTS), metadata={"format": "pt"})
@@ -79,12 +80,7 @@ def load_local_dir(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any], d
     from ..convert.torch_env import import_open_clip, quiet_open_clip_logging
 
     local = Path(path).expanduser()
-    try:
-        config = json.loads((local / OPEN_CLIP_CONFIG).read_text(encoding="utf-8"))
-        model_cfg = config["model_cfg"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ClipgrepError(f"{local} is not an open_clip local dir (no readable {OPEN_CLIP_CONFIG} "
-                            "with model_cfg)", "pass a directory written by clipgrep compress") from None
+    model_cfg = local_dir.model_cfg(local)
     if not (local / WEIGHTS).is_file():
         # open_clip would only log a warning and hand back random weights.
         raise ClipgrepError(f"{local} has no {WEIGHTS}", "the stage that wrote it did not finish; run it again")

@@ -111,7 +111,7 @@ def _read_image_list(path: Path) -> list[Path]:
 
 
 def _is_image_name(path: Path) -> bool:
-    from ..index.scan import IMAGE_EXTENSIONS
+    from ..embed.formats import IMAGE_EXTENSIONS
 
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
@@ -135,6 +135,9 @@ class PairSet:
     captions: list[str]
     caption_image: np.ndarray
     root: Path | None = None
+    # The split each image has in the data set's own published split (Karpathy's
+    # train/restval/val/test), or None for files that carry no split.
+    published_split: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         ids = np.asarray(self.caption_image, dtype=np.int64)
@@ -143,6 +146,9 @@ class PairSet:
         if len(ids) and (ids.min() < 0 or ids.max() >= len(self.images)):
             raise ValueError(f"caption_image must index into images (0..{len(self.images) - 1})")
         object.__setattr__(self, "caption_image", ids)  # frozen: the one sanctioned write
+        if self.published_split is not None and len(self.published_split) != len(self.images):
+            raise ValueError(f"published_split has {len(self.published_split)} entries, "
+                             f"expected {len(self.images)}")
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -166,8 +172,17 @@ class PairSet:
         new_index = np.full(len(self.images), -1, dtype=np.int64)
         new_index[ids] = np.arange(len(ids))
         kept = np.flatnonzero(new_index[self.caption_image] >= 0)
+        published = None if self.published_split is None else tuple(self.published_split[i] for i in ids)
         return PairSet([self.images[i] for i in ids], [self.captions[t] for t in kept],
-                       new_index[self.caption_image[kept]], self.root)
+                       new_index[self.caption_image[kept]], self.root, published)
+
+    def published(self, *names: str) -> PairSet:
+        """The images the data set's own split puts in one of ``names`` (e.g. ``"test"``)."""
+        if self.published_split is None:
+            raise ClipgrepError("these pairs carry no published split",
+                                "use a Karpathy split file (dataset_coco.json, dataset_flickr30k.json), "
+                                "or --split val for a held-out split by hash")
+        return self.select([i for i, name in enumerate(self.published_split) if name in names])
 
     @cached_property
     def _caption_ids(self) -> list[np.ndarray]:
@@ -177,8 +192,8 @@ class PairSet:
         return [order[bounds[i]:bounds[i + 1]] for i in range(len(self.images))]
 
 
-def load_pairs(path: str | os.PathLike[str]) -> PairSet:
-    """Caption-image pairs from JSONL or CSV; image paths are relative to the file's directory.
+def load_pairs(path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None) -> PairSet:
+    """Caption-image pairs from JSONL, CSV, COCO caption annotations or a Karpathy split file.
 
     JSONL (``.jsonl``, ``.ndjson``, ``.json``): one object per line, either
     ``{"image": "a.jpg", "caption": "..."}`` or ``{"image": "a.jpg", "captions": ["...", ...]}``;
@@ -189,12 +204,26 @@ def load_pairs(path: str | os.PathLike[str]) -> PairSet:
     order. Whitespace inside captions is collapsed to single spaces, as CLIP's
     tokenizer would anyway.
 
-    Example: ``pairs = load_pairs("flickr30k/train.jsonl"); pairs.captions_of(0)``
+    A JSON document with an ``images`` list is read as a published data set:
+    COCO caption annotations (``captions_train2014.json``: ``images`` with
+    ``id``/``file_name``, ``annotations`` with ``image_id``/``caption``), or
+    Karpathy's split files (``dataset_coco.json``, ``dataset_flickr30k.json``:
+    ``images`` with ``filepath``/``filename``, ``split`` and ``sentences[].raw``),
+    whose ``split`` is kept (``PairSet.published_split``) so that ``split_pairs``
+    and ``compress eval --split test`` use the split the paper's tables use.
+
+    Image paths are relative to ``image_root`` when given, else to the file's directory.
+
+    Example: ``pairs = load_pairs("karpathy/dataset_flickr30k.json", image_root="flickr30k-images")``
     """
     path = Path(path).expanduser()
     text = _read_text(path)
+    base = Path(os.path.abspath(Path(image_root).expanduser())) if image_root is not None else _absolute_dir(path)
+    document = _json_document(text)
+    if isinstance(document, dict) and isinstance(document.get("images"), list):
+        return _published_pairs(path, document, base)
     rows = _jsonl_rows(path, text) if _is_jsonl(path, text) else _csv_rows(path, text)
-    return _gather_pairs(path, rows)
+    return _gather_pairs(path, rows, base)
 
 
 def split_pairs(pairs: PairSet, val_fraction: float = 0.1, seed: int = 0) -> tuple[PairSet, PairSet]:
@@ -207,8 +236,14 @@ def split_pairs(pairs: PairSet, val_fraction: float = 0.1, seed: int = 0) -> tup
     training an image it was validated on in an earlier run. The val side holds
     about ``val_fraction`` of the images, not exactly that many.
 
+    Pairs that carry a published split (a Karpathy file) are split by it instead:
+    train = ``train`` + ``restval``, val = ``val`` (``val_fraction`` and ``seed`` are
+    not used; the ``test`` images are on neither side).
+
     Example: ``train, val = split_pairs(load_pairs("pairs.jsonl"), val_fraction=0.05)``
     """
+    if pairs.published_split is not None:
+        return pairs.published("train", "restval"), pairs.published("val")
     if not 0.0 <= val_fraction <= 1.0:
         raise ClipgrepError(f"val_fraction must be between 0 and 1, got {val_fraction}",
                             "use e.g. 0.1 for a 10% validation split")
@@ -298,8 +333,8 @@ def _caption(path: Path, number: int, value: object) -> str:
     return caption
 
 
-def _gather_pairs(path: Path, rows: Iterable[_Row]) -> PairSet:
-    base = _absolute_dir(path)
+def _gather_pairs(path: Path, rows: Iterable[_Row], base: Path, unit: str = "line") -> PairSet:
+    """``unit`` names what a row's number counts: a line of JSONL/CSV, or an entry of ``images``."""
     image_ids: dict[Path, int] = {}
     first_line: list[int] = []
     captions: list[str] = []
@@ -318,9 +353,83 @@ def _gather_pairs(path: Path, rows: Iterable[_Row]) -> PairSet:
     missing = [(first_line[i], image) for i, image in enumerate(images) if not image.is_file()]
     if missing:
         raise ClipgrepError(
-            f"{path}: {len(missing)} of {len(images)} images do not exist: {_preview(missing)}",
-            f"fix or remove those rows; image paths are relative to {base}")
+            f"{path}: {len(missing)} of {len(images)} images do not exist: {_preview(missing, unit)}",
+            f"fix or remove those {unit}s; image paths are relative to {base} (--image-root sets it)")
     return PairSet(images, captions, np.array(caption_image, dtype=np.int64), base)
+
+
+def _json_document(text: str) -> object:
+    """The file as one JSON document, or None (JSONL and CSV are not one document)."""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None  # JSONL: the second object on the next line is "extra data"
+
+
+def _published_pairs(path: Path, document: dict, base: Path) -> PairSet:
+    """COCO caption annotations or a Karpathy split file, told apart by their keys."""
+    entries = document["images"]
+    if "annotations" in document:
+        rows, splits = _coco_rows(path, entries, document["annotations"]), None
+    else:
+        rows, splits = _karpathy_rows(path, entries)
+    pairs = _gather_pairs(path, rows, base, unit="entry")
+    if splits is not None:
+        # _gather_pairs numbers images in first-seen order, which is the entries' order here.
+        pairs = PairSet(pairs.images, pairs.captions, pairs.caption_image, pairs.root, tuple(splits))
+    return pairs
+
+
+def _coco_rows(path: Path, images: list, annotations: object) -> list[_Row]:
+    if not isinstance(annotations, list):
+        raise _entry_error(path, "annotations", "'annotations' must be a list")
+    file_of: dict[object, tuple[int, str]] = {}
+    for number, image in enumerate(images, start=1):
+        if not isinstance(image, dict) or "id" not in image:
+            raise _entry_error(path, f"images[{number - 1}]", "needs 'id' and 'file_name'")
+        file_of[image["id"]] = (number, _image_field(path, number, image.get("file_name")))
+    captions: dict[object, list[str]] = {}
+    for number, note in enumerate(annotations):
+        if not isinstance(note, dict) or note.get("image_id") not in file_of:
+            raise _entry_error(path, f"annotations[{number}]", "needs an 'image_id' listed in 'images'")
+        captions.setdefault(note["image_id"], []).append(_caption(path, number + 1, note.get("caption")))
+    # Images in 'images' order; an image without a caption is no pair (COCO test sets have none).
+    return [(file_of[i][0], file_of[i][1], captions[i]) for i in file_of if i in captions]
+
+
+_KARPATHY_SPLITS = frozenset({"train", "restval", "val", "test"})
+
+
+def _karpathy_rows(path: Path, images: list) -> tuple[list[_Row], list[str]]:
+    rows: list[_Row] = []
+    splits: list[str] = []
+    seen: set[str] = set()
+    for number, image in enumerate(images, start=1):
+        where = f"images[{number - 1}]"
+        if not isinstance(image, dict) or not isinstance(image.get("sentences"), list):
+            raise _entry_error(path, where, "needs 'filename', 'split' and a 'sentences' list")
+        split = image.get("split")
+        if split not in _KARPATHY_SPLITS:
+            raise _entry_error(path, where, f"unknown split {split!r} (expected {', '.join(sorted(_KARPATHY_SPLITS))})")
+        written = _image_field(path, number, image.get("filename"))
+        if isinstance(image.get("filepath"), str) and image["filepath"]:
+            written = f"{image['filepath']}/{written}"  # COCO: val2014/COCO_val2014_....jpg
+        if written in seen:
+            raise _entry_error(path, where, f"{written} is listed twice")
+        seen.add(written)
+        captions = [_caption(path, number, s.get("raw") if isinstance(s, dict) else None)
+                    for s in image["sentences"]]
+        if not captions:
+            raise _entry_error(path, where, "has no sentences")
+        rows.append((number, written, captions))
+        splits.append(split)
+    return rows, splits
+
+
+def _entry_error(path: Path, where: str, problem: str) -> ClipgrepError:
+    return ClipgrepError(f"{path}: {where}: {problem}", "fix the file, or convert it to JSONL pairs")
 
 
 def _row_error(path: Path, number: int, problem: str) -> ClipgrepError:
@@ -358,8 +467,8 @@ def _resolve(base: Path, written: str) -> Path:
     return Path(os.path.abspath(base / Path(written).expanduser()))
 
 
-def _preview(entries: Sequence[tuple[int, Path]]) -> str:
-    shown = ", ".join(f"line {number}: {image}" for number, image in entries[:_PREVIEW])
+def _preview(entries: Sequence[tuple[int, Path]], unit: str = "line") -> str:
+    shown = ", ".join(f"{unit} {number}: {image}" for number, image in entries[:_PREVIEW])
     more = len(entries) - _PREVIEW
     return f"{shown} and {more} more" if more > 0 else shown
 

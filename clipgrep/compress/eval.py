@@ -30,7 +30,7 @@ from ..models import Progress, load_model
 from .data import PairSet, load_pairs, split_pairs
 from .metrics import recall_at_k
 
-SPLITS = ("all", "val")
+SPLITS = ("all", "val", "test")
 SPEED_BATCHES = (1, 16)
 # Items in one timing sample: 16 runs of one item, or one run of 16.
 SPEED_ITEMS = max(SPEED_BATCHES)
@@ -41,7 +41,9 @@ class EvalConfig:
     """What to evaluate. ``models[0]`` is the reference (the teacher) that ``compare`` divides by.
 
     ``split="val"`` evaluates the validation side of ``split_pairs(pairs, val_fraction, seed)``,
-    the images a student trained with the same seed and fraction never saw. ``batch_size`` is
+    the images a student trained with the same seed and fraction never saw; ``split="test"``
+    the published test split of a Karpathy file (5k COCO / 1k Flickr30K images, the paper's
+    tables). ``image_root`` is where the pairs' image paths start (default: the file's dir). ``batch_size`` is
     the number of images or captions per ONNX run while encoding the set; ``workers`` the number
     of image decoding processes (``None``: one per CPU, ``0``: in-process).
     """
@@ -49,6 +51,7 @@ class EvalConfig:
     pairs: str
     models: tuple[str, ...]
     split: str = "all"
+    image_root: str | None = None
     val_fraction: float = 0.1
     seed: int = 0
     ks: tuple[int, ...] = (1, 5, 10)
@@ -153,7 +156,7 @@ def evaluate(config: EvalConfig, on_progress: Progress | None = None) -> list[Mo
         result.recall = recall_at_k(text_emb, emb, pairs.caption_image, config.ks)
         results.append(result)
     speed_texts = [pairs.captions[i % len(pairs.captions)] for i in range(SPEED_ITEMS)]
-    timings = _time_models(images, texts, speed_pixels, speed_texts, config.speed_repeats, step)
+    timings = time_models(images, texts, speed_pixels, speed_texts, config.speed_repeats, step)
     for result, timing in zip(results, timings):
         for key, ms in timing.items():
             setattr(result, key, ms)
@@ -179,9 +182,11 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def _load_split(config: EvalConfig) -> PairSet:
-    pairs = load_pairs(config.pairs)
+    pairs = load_pairs(config.pairs, config.image_root)
     if config.split == "val":
         _, pairs = split_pairs(pairs, val_fraction=config.val_fraction, seed=config.seed)
+    elif config.split == "test":
+        pairs = pairs.published("test")
     if not pairs.images or not pairs.captions:
         raise ClipgrepError(f"the {config.split} split of {config.pairs} has no caption-image pairs",
                             "use --split all, or a larger --val-fraction")
@@ -244,7 +249,7 @@ def _decoded_batches(pairs: PairSet, preprocess: Any, config: EvalConfig) -> Ite
         yield np.stack(batch)
 
 
-def _time_models(images: list[Any], texts: list[Any], pixels: list[np.ndarray], captions: list[str],
+def time_models(images: list[Any], texts: list[Any], pixels: list[np.ndarray], captions: list[str],
                  repeats: int, step: Progress) -> list[dict[str, float]]:
     """Median milliseconds per item for each model: ``{"image_ms_b1": ..., "text_ms_b16": ...}``.
 

@@ -2,7 +2,8 @@
 
 A stage writes its student as an open_clip local-dir; model conversion
 (``models.add_model``) already turns a local-dir into a parity-checked bundle,
-so export is that conversion, once per precision.
+so export is that conversion: one ONNX export, then per precision a quantisation (or copy) and
+the gate (``models.add_models``).
 """
 from __future__ import annotations
 
@@ -10,19 +11,18 @@ import os
 from pathlib import Path
 
 from ..bundle import Bundle
+from ..convert import local_dir
 from ..errors import ClipgrepError
-from ..models import Progress, add_model
-
-LOCAL_DIR_CONFIG = "open_clip_config.json"
+from ..models import Progress, add_models
 
 
 def student_dir(checkpoint: str | os.PathLike[str]) -> Path:
     """The open_clip local-dir inside a stage output (``OUT/student``), or ``checkpoint`` itself."""
+    found = local_dir.find_local_dir(checkpoint)
+    if found is not None:
+        return found
     path = Path(checkpoint).expanduser()
-    for candidate in (path / "student", path):
-        if (candidate / LOCAL_DIR_CONFIG).is_file():
-            return candidate
-    raise ClipgrepError(f"{path} holds no trained student ({LOCAL_DIR_CONFIG} not found)",
+    raise ClipgrepError(f"{path} holds no trained student ({local_dir.CONFIG} not found)",
                         "pass the --out directory of clipgrep compress stage1/stage2, or an open_clip local-dir")
 
 
@@ -35,7 +35,5 @@ def export_student(checkpoint: str | os.PathLike[str], name: str, precision: str
     if precision not in ("both", "int8", "fp32"):
         raise ClipgrepError(f"unknown precision {precision!r}", "use both, int8 or fp32")
     source = student_dir(checkpoint)
-    targets = {"int8": name, "fp32": f"{name}-fp32" if precision == "both" else name}
-    wanted = ("int8", "fp32") if precision == "both" else (precision,)
-    return [add_model(targets[p], checkpoint=source, precision=p, replace=replace, on_progress=on_progress)
-            for p in wanted]
+    names = {"int8": name, "fp32": f"{name}-fp32"} if precision == "both" else {precision: name}
+    return add_models(names, checkpoint=source, replace=replace, on_progress=on_progress)

@@ -23,10 +23,8 @@ steps in one go (bit for bit on CPU).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -36,38 +34,33 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..convert import local_dir
+from ..convert.source import ModelSource
 from ..errors import ClipgrepError
-from .checkpoint import (
-    STAGE_CONFIG,
-    capture_rng_states,
-    load_training_state,
-    restore_rng_states,
-    save_local_dir,
-    save_training_state,
-)
+from .checkpoint import load_training_state, save_local_dir
 from .data import load_image_set, load_texts
+from .generic_texts import BUILTIN_GENERIC, generic_texts
+from .library import IndexedImages, check_made_by_teacher, indexed_images
+from .loop import Optimisation, precision, restore_checkpoint, run_steps, save_checkpoint
 from .losses import intra_modal_distill_loss
 from .students import StudentSpec, build_student, parse_student, plan_student
 from .teacher import (
     CacheProgress,
     cached_embeddings,
-    format_teacher,
     image_decode_pool,
     load_image_batch,
     load_teacher,
-    parse_teacher,
 )
 from .training import (
     JsonConfig,
     check_counts,
     config_changes,
     data_digests,
-    param_groups,
+    is_number,
     resolve_device,
     seed_everything,
+    start_run_dir,
     tower_of,
-    warmup_cosine,
-    write_text_atomic,
 )
 
 __all__ = ["CHECKPOINT", "Stage1Config", "Stage1Progress", "run", "trained_towers"]
@@ -76,13 +69,14 @@ CHECKPOINT = "checkpoint.pt"
 # Settings that do not change what training computes: a resume may differ in these.
 RESUME_FREE = frozenset({"out", "cache_dir", "device", "checkpoint_every", "max_steps"})
 _CACHE_BATCH = 256
+_PROBE_TEXTS = 64
 
 
 @dataclass(frozen=True)
 class Stage1Config(JsonConfig):
     """Everything stage 1 needs; ``out/config.json`` holds the resolved copy.
 
-    ``teacher`` is a teacher SPEC (``teacher.parse_teacher``), ``student`` a
+    ``teacher`` is a teacher SPEC (``ModelSource.parse``), ``student`` a
     ``--student`` value (``students.parse_student``). ``images`` is a directory or
     list file (``data.load_image_set``), ``texts`` a file of one text per line;
     each is needed only when the student changes that tower. ``epochs`` count
@@ -114,15 +108,21 @@ class Stage1Config(JsonConfig):
     device: str = "auto"
     max_steps: int | None = None
     cache_dir: str | None = None
+    # An installed model whose index holds the teacher's embeddings of the user's photos:
+    # they are the image targets (library.py), and the indexed files the image set.
+    images_from_index: str | None = None
 
     def __post_init__(self) -> None:
+        if self.images and self.images_from_index:
+            raise ClipgrepError("both --images and --images-from-index name the image set",
+                                "pass one of them")
         check_counts(self, {"epochs": 1, "batch_size": 2, "warmup_steps": 0, "queue_size": 0, "seed": 0,
                             "checkpoint_every": 1})
         for name in ("lr", "temperature"):
-            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
+            if not is_number(getattr(self, name)) or not getattr(self, name) > 0:
                 raise ClipgrepError(f"{name} must be a positive number, not {getattr(self, name)!r}",
                                     f"e.g. {name}={getattr(Stage1Config, name)}")
-        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+        if not is_number(self.weight_decay) or self.weight_decay < 0:
             raise ClipgrepError(f"weight_decay must be >= 0, not {self.weight_decay!r}", "e.g. 0.05")
         if not self.out:
             raise ClipgrepError("no output directory given", "pass --out DIR")
@@ -156,13 +156,16 @@ def run(config: Stage1Config, on_progress: Progress | None = None) -> Path:
     PosixPath('runs/s1/student')
     """
     config, spec = _resolve(config)
-    towers, resume, items = _check_inputs(config, spec)
+    towers, resume, items, indexed = _check_inputs(config, spec)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / STAGE_CONFIG, config.to_json())
+    start_run_dir(out, config)
     seed_everything(config.seed)  # before the teacher: a random-init teacher draws from it
     teacher = load_teacher(config.teacher, config.device)
-    targets = {kind: cached_embeddings(teacher, kind, items[kind], config.cache_dir, _CACHE_BATCH, on_progress)
+    if indexed is not None:  # before any long work: the stored vectors must be this teacher's
+        check_made_by_teacher(indexed, teacher, config.teacher, items.get("text") or generic_texts(_PROBE_TEXTS))
+    targets = {kind: indexed.vectors if kind == "image" and indexed is not None else
+               cached_embeddings(teacher, kind, items[kind], config.cache_dir,  # type: ignore[arg-type]
+                                 _CACHE_BATCH, on_progress)  # kind is "image"/"text"; _resolve set cache_dir
                for kind in towers}
     student, model_cfg = build_student(teacher.model, teacher.model_cfg, spec)
     r = _Run(config, towers, student.to(config.device), items, targets, teacher.tokenizer, teacher.preprocess_config)
@@ -176,11 +179,12 @@ def run(config: Stage1Config, on_progress: Progress | None = None) -> Path:
     final_losses = _train(r, on_progress)
     extra.update(steps=r.step, total_steps=r.total_steps, complete=r.step == r.total_steps,
                  resumed_from=None if resume is None else resume.step, final_losses=final_losses,
-                 precision=str(r.amp_dtype).removeprefix("torch.") if r.amp_dtype else "float32")
-    return save_local_dir(r.student.eval(), model_cfg, preprocess, out / "student", extra)
+                 precision=precision(config.device))
+    return save_local_dir(r.student.eval(), model_cfg, preprocess, out / local_dir.STAGE_STUDENT, extra)
 
 
-def _check_inputs(config: Stage1Config, spec: StudentSpec) -> tuple[tuple[str, ...], Any, dict[str, list[Any]]]:
+def _check_inputs(config: Stage1Config, spec: StudentSpec
+                  ) -> tuple[tuple[str, ...], Any, dict[str, list[Any]], IndexedImages | None]:
     """Everything that can be refused before a model loads: towers, resume state, data."""
     towers = trained_towers(spec)
     if not towers:
@@ -188,20 +192,22 @@ def _check_inputs(config: Stage1Config, spec: StudentSpec) -> tuple[tuple[str, .
                             "shrink a tower, e.g. --student image=b32-6l,text=4")
     checkpoint = Path(config.out) / CHECKPOINT
     resume = _load_resume(checkpoint, config)
-    items = _load_items(config, towers)
+    indexed = indexed_images(config.images_from_index) if config.images_from_index and "image" in towers else None
+    items = _load_items(config, towers, indexed)
     if resume is not None and resume.extra.get("data") != data_digests(items):
         raise ClipgrepError(f"the image or text set changed since {checkpoint} was written",
                             "resume with the same data, use another --out, or delete the checkpoint")
-    return towers, resume, items
+    return towers, resume, items, indexed
 
 
 def _resolve(config: Stage1Config) -> tuple[Stage1Config, StudentSpec]:
     """Canonical specs, absolute paths and a concrete device, so configs compare by value."""
     spec = parse_student(config.student)
-    absolute = {name: os.path.abspath(Path(getattr(config, name)).expanduser())
-                for name in ("images", "texts", "out", "cache_dir") if getattr(config, name)}
+    absolute: dict[str, Any] = {name: os.path.abspath(Path(getattr(config, name)).expanduser())
+                                for name in ("images", "texts", "out", "cache_dir")
+                                if getattr(config, name) and getattr(config, name) != BUILTIN_GENERIC}
     absolute.setdefault("cache_dir", os.path.join(absolute["out"], "cache"))
-    resolved = dataclasses.replace(config, teacher=format_teacher(parse_teacher(config.teacher)),
+    resolved = dataclasses.replace(config, teacher=ModelSource.parse(config.teacher).spec(),
                                    student=str(spec), device=resolve_device(config.device), **absolute)
     return resolved, spec
 
@@ -219,17 +225,22 @@ def _load_resume(path: Path, config: Stage1Config) -> Any:
     return state
 
 
-def _load_items(config: Stage1Config, towers: tuple[str, ...]) -> dict[str, list[Any]]:
+def _load_items(config: Stage1Config, towers: tuple[str, ...], indexed: IndexedImages | None
+                ) -> dict[str, list[Any]]:
     items: dict[str, list[Any]] = {}
-    for kind, source in (("image", config.images), ("text", config.texts)):
+    for kind, source in (("image", config.images or config.images_from_index), ("text", config.texts)):
         if kind not in towers:
             continue  # a frozen tower gets no data, even when some is given
         if source is None:
-            flag = "--images" if kind == "image" else "--texts"
+            flag = "--images or --images-from-index" if kind == "image" else f"--texts (or {BUILTIN_GENERIC})"
             raise ClipgrepError(f"the student's {kind} tower differs from the teacher's, so stage 1 needs "
                                 f"{kind}s to distil it on", f"pass {flag}")
-        # A duplicate text would sit in its own batch as a negative identical to its positive.
-        found = load_image_set(source) if kind == "image" else list(dict.fromkeys(load_texts(source)))
+        if kind == "image":
+            found: list[Any] = indexed.paths if indexed is not None else load_image_set(source)
+        elif source == BUILTIN_GENERIC:
+            found = generic_texts()
+        else:  # a duplicate text would sit in its own batch as a negative identical to its positive
+            found = list(dict.fromkeys(load_texts(source)))
         if len(found) < 2:
             raise ClipgrepError(f"{source} holds {len(found)} {kind}; contrastive KD needs at least 2",
                                 f"add more {kind}s")
@@ -266,7 +277,7 @@ def _permutation(seed: int, stream: int, passes: int, n: int) -> np.ndarray:
 
 @dataclass(eq=False)
 class _Run:
-    """The state of one training run: model, optimiser, schedule, samplers, queues, position."""
+    """The state of one training run (a ``loop.Task``): model, optimisation, samplers, queues, position."""
 
     config: Stage1Config
     towers: tuple[str, ...]
@@ -279,43 +290,44 @@ class _Run:
     queues: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        import torch
-
-        c, device = self.config, self.config.device
+        c = self.config
         self.samplers = {kind: _Sampler(len(self.items[kind]), min(c.batch_size, len(self.items[kind])), c.seed, i)
                          for i, kind in enumerate(("image", "text")) if kind in self.towers}
         self.steps_per_epoch = max(s.per_pass for s in self.samplers.values())
         self.total_steps = c.epochs * self.steps_per_epoch
         self.queues = {kind: np.zeros(0, dtype=np.int64) for kind in self.towers}
-        cuda = torch.device(device).type == "cuda"
-        self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.optimizer = torch.optim.AdamW(param_groups(self.student, c.weight_decay, lambda name: tower_of(name) in self.towers), lr=c.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(min(c.warmup_steps, self.total_steps), self.total_steps))
+        self.optimisation = Optimisation(self.student, lr=c.lr, weight_decay=c.weight_decay,
+                                         warmup_steps=c.warmup_steps, total_steps=self.total_steps, device=c.device,
+                                         trains=lambda name: tower_of(name) in self.towers)
 
     def restore(self, state: Any) -> None:
         import torch
 
-        self.student.load_state_dict(state.model_state)
-        self.optimizer.load_state_dict(state.optimizer_state)
-        self.scheduler.load_state_dict(state.scheduler_state)
-        self.scaler.load_state_dict(state.extra.get("scaler") or self.scaler.state_dict())
-        restore_rng_states(state.rng_states)
+        restore_checkpoint(state, self.student, self.optimisation)
         self.queues = {k: torch.as_tensor(v).numpy().astype(np.int64) for k, v in state.extra["queues"].items()}
         self.step = state.step
 
     def save(self) -> None:
         import torch
 
-        extra = {"config": asdict(self.config), "data": data_digests(self.items), "scaler": self.scaler.state_dict(),
+        extra = {"config": asdict(self.config), "data": data_digests(self.items),
                  "queues": {k: torch.from_numpy(q.copy()) for k, q in self.queues.items()},
                  "epoch": self.step // self.steps_per_epoch}
-        save_training_state(Path(self.config.out) / CHECKPOINT, self.step, self.student.state_dict(),
-                            self.optimizer.state_dict(), self.scheduler.state_dict(), capture_rng_states(), extra)
+        save_checkpoint(Path(self.config.out) / CHECKPOINT, self.step, self.student, self.optimisation, extra)
+
+    # --- loop.Task: stage 1's batches never depend on training, so every step may be prefetched
+
+    def prepare(self, step: int, pool: ThreadPoolExecutor) -> None:
+        pass
+
+    def can_prefetch(self, step: int) -> bool:
+        return True
+
+    def group(self, step: int) -> str:
+        return "stage1"
 
     def load_batch(self, step: int, pool: ThreadPoolExecutor) -> dict[str, tuple[np.ndarray, Any]]:
-        """Each trained modality's (ids, model inputs) at ``step``; runs one step ahead in a thread."""
+        """Each trained modality's (ids, model inputs) at ``step``."""
         import torch
 
         batch = {}
@@ -334,21 +346,17 @@ class _Run:
         import torch.nn.functional as F
 
         device = self.config.device
-        autocast = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimisation.zero_grad()
         losses = {}
         for kind, (ids, inputs) in batch.items():
-            with autocast:
+            with self.optimisation.autocast():
                 encode = self.student.encode_image if kind == "image" else self.student.encode_text
                 embeddings = encode(inputs.to(device, non_blocking=True))
             student = F.normalize(embeddings.float(), dim=-1)
             teacher = torch.from_numpy(self.targets[kind][ids]).to(device)
             losses[kind] = intra_modal_distill_loss(student, teacher, self.config.temperature,
                                                     self._queued(kind, ids))
-        self.scaler.scale(sum(losses.values())).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        self.optimisation.step(sum(losses.values()))
         for kind, (ids, _) in batch.items():
             if self.config.queue_size:
                 self.queues[kind] = np.concatenate([self.queues[kind], ids])[-self.config.queue_size:]
@@ -365,24 +373,14 @@ class _Run:
 
 
 def _train(r: _Run, on_progress: Progress | None) -> dict[str, float]:
-    """The loop: step until ``max_steps`` or the end, checkpointing; returns mean losses of the last epoch run."""
+    """Step until ``max_steps`` or the end (``loop.run_steps``); returns mean losses of the last epoch run."""
     stop = min(r.total_steps, r.config.max_steps or r.total_steps)
-    recent: list[dict[str, float]] = []
-    start_step, started = r.step, time.perf_counter()
     items_per_step = sum(s.batch for s in r.samplers.values())
-    r.student.train()
-    with ThreadPoolExecutor(1) as prefetch, image_decode_pool() as decode:
-        upcoming = prefetch.submit(r.load_batch, r.step, decode) if r.step < stop else None
-        while upcoming is not None:
-            batch = upcoming.result()
-            upcoming = prefetch.submit(r.load_batch, r.step + 1, decode) if r.step + 1 < stop else None
-            losses = r.train_step(batch)
-            recent = (recent + [losses])[-r.steps_per_epoch:]
-            if r.step % r.config.checkpoint_every == 0 or r.step == stop:
-                r.save()
-            if on_progress is not None:
-                rate = (r.step - start_step) * items_per_step / max(time.perf_counter() - started, 1e-9)
-                epoch = (r.step - 1) // r.steps_per_epoch + 1
-                on_progress(Stage1Progress(r.step, r.total_steps, epoch, losses, rate))
-    return {kind: float(np.mean([line[kind] for line in recent])) for kind in r.towers} if recent else {}
 
+    def report(losses: dict[str, float], steps_per_s: float) -> None:
+        if on_progress is not None:
+            epoch = (r.step - 1) // r.steps_per_epoch + 1
+            on_progress(Stage1Progress(r.step, r.total_steps, epoch, losses, steps_per_s * items_per_step))
+
+    r.student.train()
+    return run_steps(r, stop, r.config.checkpoint_every, report, image_decode_pool).get("stage1", {})

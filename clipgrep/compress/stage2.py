@@ -55,38 +55,43 @@ import dataclasses
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
+from ..convert import local_dir
+from ..convert.source import ModelSource
 from ..errors import ClipgrepError
 from .checkpoint import (
-    OPEN_CLIP_CONFIG,
     STAGE_CONFIG,
     WEIGHTS,
-    capture_rng_states,
     load_local_dir,
     load_training_state,
     restore_rng_states,
     save_local_dir,
-    save_training_state,
 )
 from .data import PairSet, load_pairs, split_pairs
+from .loop import (
+    Optimisation,
+    amp_dtype,
+    autocast,
+    precision,
+    restore_optimisation,
+    run_steps,
+    save_checkpoint,
+)
 from .losses import LossWeights, stage2_loss
 from .mining import mine_caption_negatives
 from .teacher import (
     CacheProgress,
     cached_embeddings,
-    format_teacher,
     image_decode_pool,
     load_image_batch,
     load_teacher,
-    parse_teacher,
 )
 from .training import (
     JsonConfig,
@@ -94,12 +99,10 @@ from .training import (
     config_changes,
     data_digests,
     is_number,
-    param_groups,
     resolve_device,
     seed_everything,
+    start_run_dir,
     tower_of,
-    warmup_cosine,
-    write_text_atomic,
 )
 
 __all__ = ["CHECKPOINT", "STEPS", "HardNegativeProgress", "Stage2Config", "Stage2Progress", "run"]
@@ -115,7 +118,7 @@ _STEP_NAMES = {"image": "2a", "text": "2b"}
 class Stage2Config(JsonConfig):
     """Everything stage 2 needs; ``out/config.json`` holds the resolved copy.
 
-    ``teacher`` is a teacher SPEC (``teacher.parse_teacher``); ``student`` a stage-1
+    ``teacher`` is a teacher SPEC (``ModelSource.parse``); ``student`` a stage-1
     output directory or its ``student/`` local dir; ``pairs`` a JSONL/CSV of
     caption-image pairs (``data.load_pairs``). ``epochs_image``/``epochs_text`` are
     passes over the training images in steps 2a/2b, ``steps`` which of the two to
@@ -155,6 +158,7 @@ class Stage2Config(JsonConfig):
     max_steps: int | None = None
     steps: tuple[str, ...] = STEPS
     cache_dir: str | None = None
+    image_root: str | None = None  # where the pairs' image paths start (default: the pairs file's dir)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(self.steps))  # JSON gives a list
@@ -227,21 +231,23 @@ def run(config: Stage2Config, on_progress: Progress | None = None) -> Path:
     student_digest = _file_digest(student_dir / WEIGHTS)
     resume = _load_resume(Path(config.out) / CHECKPOINT, config, _pairs_digests(train), student_digest)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / STAGE_CONFIG, config.to_json())
+    start_run_dir(out, config)
     seed_everything(config.seed)  # before the teacher: a random-init teacher draws from it
     teacher = load_teacher(config.teacher, config.device)
     kinds = ("text", "image") if config.weight_kd else ("text",)  # teacher images only feed L_KD
     items = {"text": train.captions, "image": train.images}
-    targets = {kind: cached_embeddings(teacher, kind, items[kind], config.cache_dir, _CACHE_BATCH, on_progress)
+    # _resolve set cache_dir; kinds are "image"/"text"
+    targets = {kind: cached_embeddings(teacher, kind, items[kind], config.cache_dir, _CACHE_BATCH,  # type: ignore[arg-type]
+                                       on_progress)
                for kind in kinds}
     teacher_info = {"spec": config.teacher, "provenance": teacher.provenance,
                     "weights_blake2b": teacher.weights_digest}
     del teacher  # from here on only its cached embeddings are needed
     student, model_cfg, preprocess = load_local_dir(student_dir)
-    r = _Run(config, train, student.to(config.device), targets, _tokenizer(student_dir), preprocess, student_digest)
+    r = _Run(config, train, student.to(config.device), targets, _tokenizer(student_dir), preprocess, student_digest,
+             on_progress)
     if resume is not None:
-        r.restore(resume, on_progress)
+        r.restore(resume)
     final_losses = _train(r, on_progress)
     extra = {"stage": 2, "config": asdict(config), "steps_run": list(config.steps),
              "terms": {name: bool(getattr(config, f"weight_{name}")) for name in ("t2v", "v2t", "kd", "hn")},
@@ -250,35 +256,35 @@ def run(config: Stage2Config, on_progress: Progress | None = None) -> Path:
              "train_split": {"images": len(train.images), "captions": len(train.captions)},
              "steps": r.step, "total_steps": r.total_steps, "complete": r.step == r.total_steps,
              "resumed_from": None if resume is None else resume.step, "final_losses": final_losses,
-             "precision": str(r.amp_dtype).removeprefix("torch.") if r.amp_dtype else "float32"}
-    return save_local_dir(r.student.eval(), model_cfg, preprocess, out / "student", extra)
+             "precision": precision(config.device)}
+    return save_local_dir(r.student.eval(), model_cfg, preprocess, out / local_dir.STAGE_STUDENT, extra)
 
 
 def _resolve(config: Stage2Config) -> tuple[Stage2Config, Path]:
     """Canonical teacher, absolute paths, a concrete device, and the student's local dir."""
-    absolute = {name: os.path.abspath(Path(getattr(config, name)).expanduser())
-                for name in ("student", "pairs", "out", "cache_dir") if getattr(config, name)}
+    absolute: dict[str, Any] = {name: os.path.abspath(Path(getattr(config, name)).expanduser())
+                                for name in ("student", "pairs", "out", "cache_dir", "image_root") if getattr(config, name)}
     absolute.setdefault("cache_dir", os.path.join(absolute["out"], "cache"))
     given = Path(absolute["student"])
-    student_dir = given / "student" if (given / "student" / OPEN_CLIP_CONFIG).is_file() else given
-    if not (student_dir / OPEN_CLIP_CONFIG).is_file():
+    student_dir = local_dir.find_local_dir(given)
+    if student_dir is None:
         raise ClipgrepError(f"{given} is neither a stage-1 output nor an open_clip local dir",
                             "pass the --out of clipgrep compress stage1 (or its student/ directory)")
-    if student_dir == Path(absolute["out"]) / "student":
+    if student_dir == Path(absolute["out"]) / local_dir.STAGE_STUDENT:
         raise ClipgrepError(f"the student to fine-tune is {student_dir}, which stage 2 would overwrite",
                             "pass another --out")
     absolute["student"] = str(student_dir)
-    resolved = dataclasses.replace(config, teacher=format_teacher(parse_teacher(config.teacher)),
+    resolved = dataclasses.replace(config, teacher=ModelSource.parse(config.teacher).spec(),
                                    device=resolve_device(config.device), **absolute)
     return resolved, student_dir
 
 
 def _check_dims(config: Stage2Config, student_dir: Path) -> None:
     """Step 2a compares student image and teacher text embeddings directly: their sizes must agree."""
-    from .students import teacher_model_cfg
+    from .students import source_model_cfg, teacher_model_cfg
 
-    source = parse_teacher(config.teacher)
-    teacher_dim = teacher_model_cfg(source.checkpoint if source.arch is None else source.arch)["embed_dim"]
+    source = ModelSource.parse(config.teacher)
+    teacher_dim = source_model_cfg(source)["embed_dim"]
     student_dim = teacher_model_cfg(student_dir)["embed_dim"]
     if student_dim != teacher_dim:
         raise ClipgrepError(f"the student embeds in {student_dim} dimensions, the teacher in {teacher_dim}",
@@ -286,7 +292,7 @@ def _check_dims(config: Stage2Config, student_dir: Path) -> None:
 
 
 def _training_pairs(config: Stage2Config) -> PairSet:
-    train, _ = split_pairs(load_pairs(config.pairs), config.val_fraction, config.seed)
+    train, _ = split_pairs(load_pairs(config.pairs, config.image_root), config.val_fraction, config.seed)
     if len(train.images) < 2:
         raise ClipgrepError(f"the training split of {config.pairs} has {len(train.images)} image; contrastive "
                             "fine-tuning needs at least 2", "add pairs or lower --val-fraction")
@@ -347,17 +353,18 @@ class _Batch:
 
 
 class _Run:
-    """The state of one training run: model, current step (2a/2b), optimiser, mined negatives, position."""
+    """The state of one training run (a ``loop.Task``): model, current step (2a/2b), optimisation,
+    mined negatives, position."""
 
     def __init__(self, config: Stage2Config, train: PairSet, student: Any, targets: dict[str, np.ndarray],
-                 tokenizer: Any, preprocess: dict[str, Any], student_digest: str) -> None:
-        import torch
-
+                 tokenizer: Any, preprocess: dict[str, Any], student_digest: str,
+                 on_progress: Progress | None = None) -> None:
         from ..embed.preprocess import PreprocessConfig
 
         self.config, self.train, self.student, self.targets = config, train, student, targets
         self.tokenizer, self.pixels_cfg = tokenizer, PreprocessConfig.from_dict(preprocess)
         self.student_digest = student_digest
+        self.on_progress = on_progress
         self.device = config.device
         self.batch = min(config.batch_size, len(train.images))
         self.steps_per_epoch = len(train.images) // self.batch
@@ -365,8 +372,8 @@ class _Run:
         self.phase_steps = {phase: self.epochs[phase] * self.steps_per_epoch for phase in config.steps}
         self.total_steps = sum(self.phase_steps.values())
         self.captions_of = [train.caption_ids_of(i) for i in range(len(train.images))]
-        cuda = torch.device(self.device).type == "cuda"
-        self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+        self.amp_dtype = amp_dtype(self.device)  # mining encodes with it before any phase's optimisation exists
+        self.optimisation: Optimisation | None = None  # one per phase, made as the phase starts
         self.step = 0
         self.phase: str | None = None
         self.hard_negatives: np.ndarray | None = None  # [n_captions, K], rows mined for the current window
@@ -406,72 +413,76 @@ class _Run:
 
     # --- phases, refreshes and checkpoints --------------------------------------------------
 
-    def prepare(self, step: int, pool: ThreadPoolExecutor, on_progress: Progress | None) -> None:
+    def prepare(self, step: int, pool: ThreadPoolExecutor) -> None:
         """Enter 2a/2b and (re)mine hard negatives as ``step`` requires; a no-op mid-epoch."""
         phase, epoch, _ = self.position(step)
         if phase != self.phase:
-            self.enter_phase(phase, pool, on_progress)
+            self.enter_phase(phase, pool)
         if not self.config.weight_hn:
             return
         every = self.config.refresh_every or self.epochs[phase]
         window = epoch - epoch % every
         if self.mined_for != (phase, window):
-            self.mine(phase, range(window, min(window + every, self.epochs[phase])), pool, on_progress)
+            self.mine(phase, range(window, min(window + every, self.epochs[phase])), pool)
             self.mined_for = (phase, window)
 
-    def enter_phase(self, phase: str, pool: ThreadPoolExecutor, on_progress: Progress | None) -> None:
+    def can_prefetch(self, step: int) -> bool:
+        """Only within an epoch: the next epoch may mine new negatives or start 2b."""
+        return self.position(step)[:2] == self.position(step - 1)[:2]
+
+    def group(self, step: int) -> str:
+        return self.position(step)[0]
+
+    def enter_phase(self, phase: str, pool: ThreadPoolExecutor) -> None:
         """A fresh optimiser and schedule for the tower ``phase`` trains; every other parameter frozen."""
         import torch
 
         c = self.config
         self.phase, self.hard_negatives, self.mined_for = phase, None, None
-        self.optimizer = torch.optim.AdamW(param_groups(self.student, c.weight_decay, lambda name: tower_of(name) == phase), lr=c.lr)
-        total = self.phase_steps[phase]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(min(c.warmup_steps, total),
-                                                                                         total))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.optimisation = Optimisation(self.student, lr=c.lr, weight_decay=c.weight_decay,
+                                         warmup_steps=c.warmup_steps, total_steps=self.phase_steps[phase],
+                                         device=self.device, trains=lambda name: tower_of(name) == phase)
         self.image_bank = None
         if phase == "text":  # the 2a image tower is frozen now: embed every training image once
-            bank = self.encode("image", np.arange(len(self.train.images)), pool, on_progress)
+            bank = self.encode("image", np.arange(len(self.train.images)), pool)
             self.image_bank = torch.from_numpy(bank).to(self.device)
 
-    def mine(self, phase: str, epochs: range, pool: ThreadPoolExecutor, on_progress: Progress | None) -> None:
+    def mine(self, phase: str, epochs: range, pool: ThreadPoolExecutor) -> None:
         """Mine K images for each caption the epochs in ``epochs`` will use, with the current student."""
         captions = np.unique(np.concatenate([self.epoch_plan(phase, e)[1] for e in epochs]))
         if phase == "image":
             queries = np.asarray(self.targets["text"][captions])
-            index = self.encode("image", np.arange(len(self.train.images)), pool, on_progress)
+            index = self.encode("image", np.arange(len(self.train.images)), pool)
         else:
-            queries = self.encode("text", captions, pool, on_progress)
+            queries = self.encode("text", captions, pool)
             index = self.image_bank.cpu().numpy()
         table = np.full((len(self.train.captions), self.config.hard_negatives_k), -1, dtype=np.int64)
         table[captions] = mine_caption_negatives(queries, index, self.train, captions, self.config.hard_negatives_k)
         self.hard_negatives = table
 
-    def encode(self, kind: str, ids: np.ndarray, pool: ThreadPoolExecutor, on_progress: Progress | None) -> np.ndarray:
+    def encode(self, kind: str, ids: np.ndarray, pool: ThreadPoolExecutor) -> np.ndarray:
         """The student's L2-normalised float32 embeddings of training images or captions ``ids``, no grad."""
         import torch
         import torch.nn.functional as F
 
         out = []
         self.student.eval()
-        with torch.no_grad(), self.autocast():
+        with torch.no_grad(), autocast(self.amp_dtype):
             for start in range(0, len(ids), _CACHE_BATCH):
                 chunk = ids[start:start + _CACHE_BATCH]
                 out.append(F.normalize(self.forward(kind, self.inputs(kind, chunk, pool)).float(), dim=-1).cpu())
-                if on_progress is not None:
-                    on_progress(HardNegativeProgress(self.phase or kind, kind, start + len(chunk), len(ids)))
+                if self.on_progress is not None:
+                    self.on_progress(HardNegativeProgress(self.phase or kind, kind, start + len(chunk), len(ids)))
         self.student.train()
         return torch.cat(out).numpy()
 
-    def restore(self, state: Any, on_progress: Progress | None) -> None:
+    def restore(self, state: Any) -> None:
         self.student.load_state_dict(state.model_state)
         extra = state.extra
         with image_decode_pool() as pool:
-            self.enter_phase(extra["phase"], pool, on_progress)  # 2b re-embeds the images from the restored tower
-        self.optimizer.load_state_dict(state.optimizer_state)
-        self.scheduler.load_state_dict(state.scheduler_state)
-        self.scaler.load_state_dict(extra.get("scaler") or self.scaler.state_dict())
+            self.enter_phase(extra["phase"], pool)  # 2b re-embeds the images from the restored tower
+        assert self.optimisation is not None  # enter_phase made it
+        restore_optimisation(state, self.optimisation)
         if extra.get("hard_negatives") is not None:
             self.hard_negatives = extra["hard_negatives"].numpy().astype(np.int64)
             self.mined_for = (extra["mined_for"][0], int(extra["mined_for"][1]))
@@ -485,10 +496,10 @@ class _Run:
         hard_negatives = None if self.hard_negatives is None else torch.from_numpy(self.hard_negatives.astype(np.int32))
         extra = {"config": asdict(self.config), "data": _pairs_digests(self.train),
                  "student_blake2b": self.student_digest, "phase": self.phase,
-                 "epoch": self.position(self.step - 1)[1], "scaler": self.scaler.state_dict(),
+                 "epoch": self.position(self.step - 1)[1],
                  "hard_negatives": hard_negatives, "mined_for": list(self.mined_for) if self.mined_for else None}
-        save_training_state(Path(self.config.out) / CHECKPOINT, self.step, self.student.state_dict(),
-                            self.optimizer.state_dict(), self.scheduler.state_dict(), capture_rng_states(), extra)
+        assert self.optimisation is not None  # saved only after a step, inside a phase
+        save_checkpoint(Path(self.config.out) / CHECKPOINT, self.step, self.student, self.optimisation, extra)
 
     # --- one step ---------------------------------------------------------------------------
 
@@ -496,7 +507,7 @@ class _Run:
         """The pairs and model inputs of ``step`` (runs one step ahead in a thread, within an epoch)."""
         phase = self.position(step)[0]
         images, captions = self.batch_ids(step)
-        negatives = self.hard_negatives[captions] if self.config.weight_hn else None
+        negatives = self.hard_negatives[captions] if self.config.weight_hn else None  # type: ignore[index]  # mined when weight_hn
         if phase == "text":
             return _Batch(images, captions, negatives, np.zeros(0, np.int64), self.inputs("text", captions, pool))
         forward = images
@@ -516,19 +527,15 @@ class _Run:
         encode = self.student.encode_image if kind == "image" else self.student.encode_text
         return encode(inputs.to(self.device, non_blocking=True))
 
-    def autocast(self) -> Any:
-        import torch
-
-        return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
-
     def train_step(self, batch: _Batch) -> dict[str, float]:
         import torch
         import torch.nn.functional as F
 
-        c, n = self.config, len(batch.images)
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            embeddings = self.forward(self.phase, batch.inputs)
+        c, n, optimisation, phase = self.config, len(batch.images), self.optimisation, self.phase
+        assert optimisation is not None and phase is not None  # prepare() entered the phase
+        optimisation.zero_grad()
+        with optimisation.autocast():
+            embeddings = self.forward(phase, batch.inputs)
         embeddings = F.normalize(embeddings.float(), dim=-1)
         teacher_text = self.target("text", batch.captions)
         if self.phase == "image":  # 2a: trainable images against the frozen teacher text tower
@@ -541,10 +548,7 @@ class _Run:
             text, image, c.temperature, c.weights, teacher_text=teacher_text,
             teacher_image=self.target("image", batch.images) if c.weight_kd else None,
             kd_temperature=c.kd_temperature, hard_negatives=negatives, hard_negative_mask=mask)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        optimisation.step(loss)
         self.step += 1
         return parts
 
@@ -572,27 +576,13 @@ def _gather_negatives(bank: Any, bank_ids: np.ndarray | None, negatives: np.ndar
 
 
 def _train(r: _Run, on_progress: Progress | None) -> dict[str, dict[str, float]]:
-    """The loop: step until ``max_steps`` or the end, checkpointing; returns each step's last-epoch mean losses."""
+    """Step until ``max_steps`` or the end (``loop.run_steps``); returns each step's last-epoch mean losses."""
     stop = min(r.total_steps, r.config.max_steps or r.total_steps)
-    recent: dict[str, list[dict[str, float]]] = {}
-    start_step, started = r.step, time.perf_counter()
+
+    def report(losses: dict[str, float], steps_per_s: float) -> None:
+        if on_progress is not None:
+            phase, epoch, _ = r.position(r.step - 1)
+            on_progress(Stage2Progress(r.step, r.total_steps, epoch + 1, losses, steps_per_s * r.batch, phase))
+
     r.student.train()
-    with ThreadPoolExecutor(1) as prefetch, image_decode_pool() as decode:
-        upcoming: Future[_Batch] | None = None
-        while r.step < stop:
-            r.prepare(r.step, decode, on_progress)
-            batch = upcoming.result() if upcoming is not None else r.load_batch(r.step, decode)
-            following = r.step + 1
-            # Prefetch only within an epoch: the next epoch may mine new negatives or start 2b.
-            same_epoch = following < stop and r.position(following)[:2] == r.position(r.step)[:2]
-            upcoming = prefetch.submit(r.load_batch, following, decode) if same_epoch else None
-            phase, epoch, _ = r.position(r.step)
-            losses = r.train_step(batch)
-            recent[phase] = (recent.get(phase, []) + [losses])[-r.steps_per_epoch:]
-            if r.step % r.config.checkpoint_every == 0 or r.step == stop:
-                r.save()
-            if on_progress is not None:
-                rate = (r.step - start_step) * r.batch / max(time.perf_counter() - started, 1e-9)
-                on_progress(Stage2Progress(r.step, r.total_steps, epoch + 1, losses, rate, phase))
-    return {phase: {k: float(np.mean([line[k] for line in lines])) for k in lines[-1]}
-            for phase, lines in recent.items()}
+    return run_steps(r, stop, r.config.checkpoint_every, report, image_decode_pool)

@@ -54,7 +54,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..convert import local_dir
 from ..convert.onnx_export import count_params
+from ..convert.source import ModelSource
 from ..convert.torch_env import import_open_clip
 from ..errors import ClipgrepError
 from .checkpoint import strip_compile_prefix
@@ -426,23 +428,24 @@ def _load_image_checkpoint(student: Any, path: Path) -> None:
                             "check that it is for the same model")
 
 
+def source_model_cfg(source: ModelSource) -> dict[str, Any]:
+    """The open_clip model_cfg of a model source: its local dir's, or its architecture's."""
+    if source.arch is None:
+        assert source.checkpoint is not None  # ModelSource.parse gives a local dir or an arch
+        return teacher_model_cfg(source.checkpoint)
+    return teacher_model_cfg(source.arch)
+
+
 def teacher_model_cfg(model: str | Path) -> dict[str, Any]:
     """The open_clip model_cfg of an architecture name or of a local dir ("local-dir:PATH", a Path or a dir).
 
     >>> teacher_model_cfg("ViT-B-32")["vision_cfg"]["layers"]  # doctest: +SKIP
     12
     """
-    import json
-
     name = str(model)
     local = Path(name.removeprefix("local-dir:")).expanduser()
     if isinstance(model, Path) or name.startswith("local-dir:") or local.is_dir():
-        path = local / "open_clip_config.json"
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))["model_cfg"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise ClipgrepError(f"{path} is missing or has no model_cfg", "pass an open_clip architecture "
-                                "name or a directory written by clipgrep compress") from None
+        return local_dir.model_cfg(local)
     cfg = import_open_clip().get_model_config(name)
     if cfg is None:
         raise ClipgrepError(f"open_clip has no architecture {name!r}", "pass e.g. ViT-B-32, or a local dir path")

@@ -1,18 +1,8 @@
 """The frozen teacher of ``clipgrep compress`` and its embedding cache.
 
-Teacher SPEC (``--teacher``), one of::
-
-    ARCH:TAG              an open_clip pretrained tag, downloaded once   ViT-B-32-quickgelu:openai
-    ARCH:random           random weights (tests, benchmarks)             ViT-B-32:random
-    ARCH@FILE             local weights for ARCH (.safetensors / .pt)    ViT-B-32@~/w/clip.safetensors
-    ARCH:TAG@FILE         local weights, TAG's preprocessing (no download)
-    local-dir:DIR | DIR   an open_clip local dir (open_clip_config.json + weights),
-                          e.g. the student/ a previous stage wrote
-
-A bare path is read as a directory when it exists or contains a ``/``; a
-``local-dir:`` prefix says so explicitly. ``ARCH`` alone is refused: the
-weights must be named. ``hf-hub:`` names are not supported (download the
-weights and use ``ARCH@FILE``).
+The teacher is named by a model SPEC (``--teacher``; the grammar is
+``convert.source.ModelSource.parse``'s: ``ARCH:TAG``, ``ARCH:random``,
+``ARCH@FILE``, ``ARCH:TAG@FILE``, or an open_clip local dir).
 
 Teacher embeddings never change during training, so each data set is encoded
 once and stored as ``<cache_dir>/teacher-<kind>-<key>.npy``. The key hashes
@@ -41,69 +31,11 @@ from ..convert.source import LoadedModel, ModelSource, load_model
 from ..embed.preprocess import PreprocessConfig, load_image
 from ..errors import ClipgrepError
 
-__all__ = ["CacheProgress", "Teacher", "cache_key", "cache_key_inputs", "cached_embeddings", "format_teacher",
-           "image_decode_pool", "load_image_batch", "load_teacher", "parse_teacher"]
+__all__ = ["CacheProgress", "Teacher", "cache_key", "cache_key_inputs", "cached_embeddings",
+           "image_decode_pool", "load_image_batch", "load_teacher"]
 
 Kind = Literal["image", "text"]
-_SPEC_HINT = ("use ARCH:TAG (e.g. ViT-B-32-quickgelu:openai), ARCH:random, ARCH@FILE.safetensors "
-              "or the path of an open_clip local dir")
 _CACHE_FORMAT = 1
-
-
-def parse_teacher(spec: str) -> ModelSource:
-    """Parse a teacher SPEC (syntax in the module doc) into a ``ModelSource``; paths become absolute.
-
-    >>> parse_teacher("ViT-B-32:random")
-    ModelSource(arch='ViT-B-32', pretrained=None, checkpoint=None, random_init=True)
-    """
-    text = spec.strip()
-    if not text:
-        raise ClipgrepError("the teacher is empty", _SPEC_HINT)
-    if text.startswith("hf-hub:"):
-        raise ClipgrepError(f"hf-hub teachers are not supported ({text})",
-                            "download its open_clip_model.safetensors and pass ARCH@FILE")
-    if text.startswith("local-dir:") or ("@" not in text and _looks_like_dir(text)):
-        return ModelSource(checkpoint=_local_dir(text.removeprefix("local-dir:")))
-    name, at, file = text.partition("@")
-    arch, colon, tag = name.partition(":")
-    if not arch or (colon and not tag):
-        raise ClipgrepError(f"invalid teacher {spec!r}", _SPEC_HINT)
-    if at:
-        if not file or tag == "random":
-            raise ClipgrepError(f"invalid teacher {spec!r}: name the weights file after @", _SPEC_HINT)
-        return ModelSource(arch=arch, pretrained=tag or None, checkpoint=_absolute(file))
-    if tag == "random":
-        return ModelSource(arch=arch, random_init=True)
-    if not tag:
-        raise ClipgrepError(f"teacher {spec!r} names no weights",
-                            f"add a pretrained tag or a file: {arch}:TAG, {arch}@FILE or {arch}:random")
-    return ModelSource(arch=arch, pretrained=tag)
-
-
-def format_teacher(source: ModelSource) -> str:
-    """The canonical SPEC of ``source``: ``parse_teacher(format_teacher(s)) == s``."""
-    if source.checkpoint is not None and source.arch is None:
-        return f"local-dir:{source.checkpoint}"
-    name = source.arch if source.pretrained is None else f"{source.arch}:{source.pretrained}"
-    if source.checkpoint is not None:
-        return f"{name}@{source.checkpoint}"
-    return f"{source.arch}:random" if source.random_init else str(name)
-
-
-def _looks_like_dir(text: str) -> bool:
-    return "/" in text or os.sep in text or Path(text).expanduser().is_dir()
-
-
-def _local_dir(text: str) -> Path:
-    path = _absolute(text)
-    if not (path / "open_clip_config.json").is_file():
-        raise ClipgrepError(f"teacher {path} is not an open_clip local dir (no open_clip_config.json)",
-                            _SPEC_HINT)
-    return path
-
-
-def _absolute(text: str) -> Path:
-    return Path(os.path.abspath(Path(text).expanduser()))
 
 
 class Teacher:
@@ -182,11 +114,11 @@ def load_teacher(spec: str | ModelSource, device: Any = "cpu") -> Teacher:
     >>> load_teacher("ViT-B-32:random").embed_dim  # doctest: +SKIP
     512
     """
-    from .students import teacher_model_cfg
+    from .students import source_model_cfg
 
-    source = parse_teacher(spec) if isinstance(spec, str) else spec
+    source = ModelSource.parse(spec) if isinstance(spec, str) else spec
     loaded = load_model(source)
-    cfg = teacher_model_cfg(source.checkpoint if source.arch is None else source.arch)
+    cfg = source_model_cfg(source)
     return Teacher(loaded, cfg, device)
 
 

@@ -74,7 +74,8 @@ def is_int(value: object) -> bool:
 
 
 def is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float: nan passes every `< 0` check and inf every `> 0` one."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def resolve_device(device: str) -> str:
@@ -112,7 +113,8 @@ def param_groups(model: Any, weight_decay: float,
     open_clip_train's split: no weight decay on gains, biases and the logit scale
     (every parameter of fewer than 2 dimensions).
     """
-    decay, no_decay = [], []
+    decay: list[Any] = []
+    no_decay: list[Any] = []
     for name, param in model.named_parameters():
         trained = trains is None or trains(name)
         param.requires_grad_(trained)
@@ -143,6 +145,29 @@ def data_digest(values: Iterable[Any]) -> str:
 
 def data_digests(items: dict[str, list[Any]]) -> dict[str, str]:
     return {kind: data_digest(values) for kind, values in items.items()}
+
+
+def start_run_dir(out: Path, config: JsonConfig) -> None:
+    """Make ``out`` the run's directory and write ``config.json`` (STAGE_CONFIG) into it.
+
+    ``out`` must be new, empty, or an earlier run of the same kind (its config.json
+    reads back as ``config``'s class, so the run resumes or starts over there).
+    Anything else is someone else's data: refused before a byte of it changes.
+    """
+    from .checkpoint import STAGE_CONFIG
+
+    if out.exists() and not out.is_dir():
+        raise ClipgrepError(f"--out {out} is a file, not a directory", "pass a new or empty directory")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            type(config).from_json((out / STAGE_CONFIG).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ClipgrepError):
+            raise ClipgrepError(f"--out {out} is not empty and is not a {config.config_kind.removesuffix(' config')} "
+                                f"run directory (no readable {STAGE_CONFIG} of one)",
+                                "pass a new or empty directory, or the --out of an earlier run to resume it") \
+                from None
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / STAGE_CONFIG, config.to_json())
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -45,7 +45,7 @@ def check_parity(figures: dict[str, Any], precision: str, what: str) -> None:
 
 def _summary(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     cos = np.sum(a * b, axis=1)
-    return {"min_cos": round(float(cos.min()), 6), "mean_cos": round(float(cos.mean()), 6), "n": int(len(cos))}
+    return {"min_cos": round(float(cos.min()), 6), "mean_cos": round(float(cos.mean()), 6), "n": len(cos)}
 
 
 def _text_parity(loaded: LoadedModel, bundle: Bundle) -> dict[str, Any]:

@@ -54,9 +54,9 @@ SAMPLE_TEXTS: list[str] = [
     "snake_case and kebab-case and CamelCase",
     "a" * 300,
     "word " * 100,
-    "an extremely long description of a busy street market with vendors selling fresh fruit, vegetables, "
-    "spices, fabrics, handmade jewellery, pottery, leather goods, street food stalls with smoke rising, "
-    "children running between the stalls, tourists taking photos, and musicians playing in the corner",
+    ("an extremely long description of a busy street market with vendors selling fresh fruit, vegetables, "
+     "spices, fabrics, handmade jewellery, pottery, leather goods, street food stalls with smoke rising, "
+     "children running between the stalls, tourists taking photos, and musicians playing in the corner"),
     "🐶" * 90,
     "x-ray of a hand",
     "a blurry photo of a bird",
@@ -118,7 +118,7 @@ def sample_images(seed: int = 0) -> dict[str, bytes]:
         elif mode == "LA":
             image = rgb.convert("LA")
         elif mode == "I;16":
-            image = Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257)).convert("I;16")
+            image = Image.fromarray(np.asarray(rgb.convert("L"), np.uint16) * 257).convert("I;16")
         elif mode == "P":
             image = rgb.quantize(colors=64)
         else:

@@ -34,13 +34,22 @@ def convert_model(source: ModelSource, dest: Path, *, name: str, precision: str 
 
     >>> convert_model(ModelSource("ViT-B-32", "laion2b_s34b_b79k"), Path("b32"), name="b32")  # doctest: +SKIP
     """
+    return convert_models(source, {precision: (dest, name)}, on_progress=on_progress)[0]
+
+
+def convert_models(source: ModelSource, targets: dict[str, tuple[Path, str]], *,
+                   on_progress: Progress | None = None) -> list[Bundle]:
+    """Convert ``source`` into one bundle per precision, ``{precision: (dest, name)}``: the model is
+    loaded and exported to ONNX once, then each precision is quantised (or copied) and gated."""
     step = on_progress or (lambda _: None)
     step("load model")
     loaded = load_model(source)
-    with tempfile.TemporaryDirectory(prefix=".clipgrep-export-", dir=_existing_parent(dest)) as work:
+    first_dest = next(iter(targets.values()))[0]
+    with tempfile.TemporaryDirectory(prefix=".clipgrep-export-", dir=_existing_parent(first_dest)) as work:
         step("export ONNX")
         towers = export_onnx(loaded, Path(work))
-        return assemble_bundle(loaded, towers, dest, name=name, precision=precision, on_progress=step)
+        return [assemble_bundle(loaded, towers, dest, name=name, precision=precision, on_progress=step)
+                for precision, (dest, name) in targets.items()]
 
 
 def export_onnx(loaded: LoadedModel, workdir: Path) -> OnnxTowers:

@@ -22,7 +22,7 @@ def open_clip_bpe_path() -> Path:
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
         raise NeedsExtra("the tokenizer export needs open_clip_torch, which is not installed", _INSTALL_HINT)
-    path = Path(list(spec.submodule_search_locations)[0]) / VOCAB_FILENAME
+    path = Path(next(iter(spec.submodule_search_locations))) / VOCAB_FILENAME
     if not path.is_file():
         raise ConversionError(f"open_clip's tokenizer vocabulary {path} is missing")
     return path

@@ -24,6 +24,9 @@ def import_torch() -> ModuleType:
     return torch
 
 
+_torchvision_schemas: object = None
+
+
 def _import_torchvision(torch: ModuleType) -> None:
     """Import torchvision even when its C extension cannot load.
 
@@ -32,9 +35,15 @@ def _import_torchvision(torch: ModuleType) -> None:
     kernels for ``nms``/``qnms`` are registered unguarded. Defining those two
     operator schemas first lets the import finish; only torchvision's C++ ops
     (nms, roi_align, decode_jpeg) stay unavailable, and open_clip uses none.
+
+    Still needed wherever torch is a CPU build but torchvision came from PyPI: a
+    mirror that serves only a CPU torch (this project's CI), or a user who installed
+    CPU torch first and then ``clipgrep[convert]`` from PyPI. With both from PyTorch's
+    CPU index (the README's commands, ``make test``) the first import succeeds and
+    this does nothing.
     """
     try:
-        import torchvision  # noqa: F401
+        import torchvision
 
         return
     except RuntimeError as e:
@@ -50,7 +59,8 @@ def _import_torchvision(torch: ModuleType) -> None:
         "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     ):
         lib.define(schema)
-    _import_torchvision.library = lib  # the schemas live only as long as this object
+    global _torchvision_schemas
+    _torchvision_schemas = lib  # the schemas live only as long as this object
     import torchvision  # noqa: F401
 
 

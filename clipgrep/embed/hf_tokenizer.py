@@ -68,7 +68,7 @@ class HfTokenizer:
         except ImportError:
             raise ClipgrepError("this model's tokenizer needs the 'tokenizers' package, which is not installed",
                                 "pip install tokenizers") from None
-        except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
+        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions for unreadable files
             raise BundleError(f"cannot load tokenizer {path}: {e}", "re-install the model: clipgrep models add ...") \
                 from None
         pad_id = tokenizer.token_to_id(pad_token)

@@ -7,6 +7,7 @@ unit norm, and search scores must be cosines).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -18,6 +19,9 @@ import numpy as np
 
 if TYPE_CHECKING:
     from ..bundle import Bundle, EncoderSpec
+
+_STAMP = "stamp.json"  # stat of every file of a cache entry, written when the entry is built
+_STAGING = ".tmp-"  # + "<pid>-": cache entries being built
 
 
 def available_cpus() -> int:
@@ -48,14 +52,14 @@ def create_session(path: Path, *, threads: int | None = None, cache_key: str | N
         providers.insert(0, "CUDAExecutionProvider")
     if cache_key is None or len(providers) > 1:
         return ort.InferenceSession(str(path), sess_options=_options(ort, threads), providers=providers)
-    cached = _optimized_dir(ort, cache_key) / "model.onnx"
-    if cached.exists():
+    entry = _optimized_dir(ort, cache_key)
+    if _cache_is_intact(entry):
         try:
-            return ort.InferenceSession(str(cached), sess_options=_options(ort, threads, preoptimized=True),
-                                        providers=providers)
-        except Exception:  # a damaged cache entry: rebuild it below
-            shutil.rmtree(cached.parent, ignore_errors=True)
-    return _create_and_cache(ort, path, cached.parent, threads, providers)
+            return ort.InferenceSession(str(entry / "model.onnx"), providers=providers,
+                                        sess_options=_options(ort, threads, preoptimized=True))
+        except Exception:  # noqa: BLE001, S110 - unreadable despite its stamp: rebuilt below
+            pass
+    return _create_and_cache(ort, path, entry, threads, providers)
 
 
 def _options(ort: Any, threads: int | None, *, preoptimized: bool = False) -> Any:
@@ -72,28 +76,100 @@ def _options(ort: Any, threads: int | None, *, preoptimized: bool = False) -> An
 
 
 def _create_and_cache(ort: Any, path: Path, target: Path, threads: int | None, providers: list[str]) -> Any:
-    options = _options(ort, threads)
+    """A session for ``path`` that also writes its optimised graph to the cache entry ``target``.
+
+    The entry is built in a staging dir and renamed into place with its stamp, so a killed
+    build never leaves a half entry. When the cache cannot be written (a read-only or full
+    disk), the session is created without it: a cache must never stop a search.
+    """
+    shutil.rmtree(target, ignore_errors=True)  # damaged or half-verified
+    _remove_abandoned_builds(target.parent)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    except OSError:  # read-only state dir: still works, just without the cache
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{os.getpid()}-", dir=target.parent))
+    except OSError:
+        return ort.InferenceSession(str(path), sess_options=_options(ort, threads), providers=providers)
+    options = _options(ort, threads)
     options.optimized_model_filepath = str(staging / "model.onnx")
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data")
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    session = None
     try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        _write_stamp(staging)
         staging.rename(target)  # atomic: a concurrent process either sees all of it or builds its own
-    except OSError:
+    except Exception:  # noqa: BLE001, S110 - e.g. no space left for the optimised graph
+        pass
+    finally:  # also on Ctrl-C: no staging dir is left behind
         shutil.rmtree(staging, ignore_errors=True)
+    if session is None:
+        session = ort.InferenceSession(str(path), sess_options=_options(ort, threads), providers=providers)
     return session
 
 
 def _optimized_dir(ort: Any, cache_key: str) -> Path:
     """Cache entries are per model file, onnxruntime version and CPU: optimised graphs are hardware specific."""
-    from ..paths import home
+    from ..paths import onnx_cache_dir
 
-    return home() / "cache" / "onnx" / f"{cache_key}-ort{ort.__version__}-{_cpu_id()}"
+    return onnx_cache_dir() / f"{cache_key}-ort{ort.__version__}-{_cpu_id()}"
+
+
+def text_cache_key(bundle: Bundle) -> str:
+    """The optimised-cache key of a bundle's text tower: its file's hash, so copies of a model share it."""
+    return bundle.manifest["files"][bundle.text.file]["sha256"][:16]
+
+
+def cached_sessions(cache_key: str) -> list[Path]:
+    """The optimised-cache entries of one model file (any onnxruntime version or CPU)."""
+    from ..paths import onnx_cache_dir
+
+    return sorted(onnx_cache_dir().glob(f"{cache_key}-*"))
+
+
+def _stat_stamp(directory: Path) -> dict[str, list[int]]:
+    # ctime changes on every write and cannot be set back (unlike mtime), so an edited, truncated
+    # or replaced file never matches; checking costs a few stat calls, not a hash of 100+ MB.
+    stamp = {}
+    for entry in os.scandir(directory):
+        if entry.name != _STAMP:
+            st = entry.stat(follow_symlinks=False)
+            stamp[entry.name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return stamp
+
+
+def _write_stamp(directory: Path) -> None:
+    (directory / _STAMP).write_text(json.dumps(_stat_stamp(directory)), encoding="utf-8")
+
+
+def _cache_is_intact(entry: Path) -> bool:
+    """Whether every file of the entry is exactly as its build left it (and none is missing or added)."""
+    try:
+        stamp = json.loads((entry / _STAMP).read_text(encoding="utf-8"))
+        return bool(stamp) and stamp == _stat_stamp(entry)
+    except (OSError, ValueError):
+        return False
+
+
+def _remove_abandoned_builds(directory: Path) -> None:
+    """Staging dirs of builds whose process is gone (killed mid-build)."""
+    try:
+        entries = list(directory.glob(f"{_STAGING}*"))
+    except OSError:
+        return
+    for staging in entries:
+        pid = staging.name[len(_STAGING):].partition("-")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _cpu_id() -> str:
@@ -158,17 +234,22 @@ class ImageEncoder:
 
     def __init__(self, bundle: Bundle, *, batch_size: int = 16, draft: bool = True,
                  threads: int | None = None) -> None:
+        from ..errors import BundleError
         from .preprocess import PreprocessConfig
 
         spec = bundle.image
-        self.config = PreprocessConfig.from_dict(bundle.preprocess_config)
+        try:
+            self.config = PreprocessConfig.from_dict(bundle.preprocess_config)
+        except ValueError as e:  # bundle.py checks types only; the values are checked here
+            raise BundleError(f"bundle {bundle.path}: bad preprocess config: {e}",
+                              "re-create it: clipgrep models add ...") from None
         self.batch_size = batch_size
         self.draft = draft
         self.embed_dim = bundle.embed_dim
         self._session = _LazySession(bundle.file(spec.file), spec, threads)
 
     def load(self, source: str | os.PathLike[str] | BinaryIO) -> np.ndarray:
-        """Decode and preprocess one image into a [3,H,W] float32 array."""
+        """Decode and preprocess one image into a [3,H,W] float32 array (HEIC too: ``formats.open_image``)."""
         from .preprocess import load_image
 
         return load_image(source, self.config, draft=self.draft)
@@ -212,8 +293,7 @@ class TextEncoder:
         self.batch_size = batch_size
         self.embed_dim = bundle.embed_dim
         # Text sessions start every search, so they load from the per-machine optimised cache.
-        file_hash = bundle.manifest["files"][spec.file]["sha256"][:16]
-        self._session = _LazySession(bundle.file(spec.file), spec, threads, cache_key=file_hash)
+        self._session = _LazySession(bundle.file(spec.file), spec, threads, cache_key=text_cache_key(bundle))
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
         return self._tokenize(texts)[0]

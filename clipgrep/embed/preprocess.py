@@ -10,9 +10,11 @@ the step. Keep it that way: "simplifying" the arithmetic (rounding, the order of
 resize/crop/convert, which filter is used) breaks parity with the embeddings the
 model was trained and exported with.
 
-``load_image`` adds what open_clip leaves to the caller: EXIF orientation, and
-reduced-size JPEG decoding (``draft``), the one deliberate, measured departure from
-a full decode.
+``load_image`` adds what open_clip leaves to the caller: opening only the formats
+clipgrep supports (``formats.open_image``), EXIF orientation, and reduced-size JPEG
+decoding (``draft``), the one deliberate, measured departure from a full decode. One
+other departure is limited to images of absurd shape, where open_clip's resize would
+take gigabytes (``MAX_RESIZED_PIXELS``).
 
 Runtime module: it must never import torch, torchvision or open_clip.
 """
@@ -27,6 +29,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
+
+from .formats import open_image
 
 _FILTERS: dict[str, Image.Resampling] = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -53,6 +57,13 @@ _DEFAULTS: dict[str, Any] = {
 # oversample 1 ~32 ms; oversample 1 deviated 2-3x more from the full decode.
 DRAFT_OVERSAMPLE = 2.0
 _DRAFT_FORMATS = frozenset({"JPEG", "MPO"})  # MPO: multi-picture JPEGs many cameras write
+# The resize before a centre crop can be far larger than the crop: shortest edge 224 of a
+# 10000x1 PNG is 2240000x224, 2 GB in PIL's 4-byte RGB, to keep 224x224 of it. Past this many
+# pixels only the part the crop keeps is resized (PIL's ``box``). That is not bit-identical to
+# resize-then-crop (PIL takes the box in float32 and weighs the pixels slightly differently:
+# measured, a few grey levels in some pixels, 0.3 on average), so every image of a sane shape
+# keeps open_clip's exact steps; at 224 this starts beyond an 80:1 aspect ratio.
+MAX_RESIZED_PIXELS = 4_000_000
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width/height
 
 
@@ -153,18 +164,18 @@ def _parse_size(size: Any) -> tuple[int, int]:
     # open_clip treats an int, [s] and [s, s] the same in every resize mode.
     if _is_int(size):
         return (int(size), int(size))
-    if isinstance(size, Sequence) and not isinstance(size, str) and len(size) in (1, 2):
-        if all(_is_int(v) for v in size):
-            return (int(size[0]), int(size[-1]))
+    if isinstance(size, Sequence) and not isinstance(size, str) and len(size) in (1, 2) \
+            and all(_is_int(v) for v in size):
+        return (int(size[0]), int(size[-1]))
     raise ValueError(f"size must be an int or [height, width], got {size!r}")
 
 
 def _parse_triple(name: str, values: Any) -> tuple[float, float, float]:
     if _is_number(values):  # open_clip broadcasts a scalar mean/std to three channels
         return (float(values),) * 3
-    if isinstance(values, Sequence) and not isinstance(values, str) and len(values) == 3:
-        if all(_is_number(v) for v in values):
-            return (float(values[0]), float(values[1]), float(values[2]))
+    if isinstance(values, Sequence) and not isinstance(values, str) and len(values) == 3 \
+            and all(_is_number(v) for v in values):
+        return (float(values[0]), float(values[1]), float(values[2]))
     raise ValueError(f"{name} must be a number or three numbers, got {values!r}")
 
 
@@ -178,7 +189,10 @@ def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     RGB, as in open_clip (so PIL resizes RGBA premultiplied, P and 1 with NEAREST...).
     """
     (width, height), resample = resize_plan(img.width, img.height, cfg)
-    img = _resize(img, (width, height), resample)
+    if cfg.resize_mode == "shortest" and width * height > MAX_RESIZED_PIXELS:
+        img = _resize_only_the_crop(img, (width, height), resample, cfg.size)
+    else:
+        img = _resize(img, (width, height), resample)
     if cfg.resize_mode == "longest":
         img = _center_crop_or_pad(img, cfg.size, fill=cfg.fill_color)  # open_clip CenterCropOrPad
     elif cfg.resize_mode == "shortest":
@@ -228,6 +242,28 @@ def _resize(img: Image.Image, size: tuple[int, int], resample: Image.Resampling)
     return img.resize(size, resample)
 
 
+def _resize_only_the_crop(img: Image.Image, size: tuple[int, int], resample: Image.Resampling,
+                          crop: tuple[int, int]) -> Image.Image:
+    """``_resize`` to ``size`` then the centre ``crop``, computing only the pixels the crop keeps.
+
+    The crop window, mapped back onto the source, is resized straight to the crop size; the
+    intermediate image never exists. Then ``_center_crop_or_pad`` has nothing left to do.
+    """
+    (new_w, new_h), (crop_h, crop_w) = size, crop
+    if new_w < crop_w or new_h < crop_h:  # padding needed: the plain steps (no huge image either)
+        return _resize(img, size, resample)
+    left, top = _crop_offset(new_w, crop_w), _crop_offset(new_h, crop_h)
+    # Multiply before dividing: the right and bottom edges come out exactly at the image's
+    # edges when the crop reaches them (PIL refuses a box beyond the image by one ulp).
+    box = (left * img.width / new_w, top * img.height / new_h,
+           (left + crop_w) * img.width / new_w, (top + crop_h) * img.height / new_h)
+    return img.resize((crop_w, crop_h), resample, box=box)
+
+
+def _crop_offset(size: int, crop: int) -> int:
+    return round((size - crop) / 2.0)
+
+
 def _center_crop_or_pad(img: Image.Image, size: tuple[int, int], fill: int) -> Image.Image:
     # torchvision F.center_crop / open_clip center_crop_or_pad: pad to at least the crop
     # size (extra pixel on the right/bottom), then crop with int(round()) offsets.
@@ -237,8 +273,7 @@ def _center_crop_or_pad(img: Image.Image, size: tuple[int, int], fill: int) -> I
         img = _pad(img, (dw // 2, dh // 2, (dw + 1) // 2, (dh + 1) // 2), fill)
         if img.size == (crop_w, crop_h):
             return img
-    top = int(round((img.height - crop_h) / 2.0))
-    left = int(round((img.width - crop_w) / 2.0))
+    top, left = _crop_offset(img.height, crop_h), _crop_offset(img.width, crop_w)
     return img.crop((left, top, left + crop_w, top + crop_h))
 
 
@@ -251,7 +286,8 @@ def _pad(img: Image.Image, ltrb: tuple[int, int, int, int], fill: int) -> Image.
     if img.mode == "P":
         palette = img.getpalette()
         out = ImageOps.expand(img, border=ltrb, fill=color)
-        out.putpalette(palette)
+        if palette is not None:
+            out.putpalette(palette)
         return out
     return ImageOps.expand(img, border=ltrb, fill=color)
 
@@ -278,18 +314,31 @@ def _normalize(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
 # --- loading files -------------------------------------------------------------------------
 
 
+class ImageTooLarge(ValueError):
+    """An image with more pixels than a caller's limit; the message is the short reason."""
+
+    def __init__(self, pixels: int, limit: int, what: str = "too many pixels") -> None:
+        super().__init__(f"{what} ({pixels / 1e6:.3g} MP > {limit / 1e6:.3g} MP)")
+
+
 def load_image(
-    source: str | os.PathLike[str] | BinaryIO, cfg: PreprocessConfig, *, draft: bool = True
+    source: str | os.PathLike[str] | BinaryIO, cfg: PreprocessConfig, *, draft: bool = True,
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     """Open an image, apply its EXIF orientation and return ``preprocess``'s array.
 
     With ``draft`` JPEGs are decoded at a reduced scale when that still leaves enough
     pixels for the resize; ``draft=False`` is exactly open_clip's transform on the
-    opened, EXIF-transposed image. PIL errors propagate to the caller.
+    opened, EXIF-transposed image. ``max_pixels`` bounds the pixels actually decoded (after
+    the draft), and so the memory: PIL holds 4 bytes a pixel in RGB, twice over while
+    turning an image upright. Raises ``ImageTooLarge`` over it, ``formats.UnsupportedImageFormat``
+    for a format clipgrep does not open; other PIL errors propagate.
     """
-    with Image.open(source) as im:  # closes the file we opened; a caller's handle stays theirs
+    with open_image(source) as im:  # closes the file we opened; a caller's handle stays theirs
         if draft and im.format in _DRAFT_FORMATS:
             _draft(im, cfg)
+        if max_pixels is not None and im.width * im.height > max_pixels:
+            raise ImageTooLarge(im.width * im.height, max_pixels, "too many pixels to decode")
         return preprocess(_upright(im), cfg)
 
 

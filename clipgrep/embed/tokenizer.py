@@ -18,6 +18,7 @@ import re
 import zlib
 from collections.abc import Sequence
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,7 @@ class ClipTokenizer:
             self._word_source = alternatives + _WORD_PATTERN[len(SOT_TEXT + "|" + EOT_TEXT):]
             self._ascii_pattern = re.compile(alternatives + _ASCII_WORD_PATTERN.pattern[
                 len(re.escape(SOT_TEXT) + "|" + re.escape(EOT_TEXT)):])
-        self._word_pattern = None
+        self._word_pattern: Any = None  # regex's compiled pattern, made on first non-ASCII text
         self._bpe = lru_cache(maxsize=65536)(self._bpe_uncached)
         self.context_length = context_length
         self.sot_id = sot_id
@@ -182,7 +183,7 @@ class ClipTokenizer:
         parts = [*word[:-1], word[-1] + END_OF_WORD]
         ranks = self._ranks
         while len(parts) > 1:
-            pairs = {f"{a} {b}" for a, b in zip(parts, parts[1:])}
+            pairs = {f"{a} {b}" for a, b in pairwise(parts)}
             best = min(pairs, key=lambda pair: ranks.get(pair, 1 << 30))
             if best not in ranks:
                 break

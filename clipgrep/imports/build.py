@@ -53,8 +53,9 @@ def build_bundle(export: PublishedExport, staging: Path, *, name: str, precision
         step("quantize")
         fields["quantization"] = _quantize(export, staging, shared_image_tower(export, fields))
     else:
-        fields["extra_files"] = _copy_fp32(export.image.path, staging / "image.onnx") + \
-            _copy_fp32(export.text.path, staging / "text.onnx")
+        # write_manifest finds and hashes external weights itself (bundle.py).
+        _copy_fp32(export.image.path, staging / "image.onnx")
+        _copy_fp32(export.text.path, staging / "text.onnx")
     write_manifest(staging, fields)
     step("check parity")
     figures = measure_parity(export, staging)
@@ -102,17 +103,16 @@ def source_hashes(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in files if p.is_file()}
 
 
-def _copy_fp32(src: Path, dst: Path) -> list[str]:
+def _copy_fp32(src: Path, dst: Path) -> None:
     """Copy an fp32 graph; one with external weights is re-saved next to its new name."""
     import onnx
 
     proto = onnx.load(str(src), load_external_data=False)
     if not any(init.data_location == onnx.TensorProto.EXTERNAL for init in proto.graph.initializer):
         shutil.copyfile(src, dst)
-        return []
+        return
     model = onnx.load(str(src))  # resolves the external weights next to src
     onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
-    return [dst.name + ".data"]
 
 
 def _timing_feeds(graph: TowerGraph, export: PublishedExport) -> dict[str, np.ndarray]:

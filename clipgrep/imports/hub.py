@@ -52,7 +52,7 @@ def download(repo: str, revision: str | None = None) -> Download:
     except (hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError) as e:
         raise ClipgrepError(f"{repo}{'@' + revision if revision else ''} is not on the hub: {first_line(e)}",
                             "check the name: clipgrep models available") from None
-    except Exception as e:  # offline, DNS, proxy, TLS, 5xx: all end the same way
+    except Exception as e:  # noqa: BLE001 - offline, DNS, proxy, TLS, 5xx: all end the same way
         cached = _from_cache(repo, revision)
         if cached is not None:
             return cached
@@ -66,7 +66,7 @@ def download(repo: str, revision: str | None = None) -> Download:
                             "pick a model from: clipgrep models available")
     try:
         root = Path(huggingface_hub.snapshot_download(repo, revision=info.sha, allow_patterns=files))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - network and disk errors alike: resumable
         raise ClipgrepError(f"downloading {repo} failed: {first_line(e)}",
                             f"run the command again to resume, or {_offline_hint(repo)}") from None
     for name in files:

@@ -180,7 +180,7 @@ def inspect_graph(path: Path) -> TowerGraph:
 
     try:
         graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception as e:  # onnx raises DecodeError and friends
+    except Exception as e:  # noqa: BLE001 - onnx raises DecodeError and friends
         raise ClipgrepError(f"{path} is not a readable ONNX model: {e}", "re-download the export") from None
     initializers = {init.name for init in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]

@@ -2,27 +2,34 @@
 
 Crash safety: rows are written in bounded batches, each its own LanceDB
 commit, so a killed run loses at most the batch in flight; the next run sees
-committed rows as unchanged and redoes only the rest. A DIRTY marker says the
-snapshot may lag the table; it is cleared only after a fresh snapshot is
+committed rows as unchanged and redoes only the rest. Rows are also committed
+every ``commit_seconds``, so a slow run keeps its work too. A DIRTY marker says
+the snapshot may lag the table; it is cleared only after a fresh snapshot is
 written, so search never trusts a snapshot older than a half-finished run
-without the next run fixing it.
+without the next run fixing it. A damaged snapshot is rebuilt from the table.
+
+SIGINT/SIGTERM stop a run at its next image: it commits what it encoded, publishes
+the snapshot and raises ``IndexInterrupted`` (see ``interrupt.py``).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from ..paths import index_dir, snapshot_dir
-from .plan import RACY_WINDOW_NS, Plan, fingerprint, is_racy, make_plan, under_roots
-from .scan import FileEntry, ScanOptions, scan
-from .state import Skipped, load_skipped, record_run, remembered_roots, save_roots, save_skipped
+from ..errors import ClipgrepError
+from ..paths import dirty_marker, index_dir, index_lock_file, snapshot_dir
+from .interrupt import IndexInterrupted, StopRequest, stop_on_signals
+from .plan import RACY_WINDOW_NS, FileState, Plan, fingerprint, is_racy, make_plan, under_roots
+from .roots import RootSet, Selection
+from .scan import FileEntry, ScanOptions, ScanProblem, ScanResult, scan
+from .state import Skipped, load_skipped, record_run, save_skipped
 from .writer import BatchWriter
 
 if TYPE_CHECKING:
@@ -31,7 +38,21 @@ if TYPE_CHECKING:
     from ..snapshot import Snapshot
     from ..store import IndexStore, StoredFile
 
-DIRTY = "DIRTY"
+def publish_snapshot(store: IndexStore, *, vector_index: bool, without: Collection[str] = ()) -> int:
+    """Export the table's rows, less the paths ``without``, as the search snapshot; returns its rows."""
+    from ..snapshot import write_snapshot
+    from ..store import TableRows
+
+    rows = store.snapshot_rows()
+    if without:
+        dropped = {os.fsencode(p) for p in without}
+        keep = [i for i, p in enumerate(rows.paths) if p not in dropped]
+        rows = TableRows([rows.paths[i] for i in keep], rows.vectors[keep], rows.sizes[keep], rows.mtimes_ns[keep],
+                         rows.indexed_ns[keep], [rows.fingerprints[i] for i in keep])
+    write_snapshot(snapshot_dir(store.bundle_id), *rows, meta={
+        "bundle_id": store.bundle_id, "embed_dim": store.embed_dim, "table_version": store.version(),
+        "vector_index": vector_index})
+    return len(rows.paths)
 
 
 class PixelEncoder(Protocol):
@@ -45,13 +66,21 @@ class PixelEncoder(Protocol):
 
 @dataclass(frozen=True)
 class IndexOptions:
-    scan: ScanOptions = ScanOptions()
+    scan: ScanOptions = field(default_factory=ScanOptions)  # its excludes are added to the roots indexed, and remembered
+    remove_excludes: tuple[str, ...] = ()  # remembered excludes to drop, as they were given
+    prune: bool = False                  # drop rows of files left out now, and of roots that look unmounted
     workers: int | None = None          # decode processes; None = one per available CPU
     commit_rows: int = 256              # rows per LanceDB commit: the most a crash can lose
+    commit_seconds: float = 10.0         # ... or the rows encoded in this long, whichever comes first
     wait_for_lock: bool = True
     retry_skipped: bool = False          # decode previously skipped files again even if unchanged
     draft: bool = True                   # reduced-size JPEG decoding
     vector_index_min_rows: int = 50_000
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 0:  # checked before the lock, the model and the scan
+            raise ClipgrepError(f"the number of decoding workers must be 0 or more, not {self.workers}",
+                                "e.g. --workers 2; 0 decodes in the indexing process itself")
 
 
 @dataclass
@@ -75,6 +104,8 @@ class IndexReport:
     encoded: int = 0
     skipped: list[Skipped] = field(default_factory=list)   # skipped in this run (new reasons)
     skipped_total: int = 0
+    skipped_files: list[Skipped] = field(default_factory=list)  # every file skipped now, by any run
+    kept: int = 0                        # rows that would have gone without --prune (see _Run._hold_back)
     scan_problems: list[tuple[str, str]] = field(default_factory=list)
     rows: int = 0
     seconds: float = 0.0
@@ -87,7 +118,14 @@ Progress = Callable[[IndexProgress], None]
 def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle | None = None,
                  options: IndexOptions = IndexOptions(), encoder: PixelEncoder | None = None,
                  on_progress: Progress | None = None, on_wait: Callable[[], None] | None = None) -> IndexReport:
-    """Bring the index of ``bundle`` up to date with ``roots`` (default: every remembered root).
+    """Bring the index of ``bundle`` up to date with ``roots`` (default: every remembered root and file).
+
+    ``options.scan.excludes`` are remembered with the roots (see ``roots.py``). Rows of files that
+    are still there but left out now, and of roots that look unmounted, are kept (counted in
+    ``report.kept``, with a warning in ``report.scan_problems``) unless ``options.prune``.
+
+    On SIGINT/SIGTERM (main thread only) it stops at the next image, keeps what it encoded
+    and raises ``IndexInterrupted`` (a KeyboardInterrupt) with the report.
 
     >>> report = update_index(["~/Pictures"], bundle=load_model())  # doctest: +SKIP
     >>> report.added, report.removed, len(report.skipped)            # doctest: +SKIP
@@ -99,14 +137,23 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
     started = time.time()
     directory = index_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    with index_lock(directory / ".lock", wait=options.wait_for_lock, on_wait=on_wait):
-        root_list, missing = _resolve_roots(roots, directory)
-        run = _Run(bundle, directory, root_list, options, encoder, on_progress or (lambda _: None))
+    # Signals are caught only once the lock is held: Ctrl-C while waiting for it just quits.
+    with index_lock(index_lock_file(), wait=options.wait_for_lock, on_wait=on_wait), \
+            stop_on_signals() as stop:
+        _check_still_installed(bundle)
+        tracked = RootSet.load(directory)
+        args = [os.path.abspath(os.path.expanduser(os.fspath(r))) for r in roots]
+        tracked.remove_excludes(options.remove_excludes, args)
+        excludes = options.scan.excludes
+        selection = tracked.select(args, (excludes,) if isinstance(excludes, str) else tuple(excludes))
+        run = _Run(bundle, directory, selection, tracked, options, encoder, on_progress or (lambda _: None), stop)
         report = run.execute()
-        report.scan_problems += [(root, "root not found (unmounted?); its images stay indexed, "
-                                        "'clipgrep forget ROOT' drops them") for root in missing]
-        save_roots(directory, remembered_roots(directory) + root_list)
+        missing = "not found (unmounted?); its images stay indexed, 'clipgrep forget PATH' drops them"
+        report.scan_problems += [(path, missing) for path in selection.missing]
+        tracked.save(directory)  # also when interrupted, so that a rerun resumes these roots
         report.seconds = round(time.time() - started, 3)
+        if stop.signum is not None:
+            raise IndexInterrupted(stop.signum, report)
         record_run(directory, bundle.index_id, {
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": report.seconds, "rows": report.rows,
             "added": report.added, "updated": report.updated, "removed": report.removed,
@@ -114,53 +161,79 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
     return report
 
 
-def _resolve_roots(roots: Sequence[str | os.PathLike[str]], directory: Path) -> tuple[list[str], list[str]]:
-    """The roots to scan, and remembered roots that are missing now.
+def _check_still_installed(bundle: Bundle) -> None:
+    """Refuse to go on if the model was removed or replaced before the lock was ours.
 
-    A remembered root that vanished (an unmounted disk) is skipped, not emptied:
-    deleting its rows because a drive is unplugged would throw away hours of work.
+    ``models remove`` and ``models add --replace`` take the index lock, so once it is
+    held the model stays put; but they may have run while this run waited for it.
     """
-    if roots:
-        return sorted({os.path.abspath(os.path.expanduser(os.fspath(r))) for r in roots}), []
-    remembered = remembered_roots(directory)
-    if not remembered:
-        return [os.getcwd()], []
-    present = [r for r in remembered if os.path.exists(r)]
-    return present, [r for r in remembered if r not in present]
+    from ..bundle import load_bundle
+    from ..errors import BundleError, ClipgrepError
+
+    try:
+        current = load_bundle(bundle.path).bundle_id
+    except BundleError:
+        current = None
+    if current != bundle.bundle_id:
+        raise ClipgrepError(f"model {bundle.name} was {'replaced' if current else 'removed'} while this run "
+                            "waited for the index lock", "run clipgrep index again")
+
+
+class _Stopped(Exception):
+    """A signal arrived before this run wrote anything."""
 
 
 class _Run:
-    def __init__(self, bundle: Bundle, directory: Path, roots: list[str], options: IndexOptions,
-                 encoder: PixelEncoder | None, on_progress: Progress) -> None:
+    def __init__(self, bundle: Bundle, directory: Path, selection: Selection, tracked: RootSet,
+                 options: IndexOptions, encoder: PixelEncoder | None, on_progress: Progress,
+                 stop: StopRequest) -> None:
         self.bundle = bundle
         self.directory = directory
-        self.roots = roots
+        self.units = selection.units
+        # Where rows may go: what is walked, and remembered files that were deleted.
+        self.roots = [u.path for u in self.units] + selection.gone
+        self.tracked = tracked
         self.options = options
+        self.suspect: dict[str, str] = {}    # root -> why its rows look like those of an unmounted drive
+        self.held: set[str] = set()          # suspect roots whose rows this run kept
+        self.device_now: dict[str, int] = {}
         self.encoder = encoder
         self.progress = IndexProgress()
         self.on_progress = on_progress
-        self.report = IndexReport(roots=roots)
+        self.report = IndexReport(roots=[u.path for u in self.units])
+        self.stop = stop
         self.snapshot_path = snapshot_dir(bundle.index_id)
-        self.dirty_marker = self.snapshot_path.parent / f"{bundle.index_id}.{DIRTY}"
+        self.dirty_marker = dirty_marker(bundle.index_id)
 
     def _tick(self, **changes: object) -> None:
         for key, value in changes.items():
             setattr(self.progress, key, value)
+        if self.stop.signum is not None and self.progress.phase in ("scanning", "planning"):
+            raise _Stopped  # nothing written yet: nothing to finish
         self.on_progress(self.progress)
 
     def execute(self) -> IndexReport:
+        try:
+            return self._execute()
+        except _Stopped:
+            return self.report
+
+    def _execute(self) -> IndexReport:
         # Taken before any file is stat'ed or read: the indexed_ns of every row this run encodes,
         # so that a file rewritten after the decoder read it, within its mtime's tick, is racy.
         self.started_ns = time.time_ns()
-        result = scan(self.roots, self.options.scan, on_progress=lambda n: self._tick(scanned=n))
+        result = self._scan()
+        self.tracked.save(self.directory)  # what the user asked to index, before any work: a rerun resumes it
         self.report.scanned = len(result.files)
         self.report.scan_problems = [(p.path, p.reason) for p in result.problems]
         self._tick(phase="planning", scanned=len(result.files))
         skipped = load_skipped(self.directory, self.bundle.index_id)
         # Skip notes of files deleted or excluded since: they were never stored, so no plan removes them.
         present = {e.path for e in result.files} if skipped else set()
-        vanished = [p for p in skipped if p not in present and under_roots(p, self.roots)]
+        vanished = [p for p in skipped if p not in present and under_roots(p, self.roots)
+                    and (self.options.prune or not under_roots(p, list(self.suspect)))]
         if not vanished and self._snapshot_is_current(result.files, skipped):
+            self._record_devices()
             return self.report
         for path in vanished:
             del skipped[path]
@@ -170,10 +243,75 @@ class _Run:
         store.cleanup_orphans()
         stored = store.files()
         plan = make_plan(result.files, stored, self.roots)
+        plan.removed = self._hold_back(plan.removed, report=True)
         self._mark_dirty()
         self._apply(plan, store, stored, skipped)
         self._finish(store, skipped)
+        self._record_devices()
         return self.report
+
+    # -- what may be deleted (issue 12, items 1 and 16) -------------------------------------------
+
+    def _scan(self) -> ScanResult:
+        """Walk each root with its own excludes; note the roots whose rows would all look deleted
+        because their drive is not mounted (another device at the path, or nothing in it)."""
+        files: list[FileEntry] = []
+        problems: list[ScanProblem] = []
+        excluded = 0
+        for unit in self.units:
+            def progress(n: int, before: int = self.progress.scanned) -> None:  # entries seen, over all roots
+                self._tick(scanned=before + n)
+
+            result = scan([unit.path], replace(self.options.scan, excludes=unit.excludes), on_progress=progress)
+            files += result.files
+            problems += result.problems
+            excluded += result.excluded
+            with contextlib.suppress(OSError):
+                self.device_now[unit.path] = os.stat(unit.path).st_dev
+            if unit.path in self.tracked.roots and unit.path in self.device_now:
+                if unit.device is not None and self.device_now[unit.path] != unit.device:
+                    self.suspect[unit.path] = "is on another device than when it was indexed"
+                elif not result.files:
+                    self.suspect[unit.path] = "is empty now"
+        return ScanResult(sorted(files, key=lambda e: e.path), problems, excluded)
+
+    def _hold_back(self, paths: list[str], report: bool) -> list[str]:
+        """The rows of ``paths`` (indexed, not found by the scan) that this run may delete.
+
+        Without ``prune``, only rows of files that are really gone are deleted: a file that is
+        still there but left out now (an exclude, the hidden or symlink rule, an unreadable
+        folder) keeps its row, and so does every row of a root that looks unmounted. Each root
+        that keeps rows gets one warning; ``report`` says whether to record them.
+        """
+        if self.options.prune or not paths:
+            return paths
+        deletable: list[str] = []
+        kept: dict[str, tuple[int, str]] = {}
+        for path in paths:
+            root = next((r for r in self.suspect if under_roots(path, [r])), None)
+            if root is not None:
+                why = f"{self.suspect[root]} (a drive that is not mounted?)"
+            elif _still_there(path):
+                root = next((r for r in self.roots if under_roots(path, [r])), path)
+                why = "excluded now or unreadable"
+            else:
+                deletable.append(path)
+                continue
+            count, _ = kept.get(root, (0, why))
+            kept[root] = (count + 1, why)
+        if report:
+            self.held = {root for root in kept if root in self.suspect}
+            self.report.kept = sum(count for count, _ in kept.values())
+            self.report.scan_problems += [
+                (root, f"{count} indexed images kept: {why}; 'clipgrep index --prune' drops them")
+                for root, (count, why) in sorted(kept.items())]
+        return deletable
+
+    def _record_devices(self) -> None:
+        """Remember each root's device, except where rows were kept because it changed."""
+        for path, device in self.device_now.items():
+            if path not in self.held:
+                self.tracked.record_device(path, device)
 
     # -- fast path: nothing changed, so neither LanceDB nor the model is needed -------------------
 
@@ -183,7 +321,10 @@ class _Run:
 
         if self.dirty_marker.exists() or self.options.retry_skipped:
             return False
-        snapshot = read_snapshot(self.snapshot_path)
+        try:
+            snapshot = read_snapshot(self.snapshot_path)
+        except ClipgrepError:  # damaged: the full run below writes a new one from the table
+            return False
         if snapshot is None:
             return False
         # Vectorised: at 100k files a per-row loop over the memory-mapped arrays took ~0.4 s.
@@ -201,21 +342,25 @@ class _Run:
             return False
         if np.any(mtimes + RACY_WINDOW_NS >= snapshot.indexed_ns[rows]):
             return False
-        if self._rows_under_roots(snapshot) != len(rows):
-            return False  # something indexed under these roots is gone
+        # Rows under these roots that the scan did not find: gone, unless they are to be kept.
+        gone = [snapshot.paths[i] for i in np.setdiff1d(self._rows_under_roots(snapshot), rows)]
+        if self._hold_back(gone, report=False):
+            return False
+        self._hold_back(gone, report=True)
         self.report.unchanged = len(rows)
         self.report.rows = len(snapshot)
         self.report.skipped_total = len(skipped)
+        self.report.skipped_files = sorted(skipped.values(), key=lambda s: s.path)
         return True
 
-    def _rows_under_roots(self, snapshot: Snapshot) -> int:
+    def _rows_under_roots(self, snapshot: Snapshot) -> np.ndarray:
         covered = np.zeros(len(snapshot), dtype=bool)
         for root in self.roots:
             covered[snapshot.subtree(root)] = True
-            exact = snapshot.find(root)  # a root that is a single image file
+            exact = snapshot.find(root)  # a remembered file
             if exact is not None:
                 covered[exact] = True
-        return int(covered.sum())
+        return np.flatnonzero(covered)
 
     # -- the work ---------------------------------------------------------------------------------
 
@@ -240,9 +385,11 @@ class _Run:
         self.report.unchanged += touched
         self._encode(to_encode, store, stored, skipped, {e.path for e in plan.changed})
 
-    def _check_racy(self, plan: Plan, stored: dict[str, StoredFile]) -> tuple[list[FileEntry], list]:
+    def _check_racy(self, plan: Plan, stored: dict[str, StoredFile]
+                    ) -> tuple[list[FileState], list[tuple[FileState, str | None]]]:
         """Racy entries whose fingerprint still matches are unchanged; the rest join new/changed."""
-        confirmed, candidates = [], [(e, None) for e in plan.new] + [(e, None) for e in plan.changed]
+        confirmed: list[FileState] = []
+        candidates: list[tuple[FileState, str | None]] = [(e, None) for e in [*plan.new, *plan.changed]]
         for entry in plan.racy:
             try:
                 fp = fingerprint(entry.path, entry.size)
@@ -304,14 +451,17 @@ class _Run:
         from .decode import decode_images
 
         self._tick(phase="encoding", to_encode=len(items))
-        if not items:
+        if not items or self.stop.signum is not None:
             return
         encoder = self.encoder or self.bundle.image_encoder()
-        writer = BatchWriter(encoder, store, self.options.commit_rows, indexed_ns=self.started_ns)
+        writer = BatchWriter(encoder, store, self.options.commit_rows, self.options.commit_seconds,
+                             indexed_ns=self.started_ns)
         decoded = decode_images([e.path for e, _ in items], encoder.config, workers=self.options.workers,
                                 draft=self.options.draft)
         with contextlib.closing(decoded):  # stops the worker processes even if encoding fails
             for result in decoded:
+                if self.stop.signum is not None:
+                    break  # what was encoded so far is committed just below
                 entry, fp = items[result.index]
                 if result.pixels is None:
                     skipped[entry.path] = Skipped(entry.path, entry.size, entry.mtime_ns,
@@ -340,20 +490,17 @@ class _Run:
         save_skipped(self.directory, self.bundle.index_id, skipped)
 
     def _finish(self, store: IndexStore, skipped: dict[str, Skipped]) -> None:
-        from ..snapshot import write_snapshot
-
         self._tick(phase="finishing")
         save_skipped(self.directory, self.bundle.index_id, skipped)
-        # Index first: maintain() then folds the newest rows into it and prunes old versions.
-        self.report.vector_index = store.ensure_vector_index(self.options.vector_index_min_rows)
-        store.maintain()
-        rows = store.snapshot_rows()
-        write_snapshot(self.snapshot_path, *rows, meta={"bundle_id": self.bundle.index_id,
-                                                         "embed_dim": self.bundle.embed_dim,
-                                                         "table_version": store.version(),
-                                                         "vector_index": self.report.vector_index})
-        self.report.rows = len(rows.paths)
+        if self.stop.signum is None:  # an interrupted run leaves the slow upkeep to the next one
+            # Index first: maintain() then folds the newest rows into it and prunes old versions.
+            self.report.vector_index = store.ensure_vector_index(self.options.vector_index_min_rows)
+            store.maintain()
+        else:
+            self.report.vector_index = store.has_vector_index()
+        self.report.rows = publish_snapshot(store, vector_index=self.report.vector_index)
         self.report.skipped_total = len(skipped)
+        self.report.skipped_files = sorted(skipped.values(), key=lambda s: s.path)
         self.dirty_marker.unlink(missing_ok=True)
 
     def _mark_dirty(self) -> None:
@@ -365,6 +512,18 @@ class _Run:
 class _Stamped:
     mtime_ns: int
     indexed_ns: int
+
+
+def _still_there(path: str) -> bool:
+    """Whether ``path`` may still exist: only "no such file" says it is gone, not a folder
+    that cannot be read now."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _safe_fingerprint(entry: FileEntry) -> str:

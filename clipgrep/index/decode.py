@@ -23,8 +23,12 @@ bad file and never waits forever on one:
   224x224, receiving float32 costs the parent ~0.3 ms more CPU per image than uint8, but
   normalising there would cost it ~0.9 ms, and the parent's CPU is the encoder's. Tasks are
   not chunked: a task's round trip (~0.3 ms) is under 1 % of a photo's decode (~40 ms).
-- HEIC/HEIF opens through pillow-heif when installed (the ``heif`` extra), registered in
-  each process the first time it meets one.
+- Only the formats in ``embed.formats.FORMATS`` are opened (an EPS named .jpg would otherwise
+  run Ghostscript), and only regular files, opened without blocking (``regular_file``). HEIC/HEIF
+  opens through pillow-heif when installed (the ``heif`` extra).
+- Memory is bounded per decode: ``DecodeLimits.max_decoded_pixels`` caps what is decoded after
+  the JPEG draft (PIL holds 4 bytes a pixel, twice over while turning an image upright), and
+  ``preprocess`` never builds a resize larger than ``MAX_RESIZED_PIXELS``.
 """
 from __future__ import annotations
 
@@ -33,8 +37,8 @@ import logging
 import multiprocessing
 import os
 import signal
-import stat
 import struct
+import threading
 import warnings
 import zlib
 from collections import deque
@@ -49,16 +53,17 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from ..embed.formats import NEEDS_HEIF, UnsupportedImageFormat, open_image
 from ..embed.onnx import available_cpus
-from ..embed.preprocess import PreprocessConfig, load_image
+from ..embed.preprocess import ImageTooLarge, PreprocessConfig, load_image
 from ..errors import ClipgrepError
+from .regular_file import NOT_REGULAR, NotRegularFile, open_regular
 
 # What a decode task returns: (pixels, None) or (None, skip reason). Plain tuples pickle cheaply.
 Outcome = tuple[np.ndarray | None, str | None]
 
 CRASHED = "decoder crashed"
 CORRUPT = "truncated or corrupt image"
-NEEDS_HEIF = "unsupported format (HEIC needs: pip install pillow-heif)"
 
 # Below this many paths, with workers left to the default, decode in-process: the first pool
 # of a process costs 0.25-0.5 s (fork server start, measured on 2 busy cores), about what two
@@ -66,9 +71,6 @@ NEEDS_HEIF = "unsupported format (HEIC needs: pip install pillow-heif)"
 SMALL_JOB = 16
 _START_TIMEOUT_S = 60.0  # a worker that has not started by then is not going to
 
-# ISO-BMFF major brands that pillow-heif opens. "avif"/"avis" are left to Pillow's own plugin.
-_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs",
-                          b"mif1", b"msf1"})
 # What PIL's plugins raise on malformed data besides OSError (parsers index, unpack and divide
 # whatever the header claims).
 _CORRUPT_DATA_ERRORS = (SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError,
@@ -80,6 +82,11 @@ class DecodeLimits:
     """Per-file limits; a file over any of them is skipped, not decoded."""
 
     max_pixels: int = 200_000_000  # width * height from the header; decompression-bomb guard
+    # width * height actually decoded, after the JPEG draft: PIL holds 4 bytes a pixel, twice over
+    # for an image turned upright or with alpha. Measured at 32 MP, shortest edge 224: a worker
+    # peaks at 171 MB RSS (293 MB turned or RGBA). Takes 24 MP HEIC, PNG and TIFF; JPEGs far
+    # larger decode at reduced size and never come near it.
+    max_decoded_pixels: int = 32_000_000
     max_file_bytes: int = 1 << 30
     # Only enforceable in worker processes (workers > 0): an in-process decode cannot be interrupted.
     max_decode_seconds: float = 60.0
@@ -160,21 +167,16 @@ def decode_file(path: str, config: PreprocessConfig, *, draft: bool = True,
     try:
         with _open_regular(path, limits) as f, _strict_quiet_pil(limits):
             _check_image_header(f, limits)
-            return load_image(f, config, draft=draft), None
+            return load_image(f, config, draft=draft, max_pixels=limits.max_decoded_pixels), None
     except Exception as e:  # noqa: BLE001 - every failure of one file becomes its skip reason
         return None, classify_error(e)
 
 
 @contextlib.contextmanager
 def _open_regular(path: str, limits: DecodeLimits) -> Iterator[BinaryIO]:
-    # O_NONBLOCK: a FIFO or device swapped in since the scan must not block the open; it
-    # changes nothing for regular files. fstat on the open file, not stat on the path, so
-    # the checks apply to the file that is actually read.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise SkipImage("not a regular file")
+    # The size checks use the fstat of the open file, so they apply to the file actually read.
+    f, info = open_regular(path)
+    with f:
         if info.st_size == 0:
             raise SkipImage("empty file")
         if info.st_size > limits.max_file_bytes:
@@ -203,48 +205,21 @@ def _strict_quiet_pil(limits: DecodeLimits) -> Iterator[None]:
 
 def _check_image_header(f: BinaryIO, limits: DecodeLimits) -> None:
     """Refuse, from the header alone, what must not be decoded; leaves ``f`` at its start."""
-    needs_heif = _is_heif(f) and not _register_heif()
     try:
-        with Image.open(f) as im:  # parses the header only; pixels are decoded by load_image
+        with open_image(f) as im:  # parses the header only; pixels are decoded by load_image
             width, height = im.size
-    except UnidentifiedImageError:
-        if needs_heif:  # a brand Pillow might still open itself (mif1 AVIF) was worth the try
-            raise SkipImage(NEEDS_HEIF) from None
-        raise
     finally:
         f.seek(0)
     if width * height > limits.max_pixels:  # Image.MAX_IMAGE_PIXELS semantics
-        raise SkipImage(f"too many pixels ({_megapixels(width * height)} > {_megapixels(limits.max_pixels)})")
-
-
-def _is_heif(f: BinaryIO) -> bool:
-    head = f.read(12)
-    f.seek(0)
-    return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
-
-
-_heif_registered: bool | None = None  # None: not tried yet in this process
-
-
-def _register_heif() -> bool:
-    """Register pillow-heif's opener on first use; False when it is not installed."""
-    # Lazy, so workers that never meet a HEIC file do not pay for importing libheif.
-    global _heif_registered
-    if _heif_registered is None:
-        try:
-            from pillow_heif import register_heif_opener
-        except ImportError:
-            _heif_registered = False
-        else:
-            register_heif_opener()
-            _heif_registered = True
-    return _heif_registered
+        raise ImageTooLarge(width * height, limits.max_pixels)
 
 
 def classify_error(exc: BaseException) -> str:
     """The short, human skip reason for an exception raised while opening or decoding a file."""
-    if isinstance(exc, SkipImage):
+    if isinstance(exc, (SkipImage, UnsupportedImageFormat, ImageTooLarge)):
         return str(exc)
+    if isinstance(exc, (NotRegularFile, IsADirectoryError)):
+        return NOT_REGULAR
     if isinstance(exc, BrokenProcessPool):
         return CRASHED
     if isinstance(exc, Image.DecompressionBombError):  # PIL's own check on a frame or tile
@@ -253,8 +228,6 @@ def classify_error(exc: BaseException) -> str:
         return "not an image"
     if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
         return "vanished during indexing"
-    if isinstance(exc, IsADirectoryError):
-        return "not a regular file"
     if isinstance(exc, PermissionError):
         return "unreadable: permission denied"
     if isinstance(exc, MemoryError):
@@ -264,10 +237,6 @@ def classify_error(exc: BaseException) -> str:
     if isinstance(exc, (OSError, *_CORRUPT_DATA_ERRORS)):  # PIL: "image file is truncated", "decoder error"
         return CORRUPT
     return f"decoder error ({type(exc).__name__})"
-
-
-def _megapixels(pixels: int) -> str:
-    return f"{pixels / 1e6:.3g} MP"
 
 
 def _bytes(n: int) -> str:
@@ -439,7 +408,8 @@ def _start_pool(workers: int) -> ProcessPoolExecutor:
     by spawn/forkserver, a broken environment) would look like a decoder crash on every
     file, and every file would be recorded as skipped.
     """
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(), initializer=_init_worker)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(), initializer=_init_worker,
+                               initargs=(_lifeline(),))
     try:
         pool.submit(os.getpid).result(timeout=_START_TIMEOUT_S)
     except (BrokenProcessPool, FutureTimeout, OSError) as e:
@@ -468,7 +438,32 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-def _init_worker() -> None:
+_lifeline_ends: tuple[Any, Any] | None = None
+
+
+def _lifeline() -> Any:
+    """The read end of a pipe whose write end only this process holds, for workers to watch.
+
+    Workers are children of the fork server, not of this process, so nothing tells them when
+    it dies (kill -9 left them, and the resource tracker, running for minutes). The kernel
+    closes the write end however this process ends; the workers then read EOF and exit.
+    """
+    global _lifeline_ends
+    if _lifeline_ends is None:
+        _lifeline_ends = _mp_context().Pipe(duplex=False)
+    return _lifeline_ends[0]
+
+
+def _exit_with_parent(lifeline: Any) -> None:
+    try:
+        lifeline.recv_bytes()  # nothing is ever sent: this returns (EOFError) when the parent is gone
+    except (EOFError, OSError):
+        pass
+    os._exit(0)
+
+
+def _init_worker(lifeline: Any) -> None:
+    threading.Thread(target=_exit_with_parent, args=(lifeline,), name="lifeline", daemon=True).start()
     # Ctrl-C reaches the whole process group; only the parent should act on it (it shuts the
     # pool down), rather than each worker dying mid-task and breaking the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,10 +1,13 @@
-"""One index run at a time: an exclusive ``flock`` held for the whole run.
+"""One index run at a time: an exclusive OS file lock held for the whole run.
 
-The kernel drops a flock when its holder exits, however it exits (SIGKILL
-included), so a crashed run never leaves a stale lock behind. The holder writes
-its pid into the file only so that a refused run can say who holds it; the pid
-is never trusted for the locking itself. flock is POSIX-only and may not work
-on network file systems (e.g. some NFS setups), so keep CLIPGREP_HOME local.
+The lock is ``filelock``'s native lock (``flock`` on POSIX, a byte-range lock
+on Windows), which the OS drops when its holder exits, however it exits
+(SIGKILL included), so a crashed run never leaves a stale lock behind. It is taken on a
+sibling file (``<path>.os``), so that ``path`` itself stays a plain, readable
+note of the holder's pid: a refused run reads it to say who holds the lock
+(Windows forbids reading a locked byte range). The pid is never trusted for the
+locking itself. Native locks may not work on network file systems (e.g. some
+NFS setups), so keep CLIPGREP_HOME local.
 
 Example::
 
@@ -13,7 +16,6 @@ Example::
 """
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,39 +32,33 @@ def index_lock(path: Path, *, wait: bool = True, on_wait: Callable[[], None] | N
     otherwise call ``on_wait`` once (e.g. to tell the user) and block until it is free.
     Not re-entrant: taking it again in the same process blocks (or raises) like any other.
     """
+    from filelock import FileLock, Timeout
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = FileLock(path.with_name(path.name + ".os"))
     try:
-        if not _try_lock(fd):
-            if not wait:
-                raise ClipgrepError(f"another clipgrep index is running ({_holder(fd)})",
-                                    f"wait for it to finish, or stop it (lock file: {path})")
-            if on_wait is not None:
-                on_wait()
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        _write_pid(fd)
+        lock.acquire(timeout=0)
+    except Timeout:
+        if not wait:
+            raise ClipgrepError(f"another clipgrep index is running ({_holder(path)})",
+                                f"wait for it to finish, or stop it (lock file: {path})") from None
+        if on_wait is not None:
+            on_wait()
+        lock.acquire()
+    try:
+        path.write_text(f"{os.getpid()}\n", encoding="ascii")
         try:
             yield
         finally:
-            os.ftruncate(fd, 0)  # so a stale pid is never reported
+            path.write_text("", encoding="ascii")  # so a stale pid is never reported
     finally:
-        os.close(fd)  # closing the last descriptor releases the flock
+        lock.release()
 
 
-def _try_lock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
-def _write_pid(fd: int) -> None:
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-
-
-def _holder(fd: int) -> str:
+def _holder(path: Path) -> str:
     # The holder writes its pid just after taking the lock, so it can briefly be empty.
-    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    try:
+        text = path.read_text(encoding="ascii", errors="replace").strip()
+    except OSError:
+        text = ""
     return f"pid {text}" if text.isdigit() else "pid unknown"

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .regular_file import open_regular
+
 # Coarse filesystems (FAT, some network mounts) store mtimes in 2-second steps.
 RACY_WINDOW_NS = 2_000_000_000
 # Fingerprint = size + first 256 KiB + last 64 KiB: enough to tell photos apart
@@ -24,14 +26,25 @@ _TAIL_BYTES = 64 * 1024
 
 
 class FileState(Protocol):
-    path: str
-    size: int
-    mtime_ns: int
+    # Read-only members, so that frozen dataclasses (FileEntry, StoredFile) match.
+    @property
+    def path(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def mtime_ns(self) -> int: ...
 
 
-class StoredState(FileState, Protocol):
-    fingerprint: str
-    indexed_ns: int
+class Stamps(Protocol):
+    @property
+    def mtime_ns(self) -> int: ...
+    @property
+    def indexed_ns(self) -> int: ...
+
+
+class StoredState(FileState, Stamps, Protocol):
+    @property
+    def fingerprint(self) -> str: ...
 
 
 @dataclass
@@ -48,9 +61,11 @@ class Plan:
 
 
 def fingerprint(path: str, size: int) -> str:
-    """A content fingerprint for recognising moved and copied files; raises OSError if unreadable."""
+    """A content fingerprint for recognising moved and copied files; raises OSError if unreadable
+    or not a regular file (a FIFO swapped in since the scan must not block the run)."""
     digest = hashlib.blake2b(str(size).encode(), digest_size=16)
-    with open(path, "rb") as f:
+    f, _ = open_regular(path)
+    with f:
         digest.update(f.read(_HEAD_BYTES))
         if size > _HEAD_BYTES:
             f.seek(max(_HEAD_BYTES, size - _TAIL_BYTES))
@@ -58,7 +73,7 @@ def fingerprint(path: str, size: int) -> str:
     return digest.hexdigest()
 
 
-def is_racy(stored: StoredState) -> bool:
+def is_racy(stored: Stamps) -> bool:
     return stored.mtime_ns + RACY_WINDOW_NS >= stored.indexed_ns
 
 

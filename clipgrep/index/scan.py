@@ -32,12 +32,9 @@ from typing import NamedTuple
 
 import pathspec
 
+from ..embed.formats import IMAGE_EXTENSIONS
 from ..errors import ClipgrepError
-
-IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif",
-    ".heic", ".heif", ".avif",
-})
+from .regular_file import NOT_REGULAR, open_regular
 
 # Directories that hold copies, thumbnails, caches or trash rather than anyone's photos.
 # Dot-directories are listed too because ``include_hidden`` would otherwise let them in.
@@ -60,6 +57,7 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
 )
 
 IGNORE_FILE = ".clipgrepignore"
+IGNORE_FILE_MAX_BYTES = 1 << 20  # a pattern file; a bigger one is a mistake or a link to a disk image
 
 # How many directory entries pass between two on_progress calls.
 PROGRESS_EVERY = 1000
@@ -210,11 +208,16 @@ def _read_ignore_file(path: str) -> tuple[_Layer | None, list[str]]:
     """The layer from one ``.clipgrepignore`` and the lines that were not valid patterns.
 
     Decoded like file names (filesystem encoding, surrogateescape) so a pattern can name a
-    non-UTF-8 file. Raises ``OSError`` if the file cannot be read.
+    non-UTF-8 file. Raises ``OSError`` if the file cannot be read, is not a regular file
+    (a FIFO would block the walk, a link to /dev/zero never end) or is too large.
     """
-    with open(path, encoding=sys.getfilesystemencoding(),
-              errors=sys.getfilesystemencodeerrors(), newline="") as f:
-        lines = f.read().removeprefix("\ufeff").splitlines()
+    f, info = open_regular(path)
+    with f:
+        if info.st_size > IGNORE_FILE_MAX_BYTES:
+            raise OSError(errno.EFBIG, "too large for a pattern file", path)
+        data = f.read(IGNORE_FILE_MAX_BYTES)
+    text = data.decode(sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
+    lines = text.removeprefix("\ufeff").splitlines()
     try:
         return _make_layer(lines), []
     except ValueError:
@@ -421,8 +424,10 @@ class _Walker:
         except OSError as e:
             self.problems.append(ScanProblem(entry.path, _reason(e, is_link=follow)))
             return
-        if stat.S_ISREG(st.st_mode):  # not a fifo or device that happens to be called x.jpg
+        if stat.S_ISREG(st.st_mode):
             self._add_file(entry.path, st, via_link)
+        else:  # a FIFO or device named like an image: never opened, but worth a word
+            self.problems.append(ScanProblem(entry.path, NOT_REGULAR))
 
     def _add_file(self, path: str, st: os.stat_result, via_link: bool) -> None:
         if not self.follow:  # the same path twice (overlapping roots) is the same file

@@ -1,6 +1,7 @@
 """Batching for index runs: encoder-sized batches of pixels, bounded LanceDB commits of rows."""
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,12 +13,19 @@ if TYPE_CHECKING:
 
 
 class BatchWriter:
-    """Groups decoded images into encoder batches and encoded rows into bounded commits."""
+    """Groups decoded images into encoder batches and encoded rows into bounded commits.
 
-    def __init__(self, encoder: PixelEncoder, store: IndexStore, commit_rows: int, indexed_ns: int) -> None:
+    A commit happens every ``commit_rows`` rows or ``commit_seconds``, whichever comes first,
+    so that a slow run (a big model, a slow disk) keeps its work when it is killed.
+    """
+
+    def __init__(self, encoder: PixelEncoder, store: IndexStore, commit_rows: int, commit_seconds: float,
+                 indexed_ns: int) -> None:
         self.encoder = encoder
         self.store = store
         self.commit_rows = commit_rows
+        self.commit_seconds = commit_seconds
+        self.commit_due = time.monotonic() + commit_seconds
         self.indexed_ns = indexed_ns  # a time before the files were read, not after they were encoded
         self.batch: list[tuple[FileEntry, str, np.ndarray]] = []
         self.files: list[StoredFile] = []
@@ -27,9 +35,10 @@ class BatchWriter:
     def add(self, entry: FileEntry, fp: str, pixels: np.ndarray) -> list[str]:
         """Queue one image; returns the paths committed by this call (usually none)."""
         self.batch.append((entry, fp, pixels))
-        if len(self.batch) >= self.encoder.batch_size:
+        due = time.monotonic() >= self.commit_due
+        if len(self.batch) >= self.encoder.batch_size or due:
             self._encode_batch()
-        return self._commit() if len(self.files) >= self.commit_rows else []
+        return self._commit() if len(self.files) >= self.commit_rows or due else []
 
     def close(self) -> list[str]:
         if self.batch:
@@ -51,4 +60,5 @@ class BatchWriter:
         committed = [f.path for f in self.files]
         self.files.clear()
         self.vectors.clear()
+        self.commit_due = time.monotonic() + self.commit_seconds
         return committed

@@ -36,10 +36,16 @@ def stage_output(tmp_path: Path) -> Path:
     return tmp_path / "run"
 
 
-def test_export_installs_int8_and_fp32_bundles(stage_output: Path) -> None:
+def test_export_installs_int8_and_fp32_bundles_from_one_onnx_export(stage_output: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipgrep.convert import pipeline
     from clipgrep.models import list_models
 
+    exports: list[Path] = []
+    real = pipeline.export_onnx
+    monkeypatch.setattr(pipeline, "export_onnx", lambda loaded, work: exports.append(work) or real(loaded, work))
     result = run("export", str(stage_output), "tiny-student")
+    assert len(exports) == 1, "both precisions come from one ONNX export"
     assert result.exit_code == 0, result.stderr
     assert result.stdout == ""
     entries = {e.name: e.bundle for e in list_models()}
@@ -53,7 +59,7 @@ def test_export_of_a_directory_without_a_student_is_one_error_line(tmp_path: Pat
 
 
 def test_eval_prints_a_table_and_json(stage_output: Path, tmp_path: Path) -> None:
-    from clipgrep.compress.synthetic import generate_dataset
+    from benchmarks.synthetic import generate_dataset
 
     assert run("export", str(stage_output), "st").exit_code == 0
     pairs = generate_dataset(tmp_path / "data", 12, image_size=64)
@@ -71,7 +77,7 @@ def test_eval_prints_a_table_and_json(stage_output: Path, tmp_path: Path) -> Non
 def test_stage1_then_export_from_the_command_line(tmp_path: Path) -> None:
     import torch
 
-    from clipgrep.compress.synthetic import generate_dataset
+    from benchmarks.synthetic import generate_dataset
 
     torch.set_num_threads(1)  # tiny model: extra threads only contend on a shared 2-core machine
     arch = register_tiny_arch(tmp_path)

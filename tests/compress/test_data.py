@@ -281,3 +281,105 @@ def test_split_of_a_hand_built_set_uses_absolute_paths() -> None:
                     np.arange(50))
     train, val = split_pairs(pairs, 0.5)
     assert len(train.images) + len(val.images) == 50 and val.root is None
+
+
+# --- published data sets: COCO caption annotations and Karpathy split files ------------------
+
+
+def write_json(path: Path, document: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document), encoding="utf-8")
+    return path
+
+
+def coco_captions(tmp_path: Path) -> Path:
+    """captions_val2014.json in miniature: ids out of order, an image without captions."""
+    touch(*(tmp_path / "val2014" / f"COCO_val2014_{i:012d}.jpg" for i in (42, 7, 99)))
+    return write_json(tmp_path / "annotations" / "captions_val2014.json", {
+        "info": {"description": "tiny"},
+        "images": [{"id": 42, "file_name": "COCO_val2014_000000000042.jpg", "height": 480, "width": 640},
+                   {"id": 7, "file_name": "COCO_val2014_000000000007.jpg"},
+                   {"id": 99, "file_name": "COCO_val2014_000000000099.jpg"}],
+        "annotations": [{"image_id": 7, "id": 1, "caption": "A dog  on a\nsofa."},
+                        {"image_id": 42, "id": 2, "caption": "Two cats."},
+                        {"image_id": 7, "id": 3, "caption": "A brown dog."}]})
+
+
+def test_coco_captions_with_image_root(tmp_path: Path) -> None:
+    pairs = load_pairs(coco_captions(tmp_path), image_root=tmp_path / "val2014")
+    names = [image.name for image in pairs.images]
+    assert names == ["COCO_val2014_000000000042.jpg", "COCO_val2014_000000000007.jpg"]  # 99 has no caption
+    assert pairs.captions_of(0) == ["Two cats."]
+    assert pairs.captions_of(1) == ["A dog on a sofa.", "A brown dog."]
+    assert pairs.published_split is None
+
+
+def test_coco_without_image_root_resolves_against_the_annotation_dir(tmp_path: Path) -> None:
+    message = error_of(load_pairs, coco_captions(tmp_path))
+    assert "3 of 3 images do not exist" not in message and "2 of 2 images do not exist" in message
+    assert "entry 1:" in message and str(tmp_path / "annotations") in message
+
+
+def test_coco_caption_of_an_unknown_image_is_refused(tmp_path: Path) -> None:
+    touch(tmp_path / "a.jpg")
+    path = write_json(tmp_path / "captions.json", {"images": [{"id": 1, "file_name": "a.jpg"}],
+                                                   "annotations": [{"image_id": 2, "caption": "x"}]})
+    assert "annotations[0]" in error_of(load_pairs, path)
+
+
+def karpathy(tmp_path: Path, flickr: bool = False) -> Path:
+    """dataset_coco.json / dataset_flickr30k.json in miniature: every split, several sentences."""
+    images = []
+    for i, split in enumerate(["train", "restval", "val", "test", "test", "train"]):
+        folder = "" if flickr else ("train2014" if split == "train" else "val2014")
+        name = f"{i}.jpg"
+        touch(tmp_path / "images" / folder / name)
+        entry = {"filename": name, "split": split, "imgid": i,
+                 "sentences": [{"raw": f"image {i} caption {j}", "tokens": []} for j in range(2 + i % 2)]}
+        if not flickr:
+            entry["filepath"] = folder
+        images.append(entry)
+    return write_json(tmp_path / "dataset.json", {"images": images, "dataset": "flickr30k" if flickr else "coco"})
+
+
+@pytest.mark.parametrize("flickr", [False, True])
+def test_karpathy_split_file(tmp_path: Path, flickr: bool) -> None:
+    pairs = load_pairs(karpathy(tmp_path, flickr), image_root=tmp_path / "images")
+    assert len(pairs.images) == 6 and len(pairs) == 2 + 3 + 2 + 3 + 2 + 3
+    assert pairs.published_split == ("train", "restval", "val", "test", "test", "train")
+    if not flickr:
+        assert pairs.images[2] == tmp_path / "images" / "val2014" / "2.jpg"
+    assert pairs.captions_of(1) == ["image 1 caption 0", "image 1 caption 1", "image 1 caption 2"]
+    test = pairs.published("test")
+    assert [image.name for image in test.images] == ["3.jpg", "4.jpg"] and len(test) == 5
+    assert test.published_split == ("test", "test")
+
+
+def test_karpathy_split_pairs_uses_the_published_split(tmp_path: Path) -> None:
+    pairs = load_pairs(karpathy(tmp_path), image_root=tmp_path / "images")
+    train, val = split_pairs(pairs, val_fraction=0.5, seed=3)  # fraction and seed do not apply
+    assert [image.name for image in train.images] == ["0.jpg", "1.jpg", "5.jpg"]
+    assert [image.name for image in val.images] == ["2.jpg"]
+
+
+def test_published_split_of_plain_pairs_is_an_error(tmp_path: Path) -> None:
+    touch(tmp_path / "a.jpg")
+    pairs = load_pairs(write_jsonl(tmp_path / "p.jsonl", [{"image": "a.jpg", "caption": "x"}]))
+    assert "no published split" in error_of(pairs.published, "test")
+
+
+@pytest.mark.parametrize(("entry", "problem"), [
+    ({"filename": "a.jpg", "split": "dev", "sentences": [{"raw": "x"}]}, "unknown split 'dev'"),
+    ({"filename": "a.jpg", "split": "train"}, "'sentences' list"),
+    ({"filename": "a.jpg", "split": "train", "sentences": []}, "no sentences"),
+])
+def test_bad_karpathy_entries_name_the_entry(tmp_path: Path, entry: dict, problem: str) -> None:
+    touch(tmp_path / "a.jpg")
+    message = error_of(load_pairs, write_json(tmp_path / "d.json", {"images": [entry]}))
+    assert "images[0]" in message and problem in message
+
+
+def test_one_line_jsonl_with_json_suffix_is_still_pairs(tmp_path: Path) -> None:
+    touch(tmp_path / "a.jpg")
+    pairs = load_pairs(write_jsonl(tmp_path / "p.json", [{"image": "a.jpg", "captions": ["x", "y"]}]))
+    assert len(pairs) == 2 and pairs.published_split is None

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.synthetic import generate_dataset
 from clipgrep.bundle import MANIFEST, write_manifest
 from clipgrep.compress.data import PairSet, load_pairs, split_pairs
 from clipgrep.compress.eval import EvalConfig, ModelEval, compare, evaluate
-from clipgrep.compress.synthetic import generate_dataset
 from clipgrep.errors import ClipgrepError, ModelNotFound
 from clipgrep.models import add_model, load_model
 
@@ -138,6 +138,21 @@ def test_val_split_is_split_pairs_val_side(pairs_file: Path, models: tuple[str, 
     assert result.recall == pytest.approx(reference_recall("teacher", val))
 
 
+def test_test_split_is_the_karpathy_test_split(pairs_file: Path, models: tuple[str, ...], tmp_path: Path) -> None:
+    """The generated set rewritten as a Karpathy file whose test split is every third image."""
+    pairs = load_pairs(pairs_file)
+    entries = [{"filename": image.name, "split": "test" if i % 3 == 0 else "train",
+                "sentences": [{"raw": caption} for caption in pairs.captions_of(i)]}
+               for i, image in enumerate(pairs.images)]
+    karpathy = tmp_path / "dataset_shapes.json"
+    karpathy.write_text(json.dumps({"images": entries}), encoding="utf-8")
+    (result,) = evaluate(EvalConfig(str(karpathy), models[:1], split="test", speed_repeats=1,
+                                    image_root=str(pairs.images[0].parent)))
+    test = pairs.select(range(0, len(pairs.images), 3))
+    assert (result.n_images, result.n_captions) == (len(test.images), len(test.captions))
+    assert result.recall == pytest.approx(reference_recall("teacher", test))
+
+
 def test_empty_split_is_an_error(pairs_file: Path, models: tuple[str, ...]) -> None:
     with pytest.raises(ClipgrepError, match="val split .* has no caption-image pairs"):
         evaluate(EvalConfig(str(pairs_file), models, split="val", val_fraction=0.0))
@@ -164,7 +179,7 @@ def test_pairs_file_problems_are_reported(tmp_path: Path, models: tuple[str, ...
 @pytest.mark.parametrize("changes, problem", [
     ({"models": ()}, "no models"),
     ({"models": ("a", "b", "a")}, "more than once"),
-    ({"split": "test"}, "unknown split"),
+    ({"split": "dev"}, "unknown split"),
     ({"ks": (0, 5)}, "ks must be 1 or more"),
     ({"batch_size": 0}, "batch_size"),
 ])

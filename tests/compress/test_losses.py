@@ -8,7 +8,7 @@ import pytest
 pytestmark = pytest.mark.convert
 torch = pytest.importorskip("torch")
 
-from clipgrep.compress.losses import (  # noqa: E402 - after the torch skip
+from clipgrep.compress.losses import (
     LossWeights,
     contrastive_losses,
     hard_negative_loss,

@@ -13,21 +13,19 @@ import pytest
 pytestmark = pytest.mark.convert
 torch = pytest.importorskip("torch")
 
+from benchmarks.synthetic import generate_dataset
 from clipgrep.compress.checkpoint import load_local_dir, load_training_state
 from clipgrep.compress.data import load_image_set, load_texts
 from clipgrep.compress.losses import intra_modal_distill_loss
 from clipgrep.compress.stage1 import CHECKPOINT, Stage1Config, Stage1Progress, run
 from clipgrep.compress.students import build_student, parse_student, teacher_model_cfg
-from clipgrep.compress.synthetic import generate_dataset
 from clipgrep.compress.teacher import (
     CacheProgress,
     Teacher,
     cache_key,
     cached_embeddings,
-    format_teacher,
     load_image_batch,
     load_teacher,
-    parse_teacher,
 )
 from clipgrep.convert.source import ModelSource, load_model
 from clipgrep.errors import ClipgrepError
@@ -70,14 +68,22 @@ def test_teacher_spec_syntax(tmp_path: Path) -> None:
         str(tmp_path): ModelSource(checkpoint=tmp_path),
     }
     for spec, source in cases.items():
-        assert parse_teacher(spec) == source, spec
-        assert parse_teacher(format_teacher(source)) == source
+        assert ModelSource.parse(spec) == source, spec
+        assert ModelSource.parse(source.spec()) == source
     for bad, message in [("ViT-B-32", "names no weights"), ("hf-hub:org/x", "not supported"),
                          ("ViT-B-32:random@w.pt", "after @"), ("ViT-B-32:", "invalid"), (" ", "empty"),
                          (str(tmp_path.parent), "not an open_clip local dir")]:
         with pytest.raises(ClipgrepError, match=message) as info:
-            parse_teacher(bad)
+            ModelSource.parse(bad)
         assert info.value.hint
+
+
+@pytest.mark.parametrize("bad", [{"lr": float("inf")}, {"temperature": float("inf")},
+                                 {"weight_decay": float("nan")}, {"weight_decay": float("inf")}])
+def test_numbers_that_are_not_finite_are_refused(bad: dict[str, float]) -> None:
+    """nan passes every `< 0` check and inf every `> 0` one (issue 12, item 20)."""
+    with pytest.raises(ClipgrepError, match="must be"):
+        Stage1Config("ViT-B-32:random", "text=2", None, "texts.txt", "out", **bad)
 
 
 # --- (a) the teacher embedding cache --------------------------------------------------------------
@@ -98,7 +104,7 @@ class CountingTeacher(Teacher):
 
 
 def test_cache_is_computed_once_and_keyed_by_items(teacher_dir: Path, data: Path, tmp_path: Path) -> None:
-    teacher = CountingTeacher(load_model(parse_teacher(str(teacher_dir))), teacher_model_cfg(teacher_dir))
+    teacher = CountingTeacher(load_model(ModelSource.parse(str(teacher_dir))), teacher_model_cfg(teacher_dir))
     images, texts = load_image_set(data / "images"), load_texts(data / "texts.txt")[:20]
     events: list[CacheProgress] = []
     first = np.array(cached_embeddings(teacher, "image", images, tmp_path, batch_size=12, on_progress=events.append))
@@ -251,7 +257,7 @@ def test_inputs_are_checked_before_any_model_loads(teacher_dir: Path, data: Path
         run(config(teacher_dir, data, tmp_path / "a", student="image=teacher,text=teacher"))
     with pytest.raises(ClipgrepError, match="needs texts") as info:
         run(config(teacher_dir, data, tmp_path / "b", student="text=2", texts=None))
-    assert info.value.hint == "pass --texts"
+    assert info.value.hint == "pass --texts (or builtin:generic)"
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     for bad in ({"batch_size": 1}, {"lr": 0}, {"max_steps": 0}, {"temperature": -1.0}):
         with pytest.raises(ClipgrepError):

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 
 from typer.testing import CliRunner
 
+from benchmarks.synthetic import generate_dataset
 from clipgrep.cli import app
 from clipgrep.compress.checkpoint import load_local_dir, load_training_state, save_local_dir
 from clipgrep.compress.data import PairSet, load_pairs, split_pairs
@@ -26,7 +27,6 @@ from clipgrep.compress.stage2 import (
     run,
 )
 from clipgrep.compress.students import build_student, parse_student
-from clipgrep.compress.synthetic import generate_dataset
 from clipgrep.compress.teacher import CacheProgress, load_teacher
 from clipgrep.errors import ClipgrepError
 
@@ -231,11 +231,26 @@ def test_config_round_trips_and_bad_values_are_refused(two_steps: dict[str, Any]
     assert Stage2Config.from_json(resolved.to_json()) == resolved
     for bad in ({"steps": ("text", "image")}, {"steps": ()}, {"weight_t2v": 0, "weight_v2t": 0, "weight_kd": 0,
                                                               "weight_hn": 0},
-                {"hard_negatives_k": 0}, {"refresh_every": -1}, {"kd_temperature": 0.0}, {"val_fraction": 1.0}):
+                {"hard_negatives_k": 0}, {"refresh_every": -1}, {"kd_temperature": 0.0}, {"val_fraction": 1.0},
+                {"weight_kd": float("nan")}, {"lr": float("inf")}, {"val_fraction": float("nan")}):
         with pytest.raises(ClipgrepError):
             replace(resolved, **bad)
     with pytest.raises(ClipgrepError, match="neither a stage-1 output"):
         run(replace(resolved, student=str(tmp_path), out=str(tmp_path / "x")))
+
+
+def test_a_foreign_out_directory_is_refused_before_anything_is_written(teacher_dir: Path, stage1_dir: Path,
+                                                                        pairs: Path, tmp_path: Path) -> None:
+    """``--out`` naming someone's project dir overwrote its config.json before failing."""
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}\n')
+    result = CliRunner().invoke(app, [
+        "compress", "stage2", "--teacher", str(teacher_dir), "--student", str(stage1_dir), "--pairs", str(pairs),
+        "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "is not empty and is not a stage-2 run directory" in result.stderr
+    assert (out / "config.json").read_text() == '{"mine": true}\n' and len(list(out.iterdir())) == 1
 
 
 # --- (f) the command line -----------------------------------------------------------------------------

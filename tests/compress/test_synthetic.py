@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipgrep.compress.data import load_pairs, load_texts, split_pairs
-from clipgrep.compress.synthetic import (
+from benchmarks.synthetic import (
     CAPTIONS_PER_IMAGE,
     COLOURS,
     COUNT_WORDS,
@@ -23,6 +22,7 @@ from clipgrep.compress.synthetic import (
     render,
     sample_scene,
 )
+from clipgrep.compress.data import load_pairs, load_texts, split_pairs
 from clipgrep.errors import ClipgrepError
 
 

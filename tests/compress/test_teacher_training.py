@@ -12,11 +12,8 @@ import pytest
 pytestmark = pytest.mark.convert
 torch = pytest.importorskip("torch")
 
-from clipgrep.compress.checkpoint import load_local_dir, load_training_state
-from clipgrep.compress.data import load_pairs, split_pairs
-from clipgrep.compress.losses import contrastive_losses
-from clipgrep.compress.synthetic import generate_dataset
-from clipgrep.compress.teacher_training import (
+from benchmarks.synthetic import generate_dataset
+from benchmarks.teacher_training import (
     CHECKPOINT,
     TINY_TEACHER_CFG,
     TeacherProgress,
@@ -25,6 +22,9 @@ from clipgrep.compress.teacher_training import (
     evaluate_torch,
     train_teacher,
 )
+from clipgrep.compress.checkpoint import load_local_dir, load_training_state
+from clipgrep.compress.data import load_pairs, split_pairs
+from clipgrep.compress.losses import contrastive_losses
 from clipgrep.embed.preprocess import PreprocessConfig
 from clipgrep.errors import ClipgrepError
 
@@ -65,8 +65,8 @@ def batch_loss(model: Any, pixels: Any, tokens: Any) -> float:
 
 def fixed_batch(pairs: Path, model: Any) -> tuple[Any, Any]:
     """Every training image with its first caption, through the runtime's preprocessing and tokenizer."""
+    from benchmarks.teacher_training import _tokenizer
     from clipgrep.compress.teacher import load_image_batch
-    from clipgrep.compress.teacher_training import _tokenizer
     from clipgrep.convert.torch_env import import_open_clip
 
     train, _ = split_pairs(load_pairs(pairs), 0.2, 0)
@@ -105,7 +105,7 @@ def test_output_is_a_local_dir_with_its_config_and_recall(pairs: Path, trained: 
 
 
 def test_batches_hold_distinct_images_with_one_of_their_captions(pairs: Path, tmp_path: Path) -> None:
-    from clipgrep.compress.teacher_training import _resolve, _Run, _TrainSet
+    from benchmarks.teacher_training import _resolve, _Run, _TrainSet
 
     c = _resolve(config(pairs, tmp_path / "run", batch_size=6))
     train, _ = split_pairs(load_pairs(pairs), 0.2, 0)
@@ -144,7 +144,7 @@ def test_resume_refuses_a_changed_config(pairs: Path, tmp_path: Path) -> None:
 
 
 def test_teacher_converts_into_a_bundle_that_passes_the_parity_gate(trained: Path) -> None:
-    from clipgrep.compress.teacher_training import _tokenizer
+    from benchmarks.teacher_training import _tokenizer
     from clipgrep.models import add_model
 
     bundle = add_model("t", checkpoint=trained, precision="fp32")  # refuses to install when parity fails

@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")  # the tools here serve the torch training loops
 
 from clipgrep.compress.training import (
+    JsonConfig,
     data_digest,
     data_digests,
     is_int,
     is_number,
     param_groups,
     resolve_device,
+    start_run_dir,
     tower_of,
     warmup_cosine,
     write_text_atomic,
@@ -88,3 +93,41 @@ def test_write_text_atomic_replaces_and_leaves_no_partial_file(tmp_path: Path) -
     write_text_atomic(path, "new\n")
     assert path.read_text(encoding="utf-8") == "new\n"
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+@dataclass(frozen=True)
+class _RunConfig(JsonConfig):
+    config_kind: ClassVar[str] = "toy config"
+    required_hint: ClassVar[str] = "give out"
+    out: str
+    lr: float = 0.1
+
+
+@dataclass(frozen=True)
+class _OtherConfig(JsonConfig):
+    config_kind: ClassVar[str] = "other config"
+    required_hint: ClassVar[str] = "give pairs"
+    pairs: str
+
+
+def test_a_run_dir_is_new_empty_or_an_earlier_run_of_the_same_kind(tmp_path: Path) -> None:
+    config = _RunConfig(str(tmp_path / "new"))
+    start_run_dir(tmp_path / "new", config)  # new
+    assert _RunConfig.from_json((tmp_path / "new" / "config.json").read_text()) == config
+    (tmp_path / "new" / "checkpoint.pt").write_bytes(b"x")
+    start_run_dir(tmp_path / "new", replace(config, lr=0.2))  # an earlier run of the same kind
+    (tmp_path / "empty").mkdir()
+    start_run_dir(tmp_path / "empty", config)
+    for name, content in (("foreign", '{"mine": 1}'), ("other", _OtherConfig("p").to_json()), ("garbage", "{")):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "config.json").write_text(content)
+        with pytest.raises(ClipgrepError, match="is not empty and is not a toy run directory"):
+            start_run_dir(out, config)
+        assert (out / "config.json").read_text() == content
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(ClipgrepError, match="not empty"):
+        start_run_dir(tmp_path / "photos", config)
+    with pytest.raises(ClipgrepError, match="is a file"):
+        start_run_dir(tmp_path / "photos" / "a.jpg", config)

@@ -28,11 +28,9 @@ resume to M equals M steps in one go.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -41,29 +39,21 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..convert.torch_env import import_open_clip
-from ..errors import ClipgrepError
-from .checkpoint import (
-    STAGE_CONFIG,
-    capture_rng_states,
-    load_training_state,
-    restore_rng_states,
-    save_local_dir,
-    save_training_state,
-)
-from .data import PairSet, load_pairs, split_pairs
-from .metrics import recall_at_k
-from .training import (
+from clipgrep.compress.checkpoint import load_training_state, save_local_dir
+from clipgrep.compress.data import PairSet, load_pairs, split_pairs
+from clipgrep.compress.loop import Optimisation, restore_checkpoint, run_steps, save_checkpoint
+from clipgrep.compress.metrics import recall_at_k
+from clipgrep.compress.training import (
     JsonConfig,
     check_counts,
     config_changes,
     data_digest,
     is_int,
-    param_groups,
     resolve_device,
-    warmup_cosine,
-    write_text_atomic,
+    start_run_dir,
 )
+from clipgrep.convert.torch_env import import_open_clip
+from clipgrep.errors import ClipgrepError
 
 __all__ = ["CHECKPOINT", "TEACHER_DIR", "TINY_TEACHER_CFG", "TINY_TEACHER_IMAGE_SIZE", "TOKEN_EMBEDDING_STD",
            "TeacherProgress", "TeacherTrainConfig", "build_clip", "evaluate_torch", "train_teacher"]
@@ -189,8 +179,7 @@ def train_teacher(config: TeacherTrainConfig, on_progress: Progress | None = Non
     pairs = load_pairs(config.pairs)
     train, val = split_pairs(pairs, config.val_fraction, config.seed) if config.val_fraction else (pairs, None)
     resume = _load_resume(out / CHECKPOINT, config, train)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / STAGE_CONFIG, config.to_json())
+    start_run_dir(out, config)
     torch.manual_seed(config.seed)
     model = build_clip(config.model_cfg).to(config.device)
     preprocess = dict(import_open_clip().get_model_preprocess_cfg(model))
@@ -246,8 +235,8 @@ def evaluate_torch(model: Any, pairs: PairSet, *, batch_size: int = 256, ks: Seq
     >>> evaluate_torch(load_local_dir("runs/teacher/teacher")[0], val)["t2i_R@1"]  # doctest: +SKIP
     0.41
     """
-    from ..embed.preprocess import PreprocessConfig
-    from .teacher import image_decode_pool, load_image_batch
+    from clipgrep.compress.teacher import image_decode_pool, load_image_batch
+    from clipgrep.embed.preprocess import PreprocessConfig
 
     device = device or next(model.parameters()).device
     cfg = PreprocessConfig.from_dict(import_open_clip().get_model_preprocess_cfg(model))
@@ -271,8 +260,8 @@ def _encode(encode: Callable[..., Any], inputs: np.ndarray, device: Any) -> np.n
 
 @lru_cache(maxsize=4)
 def _tokenizer(context_length: int) -> Any:
-    from ..convert.tokenizer_export import open_clip_bpe_path
-    from ..embed.tokenizer import ClipTokenizer
+    from clipgrep.convert.tokenizer_export import open_clip_bpe_path
+    from clipgrep.embed.tokenizer import ClipTokenizer
 
     return ClipTokenizer.from_file(open_clip_bpe_path(), context_length=context_length)
 
@@ -281,7 +270,7 @@ def _resolve(config: TeacherTrainConfig) -> TeacherTrainConfig:
     """Absolute paths and a concrete device, so configs compare by value."""
     import dataclasses
 
-    paths = {name: os.path.abspath(Path(getattr(config, name)).expanduser()) for name in ("pairs", "out")}
+    paths: dict[str, Any] = {name: os.path.abspath(Path(getattr(config, name)).expanduser()) for name in ("pairs", "out")}
     return dataclasses.replace(config, device=resolve_device(config.device), **paths)
 
 
@@ -319,8 +308,8 @@ class _TrainSet:
 
     @classmethod
     def load(cls, train: PairSet, preprocess: dict[str, Any], model_cfg: dict[str, Any]) -> _TrainSet:
-        from ..embed.preprocess import PreprocessConfig
-        from .teacher import image_decode_pool, load_image_batch
+        from clipgrep.compress.teacher import image_decode_pool, load_image_batch
+        from clipgrep.embed.preprocess import PreprocessConfig
 
         cfg = PreprocessConfig.from_dict(preprocess)
         size = len(train.images) * 3 * cfg.height * cfg.width * 4
@@ -345,7 +334,7 @@ def _permutation(seed: int, passes: int, n: int) -> np.ndarray:
 
 @dataclass(eq=False)
 class _Run:
-    """One training run: model, optimiser, schedule and position; batches are a function of the step."""
+    """One training run (a ``loop.Task``): model, optimisation and position; batches are a function of the step."""
 
     config: TeacherTrainConfig
     model: Any
@@ -353,19 +342,13 @@ class _Run:
     step: int = 0
 
     def __post_init__(self) -> None:
-        import torch
-
         c = self.config
         n_images = len(self.data.pixels)
         self.batch = min(c.batch_size, n_images)
         self.steps_per_epoch = n_images // self.batch  # the last partial batch of a pass is dropped
         self.total_steps = c.epochs * self.steps_per_epoch
-        cuda = torch.device(c.device).type == "cuda"
-        self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, c.weight_decay), lr=c.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(min(c.warmup_steps, self.total_steps), self.total_steps))
+        self.optimisation = Optimisation(self.model, lr=c.lr, weight_decay=c.weight_decay,
+                                         warmup_steps=c.warmup_steps, total_steps=self.total_steps, device=c.device)
 
     def batch_at(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(image ids, caption ids) of ``step``: distinct images, one random caption of each."""
@@ -376,60 +359,60 @@ class _Run:
                              zip((self.data.caption_ids[i] for i in images), picks)], dtype=np.int64)
         return images, captions
 
-    def train_step(self) -> float:
+    # --- loop.Task: the set is in memory, so a batch is two fancy-indexing copies
+
+    def prepare(self, step: int, pool: Any) -> None:
+        pass
+
+    def can_prefetch(self, step: int) -> bool:
+        return True
+
+    def group(self, step: int) -> str:
+        return "teacher"
+
+    def load_batch(self, step: int, pool: Any) -> tuple[Any, Any]:
         import torch
 
-        from .losses import contrastive_losses
+        images, captions = self.batch_at(step)
+        return torch.from_numpy(self.data.pixels[images]), torch.from_numpy(self.data.tokens[captions])
 
-        images, captions = self.batch_at(self.step)
+    def train_step(self, batch: tuple[Any, Any]) -> dict[str, float]:
+        import torch
+
+        from clipgrep.compress.losses import contrastive_losses
+
         device = self.config.device
-        pixels = torch.from_numpy(self.data.pixels[images]).to(device, non_blocking=True)
-        tokens = torch.from_numpy(self.data.tokens[captions]).to(device, non_blocking=True)
-        autocast = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast:
+        pixels, tokens = (inputs.to(device, non_blocking=True) for inputs in batch)
+        self.optimisation.zero_grad()
+        with self.optimisation.autocast():
             image_emb = self.model.encode_image(pixels, normalize=True)
             text_emb = self.model.encode_text(tokens, normalize=True)
         t2i, i2t = contrastive_losses(text_emb.float(), image_emb.float(), 1.0 / self.model.logit_scale.exp())
         loss = (t2i + i2t) / 2
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        self.optimisation.step(loss)
         with torch.no_grad():  # open_clip_train's clamp: a scale past 100 makes training unstable
             self.model.logit_scale.clamp_(0, math.log(100))
         self.step += 1
-        return float(loss.detach())
+        return {"contrastive": float(loss.detach()), "scale": float(self.model.logit_scale.detach().exp())}
 
     def restore(self, state: Any) -> None:
-        self.model.load_state_dict(state.model_state)
-        self.optimizer.load_state_dict(state.optimizer_state)
-        self.scheduler.load_state_dict(state.scheduler_state)
-        self.scaler.load_state_dict(state.extra.get("scaler") or self.scaler.state_dict())
-        restore_rng_states(state.rng_states)
+        restore_checkpoint(state, self.model, self.optimisation)
         self.step = state.step
 
     def save(self) -> None:
-        extra = {"config": asdict(self.config), "data": self.data.digest, "scaler": self.scaler.state_dict(),
-                 "epoch": self.step // self.steps_per_epoch}
-        save_training_state(Path(self.config.out) / CHECKPOINT, self.step, self.model.state_dict(),
-                            self.optimizer.state_dict(), self.scheduler.state_dict(), capture_rng_states(), extra)
+        extra = {"config": asdict(self.config), "data": self.data.digest, "epoch": self.step // self.steps_per_epoch}
+        save_checkpoint(Path(self.config.out) / CHECKPOINT, self.step, self.model, self.optimisation, extra)
 
 
 def _train(r: _Run, on_progress: Progress | None) -> float | None:
-    """The loop: step until ``max_steps`` or the end, checkpointing; returns the mean loss of the last epoch run."""
+    """Step until ``max_steps`` or the end (``loop.run_steps``); returns the mean loss of the last epoch run."""
     stop = min(r.total_steps, r.config.max_steps or r.total_steps)
-    recent: list[float] = []
-    start_step, started = r.step, time.perf_counter()
-    r.model.train()
-    while r.step < stop:
-        loss = r.train_step()
-        recent = (recent + [loss])[-r.steps_per_epoch:]
-        if r.step % r.config.checkpoint_every == 0 or r.step == stop:
-            r.save()
+
+    def report(losses: dict[str, float], steps_per_s: float) -> None:
         if on_progress is not None:
-            rate = (r.step - start_step) * r.batch / max(time.perf_counter() - started, 1e-9)
             epoch = (r.step - 1) // r.steps_per_epoch + 1
-            scale = float(r.model.logit_scale.detach().exp())
-            on_progress(TeacherProgress(r.step, r.total_steps, epoch, {"contrastive": loss, "scale": scale}, rate))
-    return float(np.mean(recent)) if recent else None
+            on_progress(TeacherProgress(r.step, r.total_steps, epoch, losses, steps_per_s * r.batch))
+
+    r.model.train()
+    recent = run_steps(r, stop, r.config.checkpoint_every, report).get("teacher")
+    return recent["contrastive"] if recent else None

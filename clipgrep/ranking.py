@@ -1,14 +1,16 @@
 """Search an index snapshot with text and image queries. Never walks the filesystem.
 
-Query terms combine by weighted sum of their unit embeddings (then
-renormalised), so ``"2:golden retriever" --add pool.jpg --sub fruit`` means
-2*text + image - text.
+Query terms (syntax in ``query``) combine by weighted sum of their unit
+embeddings (then renormalised), so ``"2:golden retriever" --add pool.jpg --sub
+fruit`` means 2*text + image - text.
+
+(Not named ``search``: a submodule of that name would replace the public
+function ``clipgrep.search`` on the package as soon as it is imported.)
 """
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -16,30 +18,27 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from .errors import ClipgrepError
+from .query import QueryTerm, parse_query
 
 if TYPE_CHECKING:
     from .bundle import Bundle
     from .snapshot import Snapshot
 
-# "2:dog", "-0.5:cat", "+1.5:sea"; a backslash before the number keeps it literal ("\12:30 train").
-_WEIGHT = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+)):(.*)$", re.DOTALL)
-TEXT_PREFIX = "text:"
-
-
-@dataclass(frozen=True)
-class QueryTerm:
-    weight: float
-    text: str | None = None
-    image: Path | None = None
-
-    def describe(self) -> str:
-        return f"{self.weight:g} x {'image ' + str(self.image) if self.image else repr(self.text)}"
+DEFAULT_TOP = 10
 
 
 @dataclass(frozen=True)
 class Hit:
     score: float
     path: str
+
+
+class Hits(list[Hit]):
+    """Results, best first; ``left_out`` counts the matches that ``k`` cut off."""
+
+    def __init__(self, hits: Iterable[Hit] = (), left_out: int = 0) -> None:
+        super().__init__(hits)
+        self.left_out = left_out
 
 
 class QueryEncoder(Protocol):
@@ -61,37 +60,17 @@ class BundleQueryEncoder:
         return encoder.encode(list(texts))
 
     def encode_images(self, paths: Sequence[Path]) -> np.ndarray:
-        return self.bundle.image_encoder().encode_files(list(paths))
+        from .index.decode import decode_file
 
-
-def parse_term(raw: str, sign: float = 1.0) -> QueryTerm:
-    """One query term: optional ``WEIGHT:`` prefix, then an image path or text.
-
-    An existing file is an image query; prefix ``text:`` to search for text that
-    happens to name a file.
-    """
-    weight = 1.0
-    match = _WEIGHT.match(raw)
-    if match:
-        weight, raw = float(match.group(1)), match.group(2)
-    elif raw.startswith("\\"):
-        raw = raw[1:]
-    weight *= sign
-    if raw.startswith(TEXT_PREFIX):
-        return QueryTerm(weight, text=raw[len(TEXT_PREFIX):])
-    candidate = Path(raw).expanduser()
-    if raw and candidate.is_file():
-        return QueryTerm(weight, image=Path(os.path.abspath(candidate)))  # abspath, as the scanner stores paths
-    return QueryTerm(weight, text=raw)
-
-
-def parse_query(queries: Sequence[str], add: Sequence[str] = (), sub: Sequence[str] = ()) -> list[QueryTerm]:
-    terms = [parse_term(q) for q in queries] + [parse_term(q) for q in add] + [parse_term(q, -1.0) for q in sub]
-    if not terms:
-        raise ClipgrepError("no query given", 'pass some text, e.g. clipgrep search "a red bicycle"')
-    if not any(t.weight for t in terms):
-        raise ClipgrepError("all query weights are zero", "give at least one term a non-zero weight")
-    return terms
+        encoder = self.bundle.image_encoder()
+        pixels = []
+        for path in paths:  # the indexer's decode: regular files, supported formats, size limits
+            array, reason = decode_file(str(path), encoder.config)
+            if array is None:
+                raise ClipgrepError(f"cannot use {path} as a query image: {reason}",
+                                    "use another image, e.g. a JPEG or PNG copy of this one")
+            pixels.append(array)
+        return encoder.encode_pixels(np.stack(pixels))
 
 
 def query_vector(terms: Sequence[QueryTerm], encoder: QueryEncoder, snapshot: Snapshot | None = None) -> np.ndarray:
@@ -112,7 +91,9 @@ def query_vector(terms: Sequence[QueryTerm], encoder: QueryEncoder, snapshot: Sn
     if pending:
         for i, v in zip(pending, _encode_image_queries(encoder, [terms[i].image for i in pending])):
             vectors[i] = v
-    combined = sum(t.weight * v for t, v in zip(terms, vectors))  # type: ignore[operator]
+    weights = np.array([t.weight for t in terms])
+    weights /= np.abs(weights).max() or 1.0  # only ratios matter; at most 1, float32 sums stay finite
+    combined = weights.astype(np.float32) @ np.stack(vectors)  # type: ignore[arg-type]  # every slot is filled
     norm = float(np.linalg.norm(combined))
     if norm < 1e-9:
         raise ClipgrepError("the query terms cancel out", "change the weights or the --sub terms")
@@ -126,24 +107,26 @@ def _encode_image_queries(encoder: QueryEncoder, paths: list[Path | None]) -> np
         raise ClipgrepError(f"cannot read the query image: {e}", "pass an image file (JPEG, PNG, WebP, ...)") from None
 
 
-def rank(snapshot: Snapshot, query: np.ndarray, *, k: int | None = 10, threshold: float | None = None,
-         under: str | None = None) -> list[Hit]:
+def rank(snapshot: Snapshot, query: np.ndarray, *, k: int | None = DEFAULT_TOP, threshold: float | None = None,
+         under: str | None = None) -> Hits:
     """Top ``k`` rows by cosine (all when k is None), optionally within a subtree and above a threshold."""
     rows = snapshot.subtree(under) if under else slice(0, len(snapshot))
     vectors = snapshot.vectors[rows]
     if len(vectors) == 0:
-        return []
+        return Hits()
     scores = vectors @ query
     if threshold is not None:
         candidates = np.flatnonzero(scores >= threshold)
     else:
         candidates = np.arange(len(scores))
+    left_out = 0
     if k is not None and len(candidates) > k:
+        left_out = len(candidates) - k
         top = np.argpartition(-scores[candidates], k - 1)[:k]
         candidates = candidates[top]
     order = candidates[np.lexsort((candidates, -scores[candidates]))]  # score desc, then path order
     start = rows.start or 0
-    return [Hit(float(scores[i]), snapshot.path(start + int(i))) for i in order]
+    return Hits((Hit(float(scores[i]), snapshot.path(start + int(i))) for i in order), left_out)
 
 
 def resolve_under(directory: str) -> str:
@@ -152,10 +135,13 @@ def resolve_under(directory: str) -> str:
 
 
 def search(queries: Sequence[str], *, add: Sequence[str] = (), sub: Sequence[str] = (), model: str | None = None,
-           k: int | None = 10, threshold: float | None = None, under: str | None = None,
-           encoder: QueryEncoder | None = None, language: str | None = None) -> list[Hit]:
+           k: int | None = None, threshold: float | None = None, under: str | None = None,
+           encoder: QueryEncoder | None = None, language: str | None = None) -> Hits:
     """Rank indexed images against a query; best first.
 
+    ``k`` caps the results; by default 10, or every result scoring at least
+    ``threshold`` when one is given (``threshold=-1`` returns every image).
+    ``under`` keeps an existing directory inside (or above) an indexed root.
     ``language`` (``fr``, ``ja``...) is the text queries' language, for models
     whose tokenizer takes one (NLLB); others ignore it.
 
@@ -164,6 +150,8 @@ def search(queries: Sequence[str], *, add: Sequence[str] = (), sub: Sequence[str
     """
     from .snapshot import read_snapshot
 
+    _check_limits(k, threshold)
+    directory = _checked_under(under) if under is not None else None
     bundle = _indexed_bundle(model)
     snapshot = read_snapshot(_snapshot_path(bundle))
     if snapshot is None:
@@ -173,17 +161,48 @@ def search(queries: Sequence[str], *, add: Sequence[str] = (), sub: Sequence[str
         raise ClipgrepError("the index does not match the model", f"rebuild it: clipgrep index --model {bundle.name}")
     terms = parse_query(queries, add, sub)
     vector = query_vector(terms, encoder or BundleQueryEncoder(bundle, language), snapshot)
-    return rank(snapshot, vector, k=k, threshold=threshold, under=resolve_under(under) if under else None)
+    limit = k if k is not None else None if threshold is not None else DEFAULT_TOP
+    return rank(snapshot, vector, k=limit, threshold=threshold, under=directory)
+
+
+def _check_limits(k: int | None, threshold: float | None) -> None:
+    if k is not None and k < 1:
+        raise ClipgrepError(f"the number of results must be at least 1, not {k}", "e.g. -k 20")
+    if threshold is not None and not -1.0 <= threshold <= 1.0:  # also refuses nan, which matches nothing
+        raise ClipgrepError(f"the threshold must be a cosine between -1 and 1, not {threshold}",
+                            "e.g. --threshold 0.25")
+
+
+def _checked_under(under: str) -> str:
+    """``under`` as stored paths spell it, if it is a directory inside or above some indexed root."""
+    from .index.state import remembered_roots
+    from .paths import index_dir
+
+    directory = resolve_under(under)
+    if not os.path.isdir(directory):
+        problem = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise ClipgrepError(f"--under {under} {problem}", "pass a directory that was indexed")
+    roots = remembered_roots(index_dir())
+    if roots and not any(_inside(directory, root) or _inside(root, directory) for root in roots):
+        raise ClipgrepError(f"--under {under} is outside every indexed root",
+                            f"index it first: clipgrep index {under} (clipgrep status lists the roots)")
+    return directory
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
 
 
 def _indexed_bundle(model: str | None) -> Bundle:
     from .errors import ModelNotFound
-    from .models import default_model_name, load_model
+    from .models import DEFAULT_MODEL, default_model_name, load_model
 
     name = model or default_model_name()
     try:
         return load_model(name, auto_install=False)
     except ModelNotFound:
+        if name != DEFAULT_MODEL:  # only the default model is added by `clipgrep index`; others need `models add`
+            raise
         raise ClipgrepError(f"nothing is indexed with model {name} yet",
                             f"build the index first: clipgrep index DIR{'' if model is None else ' --model ' + name}"
                             ) from None

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..errors import ClipgrepError
+from clipgrep.errors import ClipgrepError
 
 CAPTIONS_PER_IMAGE = 5
 
@@ -114,7 +114,7 @@ def generate_dataset(out_dir: str | os.PathLike[str], n_images: int, seed: int =
         render(scene, rng, image_size).save(out / name)
         rows.append({"image": name, "captions": captions, "scene": scene.to_json()})
     (out / "texts.txt").write_text("".join(f"{c}\n" for row in rows for c in row["captions"]), encoding="utf-8")
-    config = {"generator": "clipgrep.compress.synthetic", "n_images": n_images, "seed": seed,
+    config = {"generator": "benchmarks.synthetic", "n_images": n_images, "seed": seed,
               "image_size": image_size}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     # Written last: a run that dies half-way leaves no pairs file to train on by mistake.
@@ -291,7 +291,8 @@ _OUTLINES: dict[str, tuple[tuple[float, float], ...]] = {
 
 def _jitter_colour(rgb: tuple[int, int, int], rng: np.random.Generator, amount: int) -> tuple[int, int, int]:
     shifted = np.clip(np.asarray(rgb) + rng.integers(-amount, amount + 1, size=3), 0, 255)
-    return tuple(int(v) for v in shifted)
+    r, g, b = (int(v) for v in shifted)
+    return r, g, b
 
 
 def _prepare_out_dir(out: Path, n_images: int, seed: int, image_size: int) -> Path:
