@@ -232,6 +232,17 @@ def test_text_only_swap_reuses_the_index(tiny_export: dict[str, Any], mclip_expo
     status = clipgrep("status", "--model", "mclip32", "--json")
     assert status.returncode == 0 and json.loads(status.stdout)["rows"] == 2
 
+    # models remove --purge finds the index by the same key: kept while the other model uses it, then deleted.
+    from clipgrep.models import remove_model
+    from clipgrep.paths import index_dir
+    from clipgrep.store import list_bundle_ids
+
+    kept = remove_model("clip32", purge=True)
+    assert kept.shared_with == ("mclip32",) and list_bundle_ids(index_dir()) == [clip.index_id]
+    assert clipgrep("search", "chat noir", "--model", "mclip32", "--paths").returncode == 0
+    purged = remove_model("mclip32", purge=True)
+    assert purged.data_bytes > 0 and list_bundle_ids(index_dir()) == []
+
 
 def test_nllb_language_prefix(tiny_export: dict[str, Any], tmp_path: Path) -> None:
     """NLLB exports get the FLORES-200 code glued in front of the query, as Immich does."""
