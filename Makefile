@@ -20,7 +20,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt tools/install_torch.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PYTHON) tools/install_torch.py --python $(PY)
-	$(PY) -m pip install -q -c constraints.txt -e '.[convert,test,lint]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[convert,test,lint,ui]'
+	# The web page's browser tests: Debian's headless Chromium and its version-locked chromedriver.
+	command -v chromedriver >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium chromium-driver; }
 	@if $(PY) -m pip list 2>/dev/null | grep -iE '^(nvidia|triton)'; then \
 		echo "error: the CUDA build of torch was installed (packages above): torch came from a source" \
 			"that only has that build (PyPI), not from the CPU index TORCH_INDEX_URL='$(TORCH_INDEX_URL)'." \
@@ -78,6 +80,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_runtime.py
 	$(PY) benchmarks/bench_index.py
 	$(PY) benchmarks/bench_import.py
+	$(PY) benchmarks/bench_ui.py
 
 # The compression proof: tiny teacher, stage 1 + 2, ablations; about 50 minutes on 2 cores.
 bench-compress: $(VENV)/.installed

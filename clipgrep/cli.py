@@ -92,6 +92,8 @@ def index(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help=(
         "List every skipped file and why, skipped by this run or an earlier one."))] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the run's report as JSON on stdout.")] = False,
+    thumbnails: Annotated[bool, typer.Option("--thumbnails", help=(
+        "Also make the thumbnails that 'clipgrep ui' and --preview show."))] = False,
 ) -> None:
     """Index images under ROOTS, or update the index: only new, changed, moved and deleted files cost work.
 
@@ -126,6 +128,19 @@ def index(
     if json_output:
         render.index_report_json(report)
     render.index_summary(report, verbose)
+    if thumbnails:
+        from .thumbnails import make_index_thumbnails
+
+        ready, failed = make_index_thumbnails(bundle.index_id, workers)
+        render.note(f"{ready} thumbnails ready" + (f", {failed} could not be made" if failed else ""))
+
+
+class PreviewProtocol(str, Enum):
+    auto = "auto"
+    kitty = "kitty"
+    iterm = "iterm"
+    sixel = "sixel"
+    blocks = "blocks"
 
 
 @app.command("search", cls=SearchCommand)
@@ -149,6 +164,13 @@ def search(
     = False,
     lang: Annotated[str | None, typer.Option(
         "--lang", help="Query language (fr, ja...) for models that take one (NLLB); others ignore it.")] = None,
+    preview: Annotated[bool, typer.Option("--preview", "-P", help=(
+        "Show thumbnails in the terminal (ignored when stdout is not a terminal)."))] = False,
+    preview_protocol: Annotated[PreviewProtocol, typer.Option(help="Image protocol; auto reads the environment. "
+                                                              "Implies --preview.")] = PreviewProtocol.auto,
+    preview_height: Annotated[int, typer.Option(min=1, max=100, help="Thumbnail height in text rows.")] = 8,
+    preview_grid: Annotated[bool, typer.Option("--preview-grid", help="Thumbnails in a grid (implies --preview).")]
+    = False,
 ) -> None:
     """Search the index: prints 'score<TAB>path' lines, best first. Exit 0 with results, 1 without, 2 on error.
 
@@ -157,14 +179,20 @@ def search(
       clipgrep search "a red bicycle at night"
       clipgrep search "2:golden retriever" --add ./pool.jpg --sub fruit -k 20
       clipgrep search sunset --under ~/Pictures/2024 --paths -0 | xargs -0 feh
+      clipgrep search "a red bicycle" --preview-grid
     """
     from .ranking import search as run_search
 
     if paths and json_output:
         raise ClipgrepError("--paths and --json exclude each other", "pick one output format")
+    show_preview = render.wants_preview(preview or preview_grid or preview_protocol != PreviewProtocol.auto,
+                                        paths or json_output or null)
     hits = run_search(query, add=add or (), sub=sub or (), model=model, k=top, threshold=threshold,
                       under=str(under) if under is not None else None, language=lang)
-    render.hits(hits, "json" if json_output else "paths" if paths else "scores", null)
+    if show_preview:
+        render.preview_hits(hits, preview_protocol.value, preview_height, preview_grid)
+    else:
+        render.hits(hits, "json" if json_output else "paths" if paths else "scores", null)
     if threshold is not None and hits.left_out:
         render.note(f"{hits.left_out} more results score {threshold:g} or more; raise -k to see them")
     if not hits:
@@ -229,6 +257,40 @@ def completions(shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish."
     from .completions import completion_script
 
     sys.stdout.write(completion_script(shell.value))
+
+
+@app.command("ui")
+@handle_errors
+def ui(
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1; 0 picks a free one.")] = 0,
+    model: ModelOption = None,
+    no_browser: Annotated[bool, typer.Option("--no-browser", help="Only print the address.")] = False,
+    host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback shows your photos to "
+                                           "your network (the token still guards them).")] = "127.0.0.1",
+) -> None:
+    """Browse and search the index in a local web page (needs the ui extra, see the README).
+
+    \b
+    Examples:
+      clipgrep ui
+      clipgrep ui --port 8765 --no-browser
+    """
+    from .models import load_model
+    from .paths import snapshot_dir
+    from .snapshot import read_snapshot
+
+    try:
+        from .ui.server import is_loopback, serve
+    except ImportError as e:
+        raise ClipgrepError(f"clipgrep ui needs the ui extra ({e.name} is missing)",
+                            "pip install 'clipgrep[ui]'") from None
+    if not is_loopback(host):
+        render.note(f"warning: listening on {host}: other machines can reach this page (the token still guards it)")
+    bundle = load_model(model, auto_install=False)
+    if read_snapshot(snapshot_dir(bundle.index_id)) is None:
+        raise ClipgrepError(f"nothing is indexed with model {bundle.name} yet", "run: clipgrep index DIR")
+    serve(bundle, snapshot_dir(bundle.index_id), host=host, port=port, open_browser=not no_browser,
+          on_ready=lambda url: render.note(f"serving the page at {url} (Ctrl-C stops it)"))
 
 
 class Precision(str, Enum):

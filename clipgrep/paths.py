@@ -49,7 +49,7 @@ def onnx_cache_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """Derived files that can be rebuilt at any time (optimised ONNX graphs).
+    """Derived files that can be rebuilt at any time (optimised ONNX graphs, thumbnails).
 
     The platform cache dir (``~/.cache/clipgrep`` on Linux), so backups and disk-usage
     tools treat them as caches; ``$CLIPGREP_HOME/cache`` when ``CLIPGREP_HOME`` is set,

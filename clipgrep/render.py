@@ -261,6 +261,30 @@ def hits(results: Sequence[Hit], fmt: str, null: bool) -> None:
                 _write_path_line(f"{hit.score:.4f}\t", hit.path, end)
 
 
+def wants_preview(requested: bool, other_format: bool) -> bool:
+    """Previews only on a terminal: in a pipe they are dropped with a warning, so scripts get plain lines."""
+    if not requested:
+        return False
+    if not sys.stdout.isatty():
+        note("warning: --preview ignored: stdout is not a terminal")
+        return False
+    if other_format:
+        from .errors import ClipgrepError
+
+        raise ClipgrepError("--preview shows scores and paths itself", "drop --paths, --json or --null")
+    return True
+
+
+def preview_hits(results: Sequence[Hit], protocol: str, rows: int, grid: bool) -> None:
+    """Each result as a thumbnail beside (or, in a grid, above) its score and path."""
+    from .preview import render_previews, screen_for
+
+    sys.stdout.flush()
+    screen = screen_for(protocol, rows, os.environ, sys.stdout.fileno())
+    sys.stdout.buffer.write(render_previews(results, screen, grid=grid))
+    sys.stdout.buffer.flush()
+
+
 def index_summary(report: IndexReport, verbose: bool) -> None:
     parts = [f"{report.added} added", f"{report.updated} updated", f"{report.reused} moved/copied",
              f"{report.removed} removed", f"{report.unchanged} unchanged"]
