@@ -79,6 +79,7 @@ golden: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_runtime.py
 	$(PY) benchmarks/bench_index.py
+	$(PY) benchmarks/bench_import.py
 	$(PY) benchmarks/bench_ui.py
 
 # The compression proof: tiny teacher, stage 1 + 2, ablations; about 50 minutes on 2 cores.

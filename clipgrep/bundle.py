@@ -40,7 +40,9 @@ MAX_MANIFEST_DEPTH = 16
 _STAMP_VERSION = 2
 
 PRECISIONS = ("fp32", "int8")
-TOKENIZER_KINDS = ("clip-bpe",)
+# clip-bpe: clipgrep's own torch-free CLIP tokenizer; hf-tokenizers: an export's tokenizer.json run
+# through Hugging Face ``tokenizers`` (imported models: XLM-R, NLLB, SigLIP... see embed/hf_tokenizer.py).
+TOKENIZER_KINDS = ("clip-bpe", "hf-tokenizers")
 _REQUIRED = ("name", "bundle_id", "embed_dim", "precision", "preprocess", "tokenizer", "encoders", "files")
 
 
@@ -51,6 +53,11 @@ class EncoderSpec:
     file: str
     input: str
     output: str
+    # Imported exports (clipgrep.imports) may differ from clipgrep's own: int32 ids,
+    # an attention-mask input, a batch dimension fixed at 1.
+    input_dtype: str | None = None
+    mask_input: str | None = None
+    batch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,8 @@ class TokenizerSpec:
     kind: str
     file: str
     context_length: int
-    sot_id: int
-    eot_id: int
+    sot_id: int | None = None
+    eot_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,30 @@ class Bundle:
     @property
     def tokenizer(self) -> TokenizerSpec:
         t = self.manifest["tokenizer"]
-        return TokenizerSpec(t["kind"], t["file"], t["context_length"], t["sot_id"], t["eot_id"])
+        return TokenizerSpec(t["kind"], t["file"], t["context_length"], t.get("sot_id"), t.get("eot_id"))
+
+    @property
+    def index_id(self) -> str:
+        """The key of this model's image index (tables, snapshots, run state): its ``image_id``.
+
+        Keyed by the image tower, not the whole bundle, so that a model that only
+        swaps the text tower searches the existing index without re-indexing.
+        """
+        return self.image_id
+
+    @property
+    def image_id(self) -> str:
+        """Hash of what makes image vectors: image encoder file, its tensors, preprocessing, dims.
+
+        Two bundles with the same image tower (a text-only model swap, e.g. an
+        M-CLIP text tower aligned to the same image tower) share it, so their
+        image vectors are interchangeable.
+        """
+        spec = self.manifest["encoders"]["image"]
+        identity = {"embed_dim": self.embed_dim, "preprocess": self.preprocess_config,
+                    "encoder": {**spec, "file": self.manifest["files"][spec["file"]]["sha256"]}}
+        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     @property
     def image(self) -> EncoderSpec:
@@ -325,21 +355,22 @@ def _check_types(m: dict[str, Any], schema: _Schema) -> None:
     for key in ("interpolation", "resize_mode"):
         schema.get(pre, key, str, "preprocess.")
     schema.get(pre, "fill_color", int, "preprocess.", optional=True)
-    tok = schema.get(m, "tokenizer", dict, "")
-    for key in ("kind", "file"):
-        schema.get(tok, key, str, "tokenizer.")
-    for key in ("context_length", "sot_id", "eot_id"):
-        if schema.get(tok, key, int, "tokenizer.") < 0:
-            raise schema.fail(f"tokenizer.{key}", "must not be negative")
+    _check_tokenizer(schema.get(m, "tokenizer", dict, ""), schema)
     encoders = schema.get(m, "encoders", dict, "")
     if set(encoders) != {"image", "text"}:
         raise schema.fail("encoders", "must describe exactly an image and a text encoder")
     for modality in ("image", "text"):
         spec = schema.get(encoders, modality, dict, "encoders.")
-        if set(spec) != {"file", "input", "output"}:
-            raise schema.fail(f"encoders.{modality}", "must have exactly file, input and output")
-        for key in spec:
-            schema.get(spec, key, str, f"encoders.{modality}.")
+        where = f"encoders.{modality}."
+        if not {"file", "input", "output"} <= set(spec) <= {"file", "input", "output", *_ENCODER_OPTIONS}:
+            raise schema.fail(f"encoders.{modality}", "must have file, input and output, and only "
+                              + ", ".join(_ENCODER_OPTIONS) + " besides")
+        for key in ("file", "input", "output", "mask_input"):
+            schema.get(spec, key, str, where, optional=key == "mask_input")
+        if spec.get("input_dtype") is not None and schema.get(spec, "input_dtype", str, where) not in _INPUT_DTYPES:
+            raise schema.fail(f"{where}input_dtype", "must be one of " + ", ".join(_INPUT_DTYPES))
+        if schema.get(spec, "batch", int, where, optional=True) is not None and spec["batch"] < 1:
+            raise schema.fail(f"{where}batch", "must be positive")
     files = schema.get(m, "files", dict, "")
     for name in files:
         entry = schema.get(files, name, dict, "files.")
@@ -349,9 +380,41 @@ def _check_types(m: dict[str, Any], schema: _Schema) -> None:
     _check_optional_types(m, schema)
 
 
+# Imported exports only (EncoderSpec): int32 ids, an attention-mask input, a batch fixed at 1.
+_ENCODER_OPTIONS = ("input_dtype", "mask_input", "batch")
+_INPUT_DTYPES = ("float32", "float16", "int32", "int64")
+
+
+def _check_tokenizer(tok: dict[str, Any], schema: _Schema) -> None:
+    """The settings ``ClipTokenizer.from_spec`` (clip-bpe) or ``HfTokenizer.from_spec`` (hf-tokenizers) read."""
+    for key in ("kind", "file"):
+        schema.get(tok, key, str, "tokenizer.")
+    clip = tok["kind"] == "clip-bpe"
+    for key in ("context_length", "sot_id", "eot_id", "pad_id"):
+        required = key == "context_length" or (clip and key != "pad_id")
+        value = schema.get(tok, key, int, "tokenizer.", optional=not required)
+        if value is not None and value < 0:
+            raise schema.fail(f"tokenizer.{key}", "must not be negative")
+    schema.get(tok, "clean", str, "tokenizer.", optional=True)
+    if "special_texts" in tok:
+        texts = schema.get(tok, "special_texts", list, "tokenizer.")
+        if len(texts) != 2 or not all(isinstance(t, str) and t for t in texts):
+            raise schema.fail("tokenizer.special_texts", "must be a list of 2 non-empty strings")
+    if tok["kind"] == "hf-tokenizers":
+        schema.get(tok, "pad_token", str, "tokenizer.")
+        if tok.get("language_prefix") is not None:
+            schema.get(tok, "language_prefix", str, "tokenizer.")
+
+
 def _check_optional_types(m: dict[str, Any], schema: _Schema) -> None:
     """Fields only ``models info`` and ``compress eval`` read: absent is fine, the wrong type is not."""
-    schema.get(m, "provenance", dict, "", optional=True)
+    provenance = schema.get(m, "provenance", dict, "", optional=True) or {}
+    for key in ("repo", "revision", "layout"):  # imports: where the export came from (render, catalogue)
+        if provenance.get(key) is not None:
+            schema.get(provenance, key, str, "provenance.")
+    sources = schema.get(provenance, "source_files", dict, "provenance.", optional=True) or {}
+    for name in sources:
+        schema.get(sources, name, str, "provenance.source_files.")
     params = schema.get(m, "params", dict, "", optional=True)
     for key in ("image", "text") if params else ():
         schema.get(params, key, float, "params.")
@@ -360,10 +423,12 @@ def _check_optional_types(m: dict[str, Any], schema: _Schema) -> None:
         figures = schema.get(parity, key, dict, "parity.", optional=True)
         for figure in ("min_cos", "mean_cos", "n") if figures is not None else ():
             schema.get(figures, figure, float, f"parity.{key}.")
+    schema.get(parity, "token_reference", str, "parity.", optional=True)
     quantization = schema.get(m, "quantization", dict, "", optional=True) or {}
     for modality in quantization:
         tower = schema.get(quantization, modality, dict, "quantization.")
         schema.get(tower, "chosen", str, f"quantization.{modality}.")
+        schema.get(tower, "reused_from", str, f"quantization.{modality}.", optional=True)
         timings = schema.get(tower, "ms_per_item", dict, f"quantization.{modality}.")
         for key in timings:
             schema.get(timings, key, float, f"quantization.{modality}.ms_per_item.")

@@ -131,7 +131,7 @@ def index(
     if thumbnails:
         from .thumbnails import make_index_thumbnails
 
-        ready, failed = make_index_thumbnails(bundle.bundle_id, workers)
+        ready, failed = make_index_thumbnails(bundle.index_id, workers)
         render.note(f"{ready} thumbnails ready" + (f", {failed} could not be made" if failed else ""))
 
 
@@ -162,6 +162,8 @@ def search(
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per result.")] = False,
     null: Annotated[bool, typer.Option("--null", "-0", help="End results with NUL instead of newline (xargs -0).")]
     = False,
+    lang: Annotated[str | None, typer.Option(
+        "--lang", help="Query language (fr, ja...) for models that take one (NLLB); others ignore it.")] = None,
     preview: Annotated[bool, typer.Option("--preview", "-P", help=(
         "Show thumbnails in the terminal (ignored when stdout is not a terminal)."))] = False,
     preview_protocol: Annotated[PreviewProtocol, typer.Option(help="Image protocol; auto reads the environment. "
@@ -186,7 +188,7 @@ def search(
     show_preview = render.wants_preview(preview or preview_grid or preview_protocol != PreviewProtocol.auto,
                                         paths or json_output or null)
     hits = run_search(query, add=add or (), sub=sub or (), model=model, k=top, threshold=threshold,
-                      under=str(under) if under is not None else None)
+                      under=str(under) if under is not None else None, language=lang)
     if show_preview:
         render.preview_hits(hits, preview_protocol.value, preview_height, preview_grid)
     else:
@@ -285,9 +287,9 @@ def ui(
     if not is_loopback(host):
         render.note(f"warning: listening on {host}: other machines can reach this page (the token still guards it)")
     bundle = load_model(model, auto_install=False)
-    if read_snapshot(snapshot_dir(bundle.bundle_id)) is None:
+    if read_snapshot(snapshot_dir(bundle.index_id)) is None:
         raise ClipgrepError(f"nothing is indexed with model {bundle.name} yet", "run: clipgrep index DIR")
-    serve(bundle, snapshot_dir(bundle.bundle_id), host=host, port=port, open_browser=not no_browser,
+    serve(bundle, snapshot_dir(bundle.index_id), host=host, port=port, open_browser=not no_browser,
           on_ready=lambda url: render.note(f"serving the page at {url} (Ctrl-C stops it)"))
 
 
@@ -308,22 +310,31 @@ def models_add(
     precision: Annotated[Precision, typer.Option(help="int8 is ~2x faster on CPU; fp32 is exact.")] = Precision.int8,
     random_init: Annotated[bool, typer.Option("--random-init", help="Random weights (for benchmarks and tests).")] = False,
     replace: Annotated[bool, typer.Option("--replace", help="Replace a model already installed under NAME.")] = False,
+    from_source: Annotated[str | None, typer.Option(
+        "--from", help="A published ONNX export (no torch needed): Hugging Face repo (immich-app/...) or local dir.")
+    ] = None,
+    revision: Annotated[str | None, typer.Option(help="With --from REPO: branch, tag or commit.")] = None,
 ) -> None:
-    """Convert an open_clip model into a bundle and install it as NAME.
+    """Install a model as NAME: import a published ONNX export, or convert an open_clip model.
 
     \b
     Examples:
+      clipgrep models add nllb-clip-base-siglip          (a name from: clipgrep models available)
+      clipgrep models add b32 --from immich-app/ViT-B-32__laion2b-s34b-b79k
+      clipgrep models add xlmr --from ./XLM-Roberta-Large-Vit-B-32
       clipgrep models add b32 --arch ViT-B-32 --pretrained laion2b_s34b_b79k
       clipgrep models add b32 --arch ViT-B-32 --checkpoint open_clip_model.safetensors
       clipgrep models add mine --checkpoint ./my-bundle
     """
     from .models import add_model
 
-    with render.step_progress(f"adding {name}", ("load model", "export ONNX", "quantize", "check parity",
-                                                 "install")) as on_progress:
+    steps = ("download", "read export", "quantize", "check parity", "install") if from_source else \
+        ("load model", "export ONNX", "quantize", "check parity", "install")
+    with render.step_progress(f"adding {name}", steps) as on_progress:
         bundle = add_model(name, arch=arch, pretrained=pretrained, checkpoint=checkpoint,
                            precision=precision.value, random_init=random_init, replace=replace,
-                           on_progress=on_progress, on_wait=render.waiting)
+                           from_source=from_source, revision=revision, on_progress=on_progress,
+                           on_wait=render.waiting)
     render.note(f"installed {bundle.name} ({bundle.precision}, {render.human_bytes(bundle.size_bytes())}) "
                 f"at {bundle.path}")
 
@@ -344,7 +355,25 @@ def models_list(
         render.models_table(entries, default_model_name())
     else:
         render.note("no models installed; the default model is added on first use, "
-                    "or add one with: clipgrep models add NAME --arch ARCH --pretrained TAG")
+                    "or add one with: clipgrep models add NAME (see: clipgrep models available)")
+
+
+@models_app.command("available")
+@handle_errors
+def models_available(
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """List the published models clipgrep can fetch: languages, sizes, speed, licence, quality."""
+    from .catalogue import CATALOGUE
+    from .models import default_model_name
+    from .paths import models_dir
+
+    installed = {p.name for p in models_dir().iterdir()} if models_dir().is_dir() else set()
+    if json_output:
+        for entry in CATALOGUE:
+            render.json_line({**entry.to_dict(), "installed": entry.name in installed})
+    else:
+        render.catalogue_table(CATALOGUE, installed, default_model_name())
 
 
 @models_app.command("info")

@@ -23,10 +23,9 @@ from .paths import index_lock_file, models_dir
 
 # ViT-B-32 trained on LAION-2B (laion2b_s34b_b79k): the most widely used open
 # CLIP weights, the same architecture as the paper's teacher, and the fastest
-# strong CPU choice here (50 image tokens; int8 indexes ~85 img/s on 2 cores).
+# strong CPU choice here (50 image tokens). Fetched as Immich's published ONNX
+# export and quantised here, without torch (clipgrep.catalogue.DEFAULT).
 DEFAULT_MODEL = "vit-b-32"
-DEFAULT_ARCH = "ViT-B-32"
-DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 MODEL_ENV = "CLIPGREP_MODEL"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -92,42 +91,52 @@ def load_model(name: str | None = None, *, auto_install: bool = True,
     if (path / MANIFEST).exists():
         return load_bundle(path)
     if name == DEFAULT_MODEL and auto_install:
-        return add_model(DEFAULT_MODEL, arch=DEFAULT_ARCH, pretrained=DEFAULT_PRETRAINED, on_progress=on_progress)
+        return add_model(DEFAULT_MODEL, on_progress=on_progress)
     raise ModelNotFound(f"no model named {name!r} is installed",
-                        f"add it with: clipgrep models add {name} --arch ARCH --pretrained TAG, "
-                        "or pick one from: clipgrep models list")
+                        f"add it with: clipgrep models add {name} --from OWNER/REPO (see: clipgrep models "
+                        "available), or pick one from: clipgrep models list")
 
 
 def add_model(name: str, *, arch: str | None = None, pretrained: str | None = None,
               checkpoint: str | os.PathLike[str] | None = None, precision: str = "int8",
-              random_init: bool = False, replace: bool = False,
-              on_progress: Progress | None = None, on_wait: Waiting | None = None) -> Bundle:
-    """Install a model as ``name``: convert an open_clip model, or copy a bundle directory.
+              random_init: bool = False, replace: bool = False, from_source: str | None = None,
+              revision: str | None = None, on_progress: Progress | None = None,
+              on_wait: Waiting | None = None) -> Bundle:
+    """Install a model as ``name``: import a published ONNX export, convert an open_clip model, or copy a bundle.
 
-    ``checkpoint`` may be a weights file, a local open_clip dir (what ``compress``
-    writes) or an existing bundle directory (installed by copy). The model is built
-    beside the models and renamed into place (``model_install``): a kill at any
-    point leaves the previous model, or the new one, installed. ``on_wait(what)`` is
-    called when another models command or an index run (``--replace``) must finish first.
+    ``from_source`` imports a published ONNX export (a hub repo or a local
+    directory) without torch; ``checkpoint`` may be a weights file, a local
+    open_clip dir (what ``compress`` writes) or an existing bundle directory
+    (installed by copy). With no source at all, ``name`` must be in the catalogue
+    (``models available``). The model is built beside the models and renamed into
+    place (``model_install``): a kill at any point leaves the previous model, or the
+    new one, installed. ``on_wait(what)`` is called when another models command or
+    an index run (``--replace``) must finish first.
 
     >>> add_model("b32", arch="ViT-B-32", checkpoint="open_clip_model.safetensors")  # doctest: +SKIP
     """
+    if from_source is None and arch is None and checkpoint is None and not random_init:
+        from .catalogue import entry
+
+        model_path(name)  # an invalid name is refused as such, not as a missing catalogue entry
+        from_source = entry(name).repo
     return add_models({precision: name}, arch=arch, pretrained=pretrained, checkpoint=checkpoint,
-                      random_init=random_init, replace=replace, on_progress=on_progress, on_wait=on_wait)[0]
+                      random_init=random_init, replace=replace, from_source=from_source, revision=revision,
+                      on_progress=on_progress, on_wait=on_wait)[0]
 
 
 def add_models(names: Mapping[str, str], *, arch: str | None = None, pretrained: str | None = None,
                checkpoint: str | os.PathLike[str] | None = None, random_init: bool = False,
-               replace: bool = False, on_progress: Progress | None = None,
-               on_wait: Waiting | None = None) -> list[Bundle]:
-    """``add_model`` at several precisions at once (``{"int8": "m", "fp32": "m-fp32"}``): the
-    model is loaded and exported to ONNX once, then quantised and gated per precision."""
+               replace: bool = False, from_source: str | None = None, revision: str | None = None,
+               on_progress: Progress | None = None, on_wait: Waiting | None = None) -> list[Bundle]:
+    """``add_model`` at several precisions at once (``{"int8": "m", "fp32": "m-fp32"}``): a
+    converted model is loaded and exported to ONNX once, then quantised and gated per precision."""
     for precision in names:
         if precision not in ("int8", "fp32"):
             raise ClipgrepError(f"unknown precision {precision!r}", "use int8 or fp32")
     dests = {precision: model_path(name) for precision, name in names.items()}
     source_path = Path(checkpoint).expanduser() if checkpoint is not None else None
-    copy = source_path is not None and (source_path / MANIFEST).is_file()
+    copy = from_source is None and source_path is not None and (source_path / MANIFEST).is_file()
     if copy and len(names) > 1:
         raise ClipgrepError("a bundle directory holds one precision", "install it under one name")
     with models_lock(on_wait=_told(on_wait, "another models command")), contextlib.ExitStack() as stack:
@@ -136,7 +145,13 @@ def add_models(names: Mapping[str, str], *, arch: str | None = None, pretrained:
                 raise ClipgrepError(f"a model named {names[precision]!r} is already installed",
                                     f"pass --replace, or remove it first: clipgrep models remove {names[precision]}")
         staged = {precision: stack.enter_context(staging(name)) for precision, name in names.items()}
-        if copy:
+        if from_source is not None:
+            from .imports import import_export
+
+            for precision, name in names.items():  # the download is cached: fetched once
+                import_export(from_source, staged[precision], name=name, precision=precision,
+                              revision=revision, on_progress=on_progress)
+        elif copy:
             (precision, name), = names.items()
             _copy_bundle(source_path, staged[precision], name)  # type: ignore[arg-type]  # copy: a path
         else:
@@ -163,7 +178,7 @@ class Removal:
     path: Path | None            # the model directory removed; None if it was removed before
     data_bytes: int              # its index and caches: deleted (purged) or left on disk
     purged: bool
-    shared_with: tuple[str, ...]  # installed copies of the same model, whose index stays
+    shared_with: tuple[str, ...]  # installed models with the same image tower (copies, text swaps): the index stays
 
 
 def remove_model(name: str, *, purge: bool = False, on_wait: Waiting | None = None) -> Removal:
@@ -208,39 +223,40 @@ def _told(on_wait: Waiting | None, what: str) -> Callable[[], None] | None:
 
 
 def _identity(bundle: Bundle) -> tuple[str, str]:
-    """What names a model's data outside its directory: its bundle id (index), its text cache key."""
+    """What names a model's data outside its directory: its index id (image tower), its text cache key."""
     from .embed.onnx import text_cache_key
 
-    return bundle.bundle_id, text_cache_key(bundle)
+    return bundle.index_id, text_cache_key(bundle)
 
 
 def _own_data(identity: tuple[str, str] | None, others: list[tuple[str, str]]) -> tuple[str | None, list[Path]]:
-    """The model's index (its bundle id) and optimised-cache entries, each unless another model uses it too.
+    """The model's index (its index id) and optimised-cache entries, each unless another model uses it too.
 
-    A renamed copy has the same bundle id; a student that kept the teacher's text
-    tower has another bundle id but the same text cache.
+    A renamed copy, or a model that swapped only the text tower, has the same
+    index id; a student that kept the teacher's text tower has another index id
+    but the same text cache.
     """
     from .embed.onnx import cached_sessions
 
     if identity is None:
         return None, []
-    bundle_id, cache_key = identity
-    return (None if any(bundle_id == other[0] for other in others) else bundle_id,
+    index_id, cache_key = identity
+    return (None if any(index_id == other[0] for other in others) else index_id,
             [] if any(cache_key == other[1] for other in others) else cached_sessions(cache_key))
 
 
-def _data_bytes(bundle_id: str | None, caches: list[Path]) -> int:
+def _data_bytes(index_id: str | None, caches: list[Path]) -> int:
     from .index.purge import index_bytes
     from .status import disk_bytes
 
-    return (index_bytes(bundle_id) if bundle_id else 0) + sum(disk_bytes(cache) for cache in caches)
+    return (index_bytes(index_id) if index_id else 0) + sum(disk_bytes(cache) for cache in caches)
 
 
-def _purge(bundle_id: str | None, caches: list[Path]) -> None:
+def _purge(index_id: str | None, caches: list[Path]) -> None:
     from .index.purge import purge_index
 
-    if bundle_id:
-        purge_index(bundle_id)
+    if index_id:
+        purge_index(index_id)
     for cache in caches:
         shutil.rmtree(cache, ignore_errors=True)
 
@@ -254,14 +270,15 @@ class _RemovedRecord:
     def read(self) -> tuple[str, str] | None:
         try:
             record = json.loads(self.path.read_text(encoding="utf-8"))
-            identity = str(record["bundle_id"]), str(record["cache_key"])
+            # "bundle_id": records written before indexes were keyed by the image tower
+            identity = str(record.get("index_id", record.get("bundle_id"))), str(record["cache_key"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
         # Both name paths that a purge deletes: never trust them to be more than hex digits.
         return identity if all(re.fullmatch(r"[0-9a-f]{16}", part) for part in identity) else None
 
     def write(self, identity: tuple[str, str]) -> None:
-        self.path.write_text(json.dumps({"bundle_id": identity[0], "cache_key": identity[1]}), encoding="utf-8")
+        self.path.write_text(json.dumps({"index_id": identity[0], "cache_key": identity[1]}), encoding="utf-8")
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -7,7 +7,7 @@ file could be swapped unnoticed: ``bundle`` refuses any location the manifest
 does not list.
 
 This reads the protobuf wire format directly, stdlib only (the ``onnx`` package
-is an optional extra, never a runtime dependency). The file is memory-mapped and
+is imported only to build bundles, never by search or index). The file is memory-mapped and
 only the messages that can hold tensors are walked; weights (``raw_data``) are
 skipped by length, never read.
 """

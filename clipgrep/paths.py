@@ -25,12 +25,12 @@ def models_dir() -> Path:
 
 
 def index_dir() -> Path:
-    """The LanceDB database (one table per bundle_id), snapshots and index state."""
+    """The LanceDB database (one table per index id: Bundle.index_id), snapshots and index state."""
     return home() / "index"
 
 
-def snapshot_dir(bundle_id: str) -> Path:
-    return index_dir() / "snapshots" / bundle_id
+def snapshot_dir(index_id: str) -> Path:
+    return index_dir() / "snapshots" / index_id
 
 
 def index_lock_file() -> Path:
@@ -38,9 +38,9 @@ def index_lock_file() -> Path:
     return index_dir() / ".lock"
 
 
-def dirty_marker(bundle_id: str) -> Path:
-    """Present while the snapshot of ``bundle_id`` may lag its table (index/build.py)."""
-    return index_dir() / "snapshots" / f"{bundle_id}.DIRTY"
+def dirty_marker(index_id: str) -> Path:
+    """Present while the snapshot of ``index_id`` may lag its table (index/build.py)."""
+    return index_dir() / "snapshots" / f"{index_id}.DIRTY"
 
 
 def onnx_cache_dir() -> Path:

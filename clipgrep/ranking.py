@@ -51,11 +51,13 @@ class QueryEncoder(Protocol):
 class BundleQueryEncoder:
     """Encodes queries with a bundle, creating only the sessions a query needs."""
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, language: str | None = None) -> None:
         self.bundle = bundle
+        self.language = language
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        return self.bundle.text_encoder(batch_size=len(texts) or 1).encode(list(texts))
+        encoder = self.bundle.text_encoder(batch_size=len(texts) or 1, language=self.language)
+        return encoder.encode(list(texts))
 
     def encode_images(self, paths: Sequence[Path]) -> np.ndarray:
         from .index.decode import decode_file
@@ -134,12 +136,14 @@ def resolve_under(directory: str) -> str:
 
 def search(queries: Sequence[str], *, add: Sequence[str] = (), sub: Sequence[str] = (), model: str | None = None,
            k: int | None = None, threshold: float | None = None, under: str | None = None,
-           encoder: QueryEncoder | None = None) -> Hits:
+           encoder: QueryEncoder | None = None, language: str | None = None) -> Hits:
     """Rank indexed images against a query; best first.
 
     ``k`` caps the results; by default 10, or every result scoring at least
     ``threshold`` when one is given (``threshold=-1`` returns every image).
     ``under`` keeps an existing directory inside (or above) an indexed root.
+    ``language`` (``fr``, ``ja``...) is the text queries' language, for models
+    whose tokenizer takes one (NLLB); others ignore it.
 
     >>> for hit in search(["a red bicycle at night"], k=5):  # doctest: +SKIP
     ...     print(f"{hit.score:.3f}\\t{hit.path}")
@@ -156,7 +160,7 @@ def search(queries: Sequence[str], *, add: Sequence[str] = (), sub: Sequence[str
     if snapshot.vectors.shape[1] != bundle.embed_dim:
         raise ClipgrepError("the index does not match the model", f"rebuild it: clipgrep index --model {bundle.name}")
     terms = parse_query(queries, add, sub)
-    vector = query_vector(terms, encoder or BundleQueryEncoder(bundle), snapshot)
+    vector = query_vector(terms, encoder or BundleQueryEncoder(bundle, language), snapshot)
     limit = k if k is not None else None if threshold is not None else DEFAULT_TOP
     return rank(snapshot, vector, k=limit, threshold=threshold, under=directory)
 
@@ -207,4 +211,4 @@ def _indexed_bundle(model: str | None) -> Bundle:
 def _snapshot_path(bundle: Bundle) -> Path:
     from .paths import snapshot_dir
 
-    return snapshot_dir(bundle.bundle_id)
+    return snapshot_dir(bundle.index_id)

@@ -15,6 +15,7 @@ from .errors import ClipgrepError
 
 if TYPE_CHECKING:
     from .bundle import Bundle
+    from .catalogue import CatalogueEntry
     from .index.build import IndexProgress, IndexReport
     from .index.forget import Forgotten
     from .index.state import Skipped
@@ -95,6 +96,46 @@ def models_table(entries: Sequence[ModelEntry], default: str) -> None:
             print(line)
 
 
+def catalogue_table(entries: Sequence[CatalogueEntry], installed: set[str], default: str) -> None:
+    """``models available``: one row per catalogue model; sources of the figures below the table."""
+    rows = [("NAME", "LANGUAGES", "DIM", "DOWNLOAD", "INT8", "IMG/S", "MS/QUERY", "LICENCE", "QUALITY")]
+    for e in entries:
+        speed = e.speed or {}
+        mark = (" *" if e.name == default else "") + (" (installed)" if e.name in installed else "")
+        rows.append((e.name + mark, e.languages, str(e.embed_dim), _mb(e.download_mb), _mb(e.int8_mb),
+                     _num(speed.get("img_per_s_batch16")), _num(speed.get("ms_per_query")), e.licence,
+                     e.quality or "-"))
+    with _stdout():
+        for line in _columns(rows):
+            print(line)
+    sources = sorted({s for e in entries for s in (e.quality_source, (e.speed or {}).get("source")) if s})
+    note("* default; figures from: " + "; ".join(sources) + "; add one with: clipgrep models add NAME")
+
+
+def _catalogue_lines(repo: str | None) -> list[tuple[str, str]]:
+    """What the catalogue knows about a model fetched from ``repo``: quality, speed, licence."""
+    from .catalogue import find
+
+    entry = find(repo) if repo else None
+    if entry is None:
+        return []
+    speed = entry.speed or {}
+    lines = [("licence", entry.licence),
+             ("published quality", f"{entry.quality} ({entry.quality_source})" if entry.quality else "-")]
+    if speed:
+        lines.append(("measured speed", (f"{_num(speed.get('img_per_s_batch16'))} img/s (batch 16), "
+                                         f"{_num(speed.get('ms_per_query'))} ms/query ({speed.get('source')})")))
+    return lines
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} MB"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
 def model_summary(entry: ModelEntry) -> dict[str, Any]:
     if entry.bundle is None:
         return {"name": entry.name, "path": str(entry.path), "problem": entry.problem}
@@ -111,7 +152,7 @@ def removal(r: Removal) -> None:
     if r.path is not None:
         note(f"removed {r.name} ({r.path})")
     if r.shared_with:
-        note(f"its index stays: {', '.join(r.shared_with)} is the same model and uses it")
+        note(f"its index stays: {', '.join(r.shared_with)} has the same image tower and uses it")
     elif r.purged:
         note(f"deleted its index and caches ({human_bytes(r.data_bytes)})")
     elif r.data_bytes:
@@ -145,11 +186,18 @@ def model_info(bundle: Bundle) -> None:
             if key in parity:
                 p = parity[key]
                 lines.append((f"parity {key}", f"min cos {p['min_cos']:.6f}, mean {p['mean_cos']:.6f} (n={p['n']})"))
-        lines.append(("token ids", "identical to open_clip" if parity.get("token_ids_identical") else "DIFFER"))
+        reference = parity.get("token_reference", "open_clip")  # imports: the export's tokenizer.json
+        lines.append(("token ids", f"identical to {reference}" if parity.get("token_ids_identical") else "DIFFER"))
     for modality, q in m.get("quantization", {}).items():
         timings = ", ".join(f"{k} {v:.1f} ms" for k, v in q["ms_per_item"].items())
-        lines.append((f"int8 {modality}", f"quantized {q['chosen']} ({timings})"))
-    lines += [(f"{k}", str(v)) for k, v in provenance.items() if k not in ("arch", "weights")]
+        reused = f", reused from {q['reused_from']}" if "reused_from" in q else ""
+        lines.append((f"int8 {modality}", f"quantized {q['chosen']} ({timings}{reused})"))
+    for k, v in provenance.items():
+        if k == "source_files":
+            lines.append(("source files", f"{len(v)}, sha256 of each in the manifest"))
+        elif k not in ("arch", "weights") and v is not None:
+            lines.append((k, str(v)))
+    lines += _catalogue_lines(provenance.get("repo"))
     _key_values(lines)
 
 

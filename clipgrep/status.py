@@ -44,12 +44,12 @@ def index_status(model: str | None = None) -> dict[str, Any]:
         info["rows"] = 0
         info["note"] = f"model {name} is not installed yet; clipgrep index adds it"
         return info
-    snapshot = read_snapshot(snapshot_dir(bundle.bundle_id))
-    run = last_run(directory, bundle.bundle_id) or {}
+    snapshot = read_snapshot(snapshot_dir(bundle.index_id))
+    run = last_run(directory, bundle.index_id) or {}
     info.update({
         "bundle_id": bundle.bundle_id,
         "rows": len(snapshot) if snapshot is not None else 0,
-        "skipped": len(load_skipped(directory, bundle.bundle_id)),
+        "skipped": len(load_skipped(directory, bundle.index_id)),
         "disk_bytes": disk_bytes(directory) if directory.exists() else 0,
         "last_run": run.get("finished", "never"),
         # Recorded by the last index run, so status need not load LanceDB (~1 s).
@@ -70,4 +70,4 @@ def skipped_files(model: str | None = None) -> list[Skipped]:
         if model:
             raise
         return []  # the default model, not added yet: nothing was ever skipped
-    return sorted(load_skipped(index_dir(), bundle.bundle_id).values(), key=lambda s: s.path)
+    return sorted(load_skipped(index_dir(), bundle.index_id).values(), key=lambda s: s.path)

@@ -12,7 +12,7 @@ last completed ``upsert``/``delete`` (docs/stack.md section 7).
 
 Example::
 
-    store = IndexStore(paths.index_dir(), bundle.bundle_id, bundle.embed_dim)
+    store = IndexStore(paths.index_dir(), bundle.index_id, bundle.embed_dim)
     store.upsert([StoredFile("/p/a.jpg", 10, 1, "ab12", 2)], np.zeros((1, 512), np.float32))
 """
 from __future__ import annotations

@@ -212,6 +212,18 @@ def test_a_huge_manifest_is_refused_without_reading_it(bundle_dir: Path) -> None
     (("params",), {"image": "1M", "text": 2}),
     (("parity",), {"image": {"min_cos": "high", "mean_cos": 1, "n": 3}}),
     (("quantization",), {"image": {"chosen": "x", "ms_per_item": {"a": "fast"}}}),
+    # fields of imported exports (clipgrep.imports)
+    (("encoders", "text", "input_dtype"), "complex1024"),
+    (("encoders", "text", "batch"), "1"),
+    (("encoders", "text", "batch"), 0),
+    (("encoders", "text", "mask_input"), 3),
+    (("tokenizer", "pad_id"), "0"),
+    (("tokenizer", "special_texts"), ["<s>"]),
+    (("tokenizer", "kind"), "hf-tokenizers"),  # without its pad_token
+    (("provenance",), {"repo": ["immich-app/x"]}),
+    (("provenance",), {"source_files": ["config.json"]}),
+    (("parity",), {"token_reference": 1}),
+    (("quantization",), {"image": {"chosen": "x", "ms_per_item": {}, "reused_from": 3}}),
 ])
 def test_wrong_json_types_are_refused_with_the_field_named(bundle_dir: Path, path: tuple[str, ...],
                                                            value: object) -> None:

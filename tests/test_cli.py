@@ -244,7 +244,7 @@ def test_models_add_checks_its_arguments_before_importing_torch(tmp_path: Path) 
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "no architecture given",
+        "'x' is not in clipgrep's catalogue",  # no source at all: a catalogue name (models available)
         "no weights given for ViT-B-32",
         "checkpoint /no/such.pt does not exist",
         (f"{tmp_path} is neither a clipgrep bundle nor an open_clip model directory "

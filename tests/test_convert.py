@@ -209,11 +209,12 @@ def test_tampered_bundle_directory_is_not_installed(tiny: str, tmp_path: Path) -
 
 
 def test_pretrained_download_failure_says_how_to_use_a_local_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
-    from clipgrep.models import DEFAULT_ARCH, DEFAULT_PRETRAINED, load_model
+    from clipgrep.models import add_model
 
+    DEFAULT_ARCH, DEFAULT_PRETRAINED = "ViT-B-32", "laion2b_s34b_b79k"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConversionError) as info:
-        load_model()  # the default model, converted on first use
+        add_model("b32", arch=DEFAULT_ARCH, pretrained=DEFAULT_PRETRAINED)
     message = str(info.value)
     assert f"cannot download {DEFAULT_ARCH} weights ({DEFAULT_PRETRAINED}) from the Hugging Face hub" in message
     assert f"clipgrep models add NAME --arch {DEFAULT_ARCH} --pretrained {DEFAULT_PRETRAINED} --checkpoint FILE" \

@@ -31,7 +31,8 @@ def imported_modules(args: list[str], env: dict[str, str] | None = None, cwd: Pa
     return names
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["models", "--help"], ["models", "add", "--help"], ["models", "list"]])
+@pytest.mark.parametrize("argv", [["--help"], ["models", "--help"], ["models", "add", "--help"], ["models", "list"],
+                                  ["models", "available"]])
 def test_cli_paths_import_nothing_heavy(argv: list[str]) -> None:
     loaded = imported_modules(["-m", "clipgrep", *argv])
     assert loaded.isdisjoint(HEAVY), sorted(loaded & set(HEAVY))

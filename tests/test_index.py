@@ -94,7 +94,7 @@ def index(roots, bundle, encoder: FakeImageEncoder | None = None, **options) -> 
 
 
 def snapshot(bundle) -> Snapshot:
-    snap = read_snapshot(snapshot_dir(bundle.bundle_id))
+    snap = read_snapshot(snapshot_dir(bundle.index_id))
     assert snap is not None
     return snap
 
@@ -116,7 +116,7 @@ def best(query: str, k: int = 1) -> list[str]:
 def table_rows(bundle) -> int:
     from clipgrep.store import IndexStore
 
-    return IndexStore(index_dir(), bundle.bundle_id, bundle.embed_dim).count()
+    return IndexStore(index_dir(), bundle.index_id, bundle.embed_dim).count()
 
 
 @pytest.fixture
@@ -510,7 +510,7 @@ def test_a_run_killed_mid_way_resumes_without_duplicates_or_gaps(bundle, tmp_pat
     root = tmp_path / "many"
     paths = many_images(root, 300)
     # Version 1 is the empty table, version 2 the first commit of rows.
-    versions = index_dir() / f"images_{bundle.bundle_id}.lance" / "_versions"
+    versions = index_dir() / f"images_{bundle.index_id}.lance" / "_versions"
     process = slow_run(root, delay=0.005)
     try:
         wait_for(lambda: versions.is_dir() and len(list(versions.glob("*.manifest"))) >= 2,

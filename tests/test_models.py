@@ -152,21 +152,21 @@ def fake_index(bundle_id: str) -> list[Path]:
 def test_remove_killed_at_any_write_leaves_the_model_or_nothing(purge: bool, sources, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     old, _ = sources
-    ident = bundle_id(old)
+    ident, index = bundle_id(old), load_bundle(old).index_id
 
     def setup() -> None:
         models.add_model("m", checkpoint=old)
-        fake_index(ident)
+        fake_index(index)
 
     def check() -> None:
         assert_in(installed_id("m"), {ident, None})
-        table = IndexStore(index_dir(), ident, 8).table_dir
+        table = IndexStore(index_dir(), index, 8).table_dir
         # the index of the model is whole or gone, never half-deleted
         assert (table / "_versions" / "1.manifest").exists() == (table / "data" / "a.lance").exists()
 
     kill_at_every_step(tmp_path, monkeypatch, setup, lambda: models.remove_model("m", purge=purge), check)
     assert installed_id("m") is None
-    assert list_bundle_ids(index_dir()) == ([] if purge else [ident])
+    assert list_bundle_ids(index_dir()) == ([] if purge else [index])
 
 
 def assert_in(value: object, allowed: set[object]) -> None:
@@ -266,14 +266,14 @@ def indexed(sources, tmp_path: Path):
 def test_remove_keeps_the_index_and_says_how_to_purge_it(indexed) -> None:
     removal = models.remove_model("m")
     assert removal.path == models_dir() / "m" and not removal.purged and removal.data_bytes > 0
-    assert list_bundle_ids(index_dir()) == [indexed.bundle_id]
+    assert list_bundle_ids(index_dir()) == [indexed.index_id]
     # The hint works after the fact: --purge finds the index of a model removed without it.
     later = models.remove_model("m", purge=True)
     assert later.path is None and later.purged and later.data_bytes == removal.data_bytes
-    assert list_bundle_ids(index_dir()) == [] and not snapshot_dir(indexed.bundle_id).exists()
+    assert list_bundle_ids(index_dir()) == [] and not snapshot_dir(indexed.index_id).exists()
     assert list(onnx_cache_dir().iterdir()) == []
     assert "runs" not in json.loads((index_dir() / "state.json").read_text()) or \
-        indexed.bundle_id not in json.loads((index_dir() / "state.json").read_text())["runs"]
+        indexed.index_id not in json.loads((index_dir() / "state.json").read_text())["runs"]
     with pytest.raises(ModelNotFound):
         models.remove_model("m", purge=True)
 
@@ -282,7 +282,7 @@ def test_purge_spares_an_index_another_installed_copy_uses(indexed, sources) -> 
     models.add_model("copy", checkpoint=sources[0])  # the same model under another name: the same index
     removal = models.remove_model("m", purge=True)
     assert removal.shared_with == ("copy",) and removal.data_bytes == 0
-    assert list_bundle_ids(index_dir()) == [indexed.bundle_id]
+    assert list_bundle_ids(index_dir()) == [indexed.index_id]
     assert list(onnx_cache_dir().iterdir())
 
 

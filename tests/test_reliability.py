@@ -37,7 +37,7 @@ bundle_source, bundle = test_index.bundle_source, test_index.bundle  # the fixtu
 
 
 def table_state(bundle) -> dict[str, np.ndarray]:
-    store = IndexStore(index_dir(), bundle.bundle_id, bundle.embed_dim)
+    store = IndexStore(index_dir(), bundle.index_id, bundle.embed_dim)
     rows = store.snapshot_rows()
     paths = [os.fsdecode(p) for p in rows.paths]
     assert len(paths) == len(set(paths)), "duplicate rows in the table"
@@ -46,7 +46,7 @@ def table_state(bundle) -> dict[str, np.ndarray]:
 
 def searched_paths(bundle) -> list[str]:
     """Every path search returns (none when nothing was published yet)."""
-    if read_snapshot(snapshot_dir(bundle.bundle_id)) is None:
+    if read_snapshot(snapshot_dir(bundle.index_id)) is None:
         return []
     paths = sorted(hit.path for hit in search(["red"], model="tiny", encoder=FakeQueryEncoder(), threshold=-1))
     assert len(paths) == len(set(paths)), "search returned a path twice"
@@ -55,7 +55,7 @@ def searched_paths(bundle) -> list[str]:
 
 def searched(bundle) -> dict[str, np.ndarray]:
     """Every row search can return, with its vector; only while no writer runs."""
-    snap = read_snapshot(snapshot_dir(bundle.bundle_id))
+    snap = read_snapshot(snapshot_dir(bundle.index_id))
     if snap is None:
         return {}
     assert searched_paths(bundle) == snap.paths
@@ -70,7 +70,7 @@ def assert_search_equals_table(bundle) -> None:
 
 
 def assert_never_silently_stale(bundle) -> None:
-    if not dirty_marker(bundle.bundle_id).exists():
+    if not dirty_marker(bundle.index_id).exists():
         assert_search_equals_table(bundle)
 
 
@@ -207,12 +207,12 @@ def test_a_rerun_of_forget_repairs_the_snapshot_even_when_no_row_is_left_to_dele
     a, b = tmp_path / "a", tmp_path / "b"
     age(write_image(a / "red.png", RED), write_image(b / "blue.png", BLUE))
     index([a, b], bundle)
-    store = IndexStore(index_dir(), bundle.bundle_id, bundle.embed_dim)
-    dirty_marker(bundle.bundle_id).touch()  # what forget leaves when killed after its delete
+    store = IndexStore(index_dir(), bundle.index_id, bundle.embed_dim)
+    dirty_marker(bundle.index_id).touch()  # what forget leaves when killed after its delete
     store.delete([str(a / "red.png")])
     forget_root(str(a))
     assert_search_equals_table(bundle)
-    assert not dirty_marker(bundle.bundle_id).exists()
+    assert not dirty_marker(bundle.index_id).exists()
 
 
 # --- SIGINT / SIGTERM and kill -9 of the command --------------------------------------------------
@@ -246,7 +246,7 @@ def slow_cli(root: Path, delay: float, options: str = "") -> subprocess.Popen:
 
 
 def committed_versions(bundle) -> int:
-    versions = index_dir() / f"images_{bundle.bundle_id}.lance" / "_versions"
+    versions = index_dir() / f"images_{bundle.index_id}.lance" / "_versions"
     return len(list(versions.glob("*.manifest"))) if versions.is_dir() else 0
 
 
@@ -270,7 +270,7 @@ def test_an_interrupted_first_index_keeps_its_work_and_says_so(bundle, tmp_path:
     kept = int(err.removeprefix("clipgrep: interrupted: ").split()[0])
     assert err == f"clipgrep: interrupted: {kept} images kept; rerun to resume\n"  # and no warnings
     assert 0 < kept < 60
-    assert not dirty_marker(bundle.bundle_id).exists()  # the snapshot was published
+    assert not dirty_marker(bundle.index_id).exists()  # the snapshot was published
     assert len(searched(bundle)) == kept
     assert_search_equals_table(bundle)
 
@@ -360,13 +360,13 @@ def test_search_during_an_index_run_shows_the_old_or_the_new_index_never_a_half_
 
 
 def truncate_vectors(bundle) -> None:
-    directory = snapshot_dir(bundle.bundle_id)
+    directory = snapshot_dir(bundle.index_id)
     vectors = directory / (directory / "CURRENT").read_text() / "vectors.npy"
     vectors.write_bytes(vectors.read_bytes()[:-20])
 
 
 def point_at_missing_generation(bundle) -> None:
-    (snapshot_dir(bundle.bundle_id) / "CURRENT").write_text("g1-1")
+    (snapshot_dir(bundle.index_id) / "CURRENT").write_text("g1-1")
 
 
 @pytest.mark.parametrize("damage", [truncate_vectors, point_at_missing_generation], ids=["truncated", "missing"])
@@ -384,5 +384,5 @@ def test_a_damaged_snapshot_is_one_line_for_search_and_rebuilt_by_index(bundle, 
     assert result.exit_code == 0, result.stderr
     assert_search_equals_table(bundle)
     assert len(searched(bundle)) == 2
-    generations = [p for p in snapshot_dir(bundle.bundle_id).iterdir() if p.is_dir()]
+    generations = [p for p in snapshot_dir(bundle.index_id).iterdir() if p.is_dir()]
     assert len(generations) == 1  # the damaged one is gone

@@ -222,7 +222,7 @@ def test_rank_orders_ties_by_path_and_scores_descend(indexed: Path) -> None:
     from clipgrep.models import load_model
     from clipgrep.paths import snapshot_dir
 
-    snapshot = read_snapshot(snapshot_dir(load_model("tiny").bundle_id))
+    snapshot = read_snapshot(snapshot_dir(load_model("tiny").index_id))
     query = np.zeros(8, np.float32)
     query[4] = 1.0  # orthogonal to every colour vector: all scores tie at 0
     hits = rank(snapshot, query, k=None)

@@ -53,7 +53,7 @@ def indexed_images(model: str) -> IndexedImages:
     from ..snapshot import read_snapshot
 
     bundle = load_model(model, auto_install=False)
-    snapshot = read_snapshot(snapshot_dir(bundle.bundle_id))
+    snapshot = read_snapshot(snapshot_dir(bundle.index_id))
     if snapshot is None or len(snapshot) == 0:
         raise ClipgrepError(f"nothing is indexed with model {model}",
                             f"index your photos with the teacher first: clipgrep index DIR --model {model}")

@@ -30,8 +30,13 @@ _BASE_OPS = ["MatMul", "Gemm", "Attention", "Gather", "EmbedLayerNormalization",
 _WITH_CONV = _BASE_OPS + ["Conv"]
 
 
-def quantize_tower(src: Path, dst: Path, sample: np.ndarray, input_name: str) -> dict[str, Any]:
-    """Write an int8 version of ``src`` to ``dst``; return what was chosen and the timings (ms/item)."""
+def quantize_tower(src: Path, dst: Path, sample: np.ndarray | dict[str, np.ndarray],
+                   input_name: str | None = None) -> dict[str, Any]:
+    """Write an int8 version of ``src`` to ``dst``; return what was chosen and the timings (ms/item).
+
+    ``sample`` is the timing input of ``input_name``, or all the inputs by name.
+    Torch-free: imported exports (clipgrep.imports) use it too.
+    """
     import onnx
 
     has_conv = any(node.op_type == "Conv" for node in onnx.load(str(src), load_external_data=False).graph.node)
@@ -64,7 +69,7 @@ def _quantize(src: Path, dst: Path, op_types: list[str]) -> None:
         quant_logger.setLevel(level)
 
 
-def _time_model(path: Path, sample: np.ndarray, input_name: str, *, repeats: int = 3,
+def _time_model(path: Path, sample: np.ndarray | dict[str, np.ndarray], input_name: str | None, *, repeats: int = 3,
                 give_up_ms: float | None = None) -> float:
     """Median ms per item over a few runs of ``sample``, after one warm-up.
 
@@ -73,13 +78,15 @@ def _time_model(path: Path, sample: np.ndarray, input_name: str, *, repeats: int
     """
     from ..embed.onnx import create_session
 
+    feeds = sample if isinstance(sample, dict) else {str(input_name): sample}
+    items = len(next(iter(feeds.values())))
     session = create_session(path)
-    session.run(None, {input_name: sample})
+    session.run(None, feeds)
     runs: list[float] = []
     for _ in range(repeats):
         start = time.perf_counter()
-        session.run(None, {input_name: sample})
-        runs.append((time.perf_counter() - start) * 1000 / len(sample))
+        session.run(None, feeds)
+        runs.append((time.perf_counter() - start) * 1000 / items)
         if give_up_ms is not None and runs[0] > give_up_ms:
             break
     return round(statistics.median(runs), 3)

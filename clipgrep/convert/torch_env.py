@@ -66,8 +66,9 @@ def _import_torchvision(torch: ModuleType) -> None:
 
 def import_open_clip() -> ModuleType:
     """Return the ``open_clip`` module, importing torch and torchvision safely first."""
-    if "open_clip" in sys.modules:
-        return sys.modules["open_clip"]
+    loaded = sys.modules.get("open_clip")
+    if loaded is not None:  # (a None entry means the import is blocked: fall through to the error)
+        return loaded
     torch = import_torch()
     _import_torchvision(torch)
     try:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 if TYPE_CHECKING:
-    from ..bundle import Bundle
+    from ..bundle import Bundle, EncoderSpec
 
 _STAMP = "stamp.json"  # stat of every file of a cache entry, written when the entry is built
 _STAGING = ".tmp-"  # + "<pid>-": cache entries being built
@@ -192,19 +192,35 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
 
 
 class _LazySession:
-    def __init__(self, path: Path, input_name: str, output_name: str, threads: int | None,
-                 cache_key: str | None = None) -> None:
+    """One encoder's session, created on first use, fed as its ``EncoderSpec`` says.
+
+    Imported exports may take int32 inputs, an attention mask, or a batch
+    dimension fixed at 1 (Immich's exports: they are traced without dynamic
+    axes); those run row by row.
+    """
+
+    def __init__(self, path: Path, spec: EncoderSpec, threads: int | None, cache_key: str | None = None) -> None:
         self.path = path
-        self.input_name = input_name
-        self.output_name = output_name
+        self.spec = spec
         self.threads = threads
         self.cache_key = cache_key
         self._session: Any = None
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         if self._session is None:
             self._session = create_session(self.path, threads=self.threads, cache_key=self.cache_key)
-        (out,) = self._session.run([self.output_name], {self.input_name: batch})
+        spec = self.spec
+        dtype = np.dtype(spec.input_dtype) if spec.input_dtype else batch.dtype
+        feeds = {spec.input: batch.astype(dtype, copy=False)}
+        if spec.mask_input is not None:
+            if mask is None:
+                raise ValueError(f"{self.path.name} needs an attention mask")
+            feeds[spec.mask_input] = mask.astype(dtype, copy=False)
+        if spec.batch is not None and len(batch) != spec.batch:
+            rows = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(len(batch))]
+            out = np.concatenate([self._session.run([spec.output], row)[0] for row in rows])
+        else:
+            (out,) = self._session.run([spec.output], feeds)
         return l2_normalize(out)
 
 
@@ -230,7 +246,7 @@ class ImageEncoder:
         self.batch_size = batch_size
         self.draft = draft
         self.embed_dim = bundle.embed_dim
-        self._session = _LazySession(bundle.file(spec.file), spec.input, spec.output, threads)
+        self._session = _LazySession(bundle.file(spec.file), spec, threads)
 
     def load(self, source: str | os.PathLike[str] | BinaryIO) -> np.ndarray:
         """Decode and preprocess one image into a [3,H,W] float32 array (HEIC too: ``formats.open_image``)."""
@@ -261,26 +277,37 @@ class TextEncoder:
     (1, 512)
     """
 
-    def __init__(self, bundle: Bundle, *, batch_size: int = 64, threads: int | None = None) -> None:
-        from .tokenizer import ClipTokenizer
-
+    def __init__(self, bundle: Bundle, *, batch_size: int = 64, threads: int | None = None,
+                 language: str | None = None) -> None:
         spec = bundle.text
         tok = bundle.tokenizer
-        self.tokenizer = ClipTokenizer.from_file(
-            bundle.file(tok.file), context_length=tok.context_length, sot_id=tok.sot_id, eot_id=tok.eot_id)
+        if tok.kind == "hf-tokenizers":
+            from .hf_tokenizer import HfTokenizer
+
+            self.tokenizer: Any = HfTokenizer.from_spec(bundle.file(tok.file), bundle.manifest["tokenizer"])
+        else:
+            from .tokenizer import ClipTokenizer
+
+            self.tokenizer = ClipTokenizer.from_spec(bundle.file(tok.file), bundle.manifest["tokenizer"])
+        self.language = language
         self.batch_size = batch_size
         self.embed_dim = bundle.embed_dim
         # Text sessions start every search, so they load from the per-machine optimised cache.
-        self._session = _LazySession(bundle.file(spec.file), spec.input, spec.output, threads,
-                                     cache_key=text_cache_key(bundle))
+        self._session = _LazySession(bundle.file(spec.file), spec, threads, cache_key=text_cache_key(bundle))
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
-        return self.tokenizer.encode(list(texts))
+        return self._tokenize(texts)[0]
+
+    def _tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        if hasattr(self.tokenizer, "encode_with_mask"):
+            return self.tokenizer.encode_with_mask(list(texts), self.language)
+        return self.tokenizer.encode(list(texts)), None
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts; returns [N, D] unit vectors."""
         if not texts:
             return np.zeros((0, self.embed_dim), np.float32)
-        ids = self.tokenize(texts)
-        return np.concatenate([self._session.run(ids[i:i + self.batch_size])
-                               for i in range(0, len(ids), self.batch_size)])
+        ids, mask = self._tokenize(texts)
+        step = self.batch_size
+        return np.concatenate([self._session.run(ids[i:i + step], None if mask is None else mask[i:i + step])
+                               for i in range(0, len(ids), step)])

@@ -95,7 +95,7 @@ class ClipTokenizer:
     """
 
     def __init__(self, merges: list[str], *, context_length: int = 77, sot_id: int = 49406,
-                 eot_id: int = 49407) -> None:
+                 eot_id: int = 49407, pad_id: int = 0, special_texts: tuple[str, str] = (SOT_TEXT, EOT_TEXT)) -> None:
         if context_length < 2:
             raise ValueError(f"context_length must be at least 2, got {context_length}")
         symbols = _symbol_order()
@@ -106,16 +106,29 @@ class ClipTokenizer:
         # Merge ranks keyed by "left right" strings: building 48k tuple keys costs twice as long.
         self._ranks = dict(zip(merges, range(len(merges))))
         self._byte_chars = bytes_to_unicode()
-        self._special_ids = {SOT_TEXT: sot_id, EOT_TEXT: eot_id}
+        # Literal special tokens in a query become the special ids: open_clip spells them
+        # <start_of_text>/<end_of_text>, Hugging Face's CLIP tokenizer.json <|startoftext|>/<|endoftext|>.
+        self._special_ids = dict(zip(special_texts, (sot_id, eot_id)))
+        self._word_source = _WORD_PATTERN
+        self._ascii_pattern = _ASCII_WORD_PATTERN
+        if tuple(special_texts) != (SOT_TEXT, EOT_TEXT):
+            alternatives = "|".join(re.escape(t) for t in special_texts)
+            self._word_source = alternatives + _WORD_PATTERN[len(SOT_TEXT + "|" + EOT_TEXT):]
+            self._ascii_pattern = re.compile(alternatives + _ASCII_WORD_PATTERN.pattern[
+                len(re.escape(SOT_TEXT) + "|" + re.escape(EOT_TEXT)):])
         self._word_pattern: Any = None  # regex's compiled pattern, made on first non-ASCII text
         self._bpe = lru_cache(maxsize=65536)(self._bpe_uncached)
         self.context_length = context_length
         self.sot_id = sot_id
         self.eot_id = eot_id
+        # open_clip pads with 0; Immich's exports pad with <|endoftext|> (the causal text tower
+        # never looks past the first end-of-text, so only the ids differ, not the embeddings).
+        self.pad_id = pad_id
 
     @classmethod
     def from_file(cls, path: str | Path, *, context_length: int = 77, sot_id: int = 49406,
-                  eot_id: int = 49407) -> ClipTokenizer:
+                  eot_id: int = 49407, pad_id: int = 0,
+                  special_texts: tuple[str, str] = (SOT_TEXT, EOT_TEXT)) -> ClipTokenizer:
         """Load the CLIP BPE vocabulary file (gzip text, one merge per line after a header)."""
         try:
             lines = _read_head_lines(Path(path), MERGE_COUNT + 1)
@@ -125,13 +138,21 @@ class ClipTokenizer:
         merges = lines[1:MERGE_COUNT + 1]
         if len(merges) != MERGE_COUNT or any(m.count(" ") != 1 for m in merges[:100]):
             raise BundleError(f"{path} is not a CLIP BPE vocabulary", "re-install the model: clipgrep models add ...")
-        return cls(merges, context_length=context_length, sot_id=sot_id, eot_id=eot_id)
+        return cls(merges, context_length=context_length, sot_id=sot_id, eot_id=eot_id, pad_id=pad_id,
+                   special_texts=special_texts)
+
+    @classmethod
+    def from_spec(cls, path: str | Path, spec: dict[str, Any]) -> ClipTokenizer:
+        """Load as a bundle manifest's ``tokenizer`` settings say."""
+        return cls.from_file(path, context_length=spec["context_length"], sot_id=spec["sot_id"],
+                             eot_id=spec["eot_id"], pad_id=spec.get("pad_id", 0),
+                             special_texts=tuple(spec.get("special_texts", (SOT_TEXT, EOT_TEXT))))
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Token ids as int64 ``[len(texts), context_length]``; a lone string counts as one text."""
         if isinstance(texts, str):
             texts = [texts]
-        out = np.zeros((len(texts), self.context_length), dtype=np.int64)
+        out = np.full((len(texts), self.context_length), self.pad_id, dtype=np.int64)
         for row, text in enumerate(texts):
             ids = self._frame(self._token_ids(clean_lower(text)))
             out[row, : len(ids)] = ids
@@ -139,11 +160,11 @@ class ClipTokenizer:
 
     def _words(self, text: str) -> list[str]:
         if text.isascii():
-            return _ASCII_WORD_PATTERN.findall(text)
+            return self._ascii_pattern.findall(text)
         if self._word_pattern is None:
             import regex
 
-            self._word_pattern = regex.compile(_WORD_PATTERN, regex.IGNORECASE)
+            self._word_pattern = regex.compile(self._word_source, regex.IGNORECASE)
         return self._word_pattern.findall(text)
 
     def _token_ids(self, text: str) -> list[int]:

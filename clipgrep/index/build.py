@@ -154,7 +154,7 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
         report.seconds = round(time.time() - started, 3)
         if stop.signum is not None:
             raise IndexInterrupted(stop.signum, report)
-        record_run(directory, bundle.bundle_id, {
+        record_run(directory, bundle.index_id, {
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": report.seconds, "rows": report.rows,
             "added": report.added, "updated": report.updated, "removed": report.removed,
             "reused": report.reused, "skipped": report.skipped_total})
@@ -202,8 +202,8 @@ class _Run:
         self.on_progress = on_progress
         self.report = IndexReport(roots=[u.path for u in self.units])
         self.stop = stop
-        self.snapshot_path = snapshot_dir(bundle.bundle_id)
-        self.dirty_marker = dirty_marker(bundle.bundle_id)
+        self.snapshot_path = snapshot_dir(bundle.index_id)
+        self.dirty_marker = dirty_marker(bundle.index_id)
 
     def _tick(self, **changes: object) -> None:
         for key, value in changes.items():
@@ -227,7 +227,7 @@ class _Run:
         self.report.scanned = len(result.files)
         self.report.scan_problems = [(p.path, p.reason) for p in result.problems]
         self._tick(phase="planning", scanned=len(result.files))
-        skipped = load_skipped(self.directory, self.bundle.bundle_id)
+        skipped = load_skipped(self.directory, self.bundle.index_id)
         # Skip notes of files deleted or excluded since: they were never stored, so no plan removes them.
         present = {e.path for e in result.files} if skipped else set()
         vanished = [p for p in skipped if p not in present and under_roots(p, self.roots)
@@ -239,7 +239,7 @@ class _Run:
             del skipped[path]
         from ..store import IndexStore
 
-        store = IndexStore(self.directory, self.bundle.bundle_id, self.bundle.embed_dim)
+        store = IndexStore(self.directory, self.bundle.index_id, self.bundle.embed_dim)
         store.cleanup_orphans()
         stored = store.files()
         plan = make_plan(result.files, stored, self.roots)
@@ -487,11 +487,11 @@ class _Run:
                 self.report.updated += 1
             else:
                 self.report.added += 1
-        save_skipped(self.directory, self.bundle.bundle_id, skipped)
+        save_skipped(self.directory, self.bundle.index_id, skipped)
 
     def _finish(self, store: IndexStore, skipped: dict[str, Skipped]) -> None:
         self._tick(phase="finishing")
-        save_skipped(self.directory, self.bundle.bundle_id, skipped)
+        save_skipped(self.directory, self.bundle.index_id, skipped)
         if self.stop.signum is None:  # an interrupted run leaves the slow upkeep to the next one
             # Index first: maintain() then folds the newest rows into it and prunes old versions.
             self.report.vector_index = store.ensure_vector_index(self.options.vector_index_min_rows)

@@ -1,7 +1,7 @@
 """What the index keeps per model (table, snapshot, run records), and deleting it all.
 
 A model's index outlives the model on purpose: adding the same model again (same
-bundle id) reuses it. ``clipgrep models remove NAME --purge`` deletes it.
+image tower, same index id) reuses it. ``clipgrep models remove NAME --purge`` deletes it.
 
 Directories are first renamed into one ``.purge-XXXX`` trash directory, so a kill
 never leaves a half-deleted LanceDB table that a later run would trip over; the
@@ -19,31 +19,31 @@ from .state import forget_bundle
 TRASH_PREFIX = ".purge-"
 
 
-def index_paths(bundle_id: str) -> list[Path]:
-    """The files and directories the index holds for ``bundle_id`` that exist now."""
+def index_paths(index_id: str) -> list[Path]:
+    """The files and directories the index holds for ``index_id`` that exist now."""
     from ..store import IndexStore
 
-    table = IndexStore(index_dir(), bundle_id, 0).table_dir
-    return [p for p in (table, snapshot_dir(bundle_id), dirty_marker(bundle_id)) if p.exists()]
+    table = IndexStore(index_dir(), index_id, 0).table_dir
+    return [p for p in (table, snapshot_dir(index_id), dirty_marker(index_id)) if p.exists()]
 
 
-def index_bytes(bundle_id: str) -> int:
+def index_bytes(index_id: str) -> int:
     """Bytes on disk of ``index_paths`` (what a purge frees; the dirty marker is empty)."""
     from ..status import disk_bytes
 
-    return sum(disk_bytes(path) for path in index_paths(bundle_id))
+    return sum(disk_bytes(path) for path in index_paths(index_id))
 
 
-def purge_index(bundle_id: str) -> None:
-    """Delete everything the index holds for ``bundle_id``. The caller holds the index lock."""
+def purge_index(index_id: str) -> None:
+    """Delete everything the index holds for ``index_id``. The caller holds the index lock."""
     directory = index_dir()
     clear_trash(directory)
-    doomed = index_paths(bundle_id)
+    doomed = index_paths(index_id)
     if doomed:
         trash = Path(tempfile.mkdtemp(prefix=TRASH_PREFIX, dir=directory))
         for i, path in enumerate(doomed):
             path.rename(trash / str(i))  # each one gone in a single step
-    forget_bundle(directory, bundle_id)
+    forget_bundle(directory, index_id)
     clear_trash(directory)
 
 
