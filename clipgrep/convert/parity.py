@@ -29,18 +29,19 @@ def measure_parity(loaded: LoadedModel, bundle: Bundle) -> dict[str, Any]:
     }
 
 
-def check_parity(figures: dict[str, Any], precision: str, what: str) -> None:
-    """Raise ConversionError unless ``figures`` pass the gate for ``precision``."""
+def check_parity(figures: dict[str, Any], precision: str, what: str, reference: str = "open_clip's") -> None:
+    """Raise ConversionError unless ``figures`` pass the gate for ``precision`` against ``reference``
+    (open_clip's own model, or a published export's fp32 graphs and tokenizer.json)."""
     if not figures["token_ids_identical"]:
-        raise ConversionError(f"{what}: the bundle's tokenizer disagrees with open_clip's",
+        raise ConversionError(f"{what}: the bundle's tokenizer disagrees with {reference}",
                               "this tokenizer is not supported yet; please report it")
     threshold = THRESHOLDS[precision]
     for modality in ("image", "text"):
         worst = figures[modality]["min_cos"]
         if worst < threshold:
             raise ConversionError(
-                f"{what}: {modality} embeddings differ from open_clip's (min cosine {worst:.5f} < {threshold})",
-                "the export is broken for this model; try --precision fp32 or report it")
+                f"{what}: {modality} embeddings differ from {reference} (min cosine {worst:.5f} < {threshold})",
+                "try --precision fp32, or report it")
 
 
 def _summary(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:

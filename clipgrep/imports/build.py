@@ -20,8 +20,7 @@ import numpy as np
 
 from .. import __version__
 from ..bundle import EncoderSpec, load_bundle, sha256_file, write_manifest
-from ..convert.parity import THRESHOLDS, _summary  # the conversion gate's thresholds (torch-free module)
-from ..errors import ConversionError
+from ..convert.parity import THRESHOLDS, _summary, check_parity  # the conversion gate (torch-free module)
 from .layout import PublishedExport, TowerGraph
 
 Progress = Callable[[str], None]
@@ -59,7 +58,7 @@ def build_bundle(export: PublishedExport, staging: Path, *, name: str, precision
     write_manifest(staging, fields)
     step("check parity")
     figures = measure_parity(export, staging)
-    check_parity(figures, precision, what=f"{name} ({precision})")
+    check_parity(figures, precision, what=f"{name} ({precision})", reference="the fp32 export")
     write_manifest(staging, {**fields, "parity": figures})
 
 
@@ -215,17 +214,3 @@ def reference_token_ids(export: PublishedExport, texts: list[str]) -> tuple[np.n
     encodings = [tokenizer.encode(clean_text(t, canonicalize=settings["clean"] == "canonicalize")) for t in texts]
     return (np.array([e.ids for e in encodings], np.int64).reshape(len(texts), length),
             np.array([e.attention_mask for e in encodings], np.int64).reshape(len(texts), length))
-
-
-def check_parity(figures: dict[str, Any], precision: str, what: str) -> None:
-    if not figures["token_ids_identical"]:
-        raise ConversionError(f"{what}: the bundle's token ids differ from the export's tokenizer.json",
-                              "this tokenizer is not supported yet; please report it")
-    threshold = THRESHOLDS[precision]
-    for modality in ("image", "text"):
-        worst = figures[modality]["min_cos"]
-        if worst < threshold:
-            raise ConversionError(
-                f"{what}: {modality} embeddings differ from the fp32 export (min cosine {worst:.5f} < {threshold})",
-                "try --precision fp32, or report it")
-
