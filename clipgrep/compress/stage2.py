@@ -149,6 +149,7 @@ class Stage2Config(JsonConfig):
     weight_v2t: float = 1.0
     weight_kd: float = 1.0
     weight_hn: float = 1.0
+    weight_fd: float = 0.0  # feature distillation, beyond the paper (opt-in)
     hard_negatives_k: int = 8
     refresh_every: int = 1
     val_fraction: float = 0.1
@@ -169,10 +170,10 @@ class Stage2Config(JsonConfig):
             if not (value is None and name == "kd_temperature") and not (is_number(value) and value > 0):
                 raise ClipgrepError(f"{name} must be a positive number, not {value!r}",
                                     f"e.g. {name}={getattr(Stage2Config, name) or 0.01}")
-        for name in ("weight_decay", "weight_t2v", "weight_v2t", "weight_kd", "weight_hn"):
+        for name in ("weight_decay", "weight_t2v", "weight_v2t", "weight_kd", "weight_hn", "weight_fd"):
             if not is_number(getattr(self, name)) or getattr(self, name) < 0:
                 raise ClipgrepError(f"{name} must be a number >= 0, not {getattr(self, name)!r}", "0 switches it off")
-        if not any((self.weight_t2v, self.weight_v2t, self.weight_kd, self.weight_hn)):
+        if not any((self.weight_t2v, self.weight_v2t, self.weight_kd, self.weight_hn, self.weight_fd)):
             raise ClipgrepError("every loss weight is 0: nothing to train", "keep at least one term, e.g. t2v=1")
         if not (is_number(self.val_fraction) and 0 <= self.val_fraction < 1):
             raise ClipgrepError(f"val_fraction must be in [0, 1), not {self.val_fraction!r}", "e.g. 0.1")
@@ -184,7 +185,7 @@ class Stage2Config(JsonConfig):
 
     @property
     def weights(self) -> LossWeights:
-        return LossWeights(self.weight_t2v, self.weight_v2t, self.weight_kd, self.weight_hn)
+        return LossWeights(self.weight_t2v, self.weight_v2t, self.weight_kd, self.weight_hn, self.weight_fd)
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,8 @@ def run(config: Stage2Config, on_progress: Progress | None = None) -> Path:
     start_run_dir(out, config)
     seed_everything(config.seed)  # before the teacher: a random-init teacher draws from it
     teacher = load_teacher(config.teacher, config.device)
-    kinds = ("text", "image") if config.weight_kd else ("text",)  # teacher images only feed L_KD
+    # teacher images only feed L_KD and L_FD
+    kinds = ("text", "image") if config.weight_kd or config.weight_fd else ("text",)
     items = {"text": train.captions, "image": train.images}
     # _resolve set cache_dir; kinds are "image"/"text"
     targets = {kind: cached_embeddings(teacher, kind, items[kind], config.cache_dir, _CACHE_BATCH,  # type: ignore[arg-type]
@@ -250,7 +252,7 @@ def run(config: Stage2Config, on_progress: Progress | None = None) -> Path:
         r.restore(resume)
     final_losses = _train(r, on_progress)
     extra = {"stage": 2, "config": asdict(config), "steps_run": list(config.steps),
-             "terms": {name: bool(getattr(config, f"weight_{name}")) for name in ("t2v", "v2t", "kd", "hn")},
+             "terms": {name: bool(getattr(config, f"weight_{name}")) for name in ("t2v", "v2t", "kd", "hn", "fd")},
              "teacher": teacher_info, "init": {"student": str(student_dir), "weights_blake2b": student_digest,
                                                "stage_config": _stage_config(student_dir)},
              "train_split": {"images": len(train.images), "captions": len(train.captions)},
@@ -546,7 +548,7 @@ class _Run:
         negatives, mask = _gather_negatives(bank, bank_ids, batch.negatives, len(self.train.images))
         loss, parts = stage2_loss(
             text, image, c.temperature, c.weights, teacher_text=teacher_text,
-            teacher_image=self.target("image", batch.images) if c.weight_kd else None,
+            teacher_image=self.target("image", batch.images) if c.weight_kd or c.weight_fd else None,
             kd_temperature=c.kd_temperature, hard_negatives=negatives, hard_negative_mask=mask)
         optimisation.step(loss)
         self.step += 1

@@ -133,7 +133,7 @@ def test_2a_changes_only_the_image_tower_and_2b_only_the_text_tower(two_steps: d
     meta = json.loads((two_steps["out"] / "student" / "config.json").read_text())
     assert two_steps["after_2a"]["meta"]["final_losses"].keys() == {"image"}
     assert meta["stage"] == 2 and meta["complete"] and meta["resumed_from"] == 2 and meta["steps"] == 4
-    assert meta["terms"] == {"t2v": True, "v2t": True, "kd": True, "hn": True}
+    assert meta["terms"] == {"t2v": True, "v2t": True, "kd": True, "hn": True, "fd": False}
     assert meta["init"]["stage_config"] == {"seed": 0}
     assert meta["final_losses"]["text"].keys() == {"t2v", "v2t", "kd", "hn", "total"}
 
@@ -184,8 +184,20 @@ def test_terms_with_weight_zero_are_not_computed(teacher_dir: Path, stage1_dir: 
     assert [(e.phase, e.kind) for e in events if isinstance(e, HardNegativeProgress)] == [("text", "image")]
     assert {e.kind for e in events if isinstance(e, CacheProgress)} == {"text"}
     meta = json.loads((out / "student" / "config.json").read_text())
-    assert meta["terms"] == {"t2v": True, "v2t": True, "kd": False, "hn": False}
+    assert meta["terms"] == {"t2v": True, "v2t": True, "kd": False, "hn": False, "fd": False}
     assert all(losses.keys() == {"t2v", "v2t", "total"} for losses in meta["final_losses"].values())
+
+
+def test_feature_distillation_trains_with_teacher_images_and_is_reported(teacher_dir: Path, stage1_dir: Path,
+                                                                          pairs: Path, tmp_path: Path) -> None:
+    events: list[Any] = []
+    out = tmp_path / "out"
+    run(config(teacher_dir, stage1_dir, pairs, out, tmp_path / "cache", weight_kd=0, weight_hn=0, weight_fd=1.0),
+        events.append)
+    assert all({"fd", "t2v", "v2t", "total"} == set(e.losses) for e in steps_of(events))
+    assert {e.kind for e in events if isinstance(e, CacheProgress)} == {"text", "image"}  # L_FD needs them
+    meta = json.loads((out / "student" / "config.json").read_text())
+    assert meta["terms"]["fd"] is True and meta["config"]["weight_fd"] == 1.0
 
 
 # --- (e) resume --------------------------------------------------------------------------------------
