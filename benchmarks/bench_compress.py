@@ -86,7 +86,7 @@ class Variant:
     name: str
     label: str
     text_blocks: int
-    stage2: dict[str, float] | None  # None: stage 1 only; else Stage2Config loss-weight overrides
+    stage2: dict[str, Any] | None  # None: stage 1 only; else Stage2Config overrides (loss weights, steps)
 
 
 VARIANTS = (
@@ -96,6 +96,10 @@ VARIANTS = (
     Variant("full", "full (stage 1 + stage 2)", MAIN_TEXT_BLOCKS, {}),
     Variant("full-t2", "full, 2-block text", 2, {}),
     Variant("full-t6", "full, 6-block text", 6, {}),
+    # Beyond the paper, kept only if they help at equal size:
+    Variant("full-fd", "full + feature distillation (L_FD)", MAIN_TEXT_BLOCKS, {"weight_fd": 1.0}),
+    Variant("full-joint", "full + joint stage 3", MAIN_TEXT_BLOCKS, {"steps": ("image", "text", "joint"),
+                                                                    "epochs_joint": 2}),
 )
 MAIN = "full"
 

@@ -200,6 +200,25 @@ def test_feature_distillation_trains_with_teacher_images_and_is_reported(teacher
     assert meta["terms"]["fd"] is True and meta["config"]["weight_fd"] == 1.0
 
 
+def test_a_joint_step_3_trains_both_towers_against_the_teacher_pair(teacher_dir: Path, stage1_dir: Path,
+                                                                     pairs: Path, tmp_path: Path) -> None:
+    """Beyond the paper, opt-in: after 2a and 2b, both towers train together (no mined negatives)."""
+    out = tmp_path / "out"
+    events: list[Any] = []
+    run(config(teacher_dir, stage1_dir, pairs, out / "2ab", tmp_path / "cache"), events.append)
+    run(config(teacher_dir, stage1_dir, pairs, out / "3", tmp_path / "cache", steps=("image", "text", "joint"),
+               epochs_joint=1), events.append)
+    joint = [e for e in steps_of(events) if e.phase == "joint"]
+    assert [e.step for e in joint] == [5, 6] and all(set(e.losses) == {"t2v", "v2t", "kd", "total"} for e in joint)
+    after_2b, after_3 = weights(out / "2ab" / "student"), weights(out / "3" / "student")
+    moved = changed(after_2b, after_3)  # same seed and data: 2a and 2b are identical, step 3 moves both towers
+    assert any(k.startswith("visual.") for k in moved) and "token_embedding.weight" in moved
+    with pytest.raises(ClipgrepError, match="joint step needs epochs"):
+        config(teacher_dir, stage1_dir, pairs, out / "x", tmp_path / "cache", steps=("image", "text", "joint"))
+    with pytest.raises(ClipgrepError, match="in that order"):
+        config(teacher_dir, stage1_dir, pairs, out / "x", tmp_path / "cache", steps=("joint", "image"))
+
+
 # --- (e) resume --------------------------------------------------------------------------------------
 
 
