@@ -156,7 +156,8 @@ def test_default_model_is_fetched_and_offline_says_to_use_from_dir(tmp_path: Pat
                                  "HF_ENDPOINT": _closed_port_url(), "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     (line,) = _error_lines(result)
-    assert f"cannot download {DEFAULT.repo}" in line and "clipgrep models add NAME --from DIR" in line
+    # the hint names the model to install, so it can be pasted as it is
+    assert f"cannot download {DEFAULT.repo}" in line and f"clipgrep models add {DEFAULT.name} --from DIR" in line
 
 
 def test_catalogue_name_alone_fetches_its_repo(export_dir: Path, tmp_path: Path, clipgrep_home: Path,

@@ -32,7 +32,7 @@ def import_export(source: str, staging: Path, *, name: str, precision: str = "in
     elif _REPO.match(source) and not source.startswith((".", "/")):
         from .hub import download
 
-        fetched = download(source, revision)
+        fetched = download(source, revision, model=name)
         root = fetched.root
         provenance = {"source": f"hf://{fetched.repo}", "repo": fetched.repo, "revision": fetched.revision,
                       "hub_hashes_verified": fetched.verified}

@@ -31,9 +31,9 @@ REQUIRED_FILES = ("config.json", "visual/model.onnx", "visual/preprocess_cfg.jso
                   "textual/tokenizer.json", "textual/tokenizer_config.json")
 
 
-def _offline_hint(repo: str) -> str:
+def _offline_hint(repo: str, name: str) -> str:
     return (f"download it where the hub is reachable (hf download {repo} --local-dir DIR), copy DIR here "
-            f"and run: clipgrep models add NAME --from DIR")
+            f"and run: clipgrep models add {name} --from DIR")
 
 
 def wanted_files(names: list[str]) -> list[str]:
@@ -42,7 +42,7 @@ def wanted_files(names: list[str]) -> list[str]:
                   or (n.count("/") == 1 and n.split("/")[0] in TOWER_DIRS))
 
 
-def download(repo: str, revision: str | None = None) -> Download:
+def download(repo: str, revision: str | None = None, model: str = "NAME") -> Download:
     """Fetch the export ``repo`` (at ``revision``, default the main branch) into the hub cache."""
     import huggingface_hub
     from huggingface_hub import errors as hub_errors
@@ -57,7 +57,7 @@ def download(repo: str, revision: str | None = None) -> Download:
         if cached is not None:
             return cached
         raise ClipgrepError(f"cannot download {repo} from the Hugging Face hub ({first_line(e)})",
-                            _offline_hint(repo)) from None
+                            _offline_hint(repo, model)) from None
     siblings = {s.rfilename: s for s in info.siblings or []}
     files = wanted_files(list(siblings))
     missing = [f for f in REQUIRED_FILES if f not in siblings]
@@ -68,7 +68,7 @@ def download(repo: str, revision: str | None = None) -> Download:
         root = Path(huggingface_hub.snapshot_download(repo, revision=info.sha, allow_patterns=files))
     except Exception as e:  # noqa: BLE001 - network and disk errors alike: resumable
         raise ClipgrepError(f"downloading {repo} failed: {first_line(e)}",
-                            f"run the command again to resume, or {_offline_hint(repo)}") from None
+                            f"run the command again to resume, or {_offline_hint(repo, model)}") from None
     for name in files:
         _verify(root, name, siblings[name], repo)
     return Download(root, repo, str(info.sha), verified=True)
