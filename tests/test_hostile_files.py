@@ -21,14 +21,13 @@ import pytest
 from PIL import EpsImagePlugin, Image
 from typer.testing import CliRunner
 
-from clipgrep import models
 from clipgrep.cli import app
 from clipgrep.index.build import IndexOptions, update_index
 from clipgrep.index.decode import CORRUPT
 from clipgrep.index.plan import fingerprint
 from clipgrep.index.scan import FileEntry, ScanResult
 
-from .factories import make_contract_bundle
+from . import test_index
 from .fakes import FakeImageEncoder
 from .hostile import (
     deadline,
@@ -84,14 +83,7 @@ def write_hostile_folder(root: Path) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def bundle_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_contract_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
-
-
-@pytest.fixture
-def bundle(bundle_source: Path):
-    return models.add_model("tiny", checkpoint=bundle_source)
+bundle_source, bundle = test_index.bundle_source, test_index.bundle  # the tiny contract bundle, installed
 
 
 @pytest.fixture
