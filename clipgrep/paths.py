@@ -38,11 +38,6 @@ def index_lock_file() -> Path:
     return index_dir() / ".lock"
 
 
-def dirty_marker(index_id: str) -> Path:
-    """Present while the snapshot of ``index_id`` may lag its table (index/build.py)."""
-    return index_dir() / "snapshots" / f"{index_id}.DIRTY"
-
-
 def onnx_cache_dir() -> Path:
     """Optimised ONNX sessions, one entry per model file, onnxruntime version and CPU (embed/onnx.py)."""
     return cache_dir() / "onnx"

@@ -148,17 +148,19 @@ def search(queries: Sequence[str], *, add: Sequence[str] = (), sub: Sequence[str
     >>> for hit in search(["a red bicycle at night"], k=5):  # doctest: +SKIP
     ...     print(f"{hit.score:.3f}\\t{hit.path}")
     """
-    from .snapshot import read_snapshot
+    from .index.freshness import current_snapshot
 
     _check_limits(k, threshold)
     directory = _checked_under(under) if under is not None else None
     bundle = _indexed_bundle(model)
-    snapshot = read_snapshot(_snapshot_path(bundle))
+    snapshot = current_snapshot(_snapshot_path(bundle))
     if snapshot is None:
         raise ClipgrepError(f"nothing is indexed with model {bundle.name} yet",
                             f"build the index first: clipgrep index DIR --model {bundle.name}")
     if snapshot.vectors.shape[1] != bundle.embed_dim:
         raise ClipgrepError("the index does not match the model", f"rebuild it: clipgrep index --model {bundle.name}")
+    if directory is not None:
+        _check_under_roots(under or directory, directory, snapshot.meta.get("roots"))
     terms = parse_query(queries, add, sub)
     vector = query_vector(terms, encoder or BundleQueryEncoder(bundle, language), snapshot)
     limit = k if k is not None else None if threshold is not None else DEFAULT_TOP
@@ -174,19 +176,19 @@ def _check_limits(k: int | None, threshold: float | None) -> None:
 
 
 def _checked_under(under: str) -> str:
-    """``under`` as stored paths spell it, if it is a directory inside or above some indexed root."""
-    from .index.state import remembered_roots
-    from .paths import index_dir
-
+    """``under`` as stored paths spell it, if it is a directory."""
     directory = resolve_under(under)
     if not os.path.isdir(directory):
         problem = "is not a directory" if os.path.exists(directory) else "does not exist"
         raise ClipgrepError(f"--under {under} {problem}", "pass a directory that was indexed")
-    roots = remembered_roots(index_dir())
+    return directory
+
+
+def _check_under_roots(under: str, directory: str, roots: list[str] | None) -> None:
+    """Refuse a --under directory neither inside nor above a root (or file) the snapshot was made for."""
     if roots and not any(_inside(directory, root) or _inside(root, directory) for root in roots):
         raise ClipgrepError(f"--under {under} is outside every indexed root",
                             f"index it first: clipgrep index {under} (clipgrep status lists the roots)")
-    return directory
 
 
 def _inside(path: str, directory: str) -> bool:

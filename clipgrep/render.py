@@ -18,9 +18,9 @@ if TYPE_CHECKING:
     from .catalogue import CatalogueEntry
     from .index.build import IndexProgress, IndexReport
     from .index.forget import Forgotten
-    from .index.state import Skipped
     from .models import ModelEntry, Removal
     from .ranking import Hit
+    from .store import Skipped
 
 
 def error(e: ClipgrepError) -> None:

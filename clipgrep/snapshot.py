@@ -146,6 +146,18 @@ def write_snapshot(directory: Path, paths: Sequence[str | bytes], vectors: np.nd
     _remove_other_generations(directory, keep=generation.name)
 
 
+def snapshot_in_memory(paths: Sequence[str | bytes], vectors: np.ndarray, sizes: IntColumn, mtimes_ns: IntColumn,
+                       indexed_ns: IntColumn, fingerprints: Sequence[str], meta: dict[str, Any]) -> Snapshot:
+    """What ``write_snapshot`` would write, as a Snapshot in memory (for a reader that found the table ahead)."""
+    encoded = [os.fsencode(p) for p in paths]
+    order = sorted(range(len(encoded)), key=encoded.__getitem__)
+    a = _row_arrays(encoded, order, vectors, sizes, mtimes_ns, indexed_ns, fingerprints)
+    full_meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "rows": len(encoded),
+                 "embed_dim": int(a["vectors"].shape[1])}
+    return Snapshot(a["path_bytes"], a["path_offsets"], a["vectors"], a["sizes"], a["mtimes_ns"], a["indexed_ns"],
+                    a["fingerprints"], full_meta)
+
+
 def _row_arrays(encoded: list[bytes], order: list[int], vectors: np.ndarray, sizes: IntColumn,
                 mtimes_ns: IntColumn, indexed_ns: IntColumn,
                 fingerprints: Sequence[str]) -> dict[str, np.ndarray]:

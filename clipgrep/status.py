@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from .paths import index_dir, snapshot_dir
 
 if TYPE_CHECKING:
-    from .index.state import Skipped
+    from .store import Skipped
 
 
 def disk_bytes(path: Path) -> int:
@@ -27,10 +27,10 @@ def index_status(model: str | None = None) -> dict[str, Any]:
     """Roots (with their excludes), files, model, row count, skipped count, size on disk, last run,
     vector index."""
     from .errors import ModelNotFound
+    from .index.freshness import current_snapshot, skipped_in
     from .index.roots import RootSet
-    from .index.state import last_run, load_skipped
     from .models import default_model_name, load_model
-    from .snapshot import read_snapshot
+    from .store import last_run
 
     directory = index_dir()
     name = model or default_model_name()
@@ -44,12 +44,12 @@ def index_status(model: str | None = None) -> dict[str, Any]:
         info["rows"] = 0
         info["note"] = f"model {name} is not installed yet; clipgrep index adds it"
         return info
-    snapshot = read_snapshot(snapshot_dir(bundle.index_id))
+    snapshot = current_snapshot(snapshot_dir(bundle.index_id))
     run = last_run(directory, bundle.index_id) or {}
     info.update({
         "bundle_id": bundle.bundle_id,
         "rows": len(snapshot) if snapshot is not None else 0,
-        "skipped": len(load_skipped(directory, bundle.index_id)),
+        "skipped": len(skipped_in(snapshot)) if snapshot is not None else 0,
         "disk_bytes": disk_bytes(directory) if directory.exists() else 0,
         "last_run": run.get("finished", "never"),
         # Recorded by the last index run, so status need not load LanceDB (~1 s).
@@ -61,7 +61,7 @@ def index_status(model: str | None = None) -> dict[str, Any]:
 def skipped_files(model: str | None = None) -> list[Skipped]:
     """The files that index runs of ``model`` skipped and will not retry until they change, by path."""
     from .errors import ModelNotFound
-    from .index.state import load_skipped
+    from .index.freshness import current_snapshot, skipped_in
     from .models import load_model
 
     try:
@@ -70,4 +70,5 @@ def skipped_files(model: str | None = None) -> list[Skipped]:
         if model:
             raise
         return []  # the default model, not added yet: nothing was ever skipped
-    return sorted(load_skipped(index_dir(), bundle.index_id).values(), key=lambda s: s.path)
+    snapshot = current_snapshot(snapshot_dir(bundle.index_id))  # its skip notes are the table's
+    return sorted(skipped_in(snapshot).values(), key=lambda s: s.path) if snapshot is not None else []

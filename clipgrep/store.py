@@ -1,8 +1,15 @@
-"""The image index: one LanceDB table per bundle, the source of truth for indexed files.
+"""The index: LanceDB tables, the one source of truth for what is indexed.
+
+- ``images_<index_id>``: one row per indexed file (path, stat, fingerprint, vector) and one per
+  skipped file (``skip_reason`` set, a zero vector), so a file that stops decoding swaps its row
+  for its skip note in one ``merge_insert``; skip rows never reach the search snapshot.
+- ``roots``: the remembered root directories (with excludes and device) and image files.
+- ``runs``: the last run of each index id, for ``clipgrep status``.
 
 This is the only module that imports lancedb (and pyarrow), always inside a
 method: ``import lancedb`` costs about 1 s, and ``--help``, completion and
 ``clipgrep search`` (which reads the numpy snapshot instead) must not pay it.
+The write protocol that keeps these and the snapshots consistent is ``index/protocol.py``.
 
 Rows are keyed by ``id``, a 63-bit blake2b hash of the path bytes. Paths are
 stored as bytes because Arrow strings must be valid UTF-8 and file names need
@@ -36,8 +43,12 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 TABLE_PREFIX = "images_"
-SCHEMA_VERSION = "1"
+ROOTS_TABLE = "roots"
+RUNS_TABLE = "runs"
+SCHEMA_VERSION = "2"  # 2: skip rows (skip_reason) and origin; tables of version 1 are upgraded in place
 _FILE_COLUMNS = ["path", "size", "mtime_ns", "fingerprint", "indexed_ns"]
+_INDEXED = "skip_reason IS NULL"
+_SKIPPED = "skip_reason IS NOT NULL"
 # PQ trains 2**num_bits centroids per sub-vector; fewer rows than that cannot train it.
 _MIN_PQ_ROWS = 256
 _CLEANUP_WARNING = r"optimize\(cleanup_older_than=0\)"
@@ -52,6 +63,30 @@ class StoredFile:
     mtime_ns: int
     fingerprint: str  # content fingerprint (hex), computed by the caller
     indexed_ns: int  # wall clock when the file was stat'ed; an mtime this close is "racy"
+    origin: str | None = None  # None: found by a walk of local roots; else imported (a walk never deletes it)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file that could not be indexed, and why; kept until it changes (or ``--retry-skipped``)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Tracked:
+    """A remembered root directory, with the excludes given for it, or a remembered image file.
+
+    ``device`` is the ``st_dev`` it had when last indexed: a different one means another drive,
+    or none (an empty mount point), is there now.
+    """
+
+    path: str
+    excludes: tuple[str, ...] = ()
+    device: int | None = None
 
 
 class TableRows(NamedTuple):
@@ -93,6 +128,10 @@ def list_bundle_ids(directory: Path) -> list[str]:
         return []
     return sorted(p.name[len(TABLE_PREFIX):-len(".lance")] for p in directory.glob(f"{TABLE_PREFIX}*.lance")
                   if _has_manifest(p))
+
+
+def table_dir(directory: Path, name: str) -> Path:
+    return Path(directory) / f"{name}.lance"
 
 
 def _has_manifest(table_dir: Path) -> bool:
@@ -144,21 +183,30 @@ class IndexStore:
         return _has_manifest(self.table_dir)
 
     def files(self) -> dict[str, StoredFile]:
-        """Every row's file state by path (~0.5 s per 100k rows); the vector column is never read."""
+        """Every indexed file's state by path (~0.5 s per 100k rows); the vector column is never read."""
         if not self.exists():
             return {}
-        rows = self._scan(_FILE_COLUMNS).to_pydict()
+        rows = self._scan(_FILE_COLUMNS, where=self._indexed_only()).to_pydict()
         return {
             os.fsdecode(p): StoredFile(os.fsdecode(p), s, m, f, i)
             for p, s, m, f, i in zip(*(rows[c] for c in _FILE_COLUMNS))
         }
+
+    def skipped(self) -> dict[str, Skipped]:
+        """The skip notes: files that did not decode, by path."""
+        if not self.exists() or not self.has_skip_column():
+            return {}
+        rows = self._scan(["path", "size", "mtime_ns", "skip_reason"], where=_SKIPPED).to_pydict()
+        return {os.fsdecode(p): Skipped(os.fsdecode(p), s, m, r)
+                for p, s, m, r in zip(rows["path"], rows["size"], rows["mtime_ns"], rows["skip_reason"])}
 
     def vectors(self, paths: Sequence[str]) -> dict[str, np.ndarray]:
         """The stored (read-only) vectors of those ``paths`` that are indexed, e.g. to reuse for moved files."""
         if not paths or not self.exists():
             return {}
         wanted = {path_key(p): os.fsencode(p) for p in paths}
-        table = self._scan(["id", "path", "vector"], where=_sql_ids(list(wanted)))
+        where = _sql_ids(list(wanted)) + (f" AND {_INDEXED}" if self.has_skip_column() else "")
+        table = self._scan(["id", "path", "vector"], where=where)
         matrix = self._matrix(table)
         found = {}
         for row, (key, raw) in enumerate(zip(table.column("id").to_pylist(), table.column("path").to_pylist())):
@@ -167,20 +215,36 @@ class IndexStore:
         return found
 
     def count(self) -> int:
-        return self._open().count_rows() if self.exists() else 0
+        """Indexed rows (skip notes not counted)."""
+        return self._open().count_rows(self._indexed_only()) if self.exists() else 0
 
     def version(self) -> int:
         return self._open().version if self.exists() else 0
 
     def snapshot_rows(self) -> TableRows:
-        """All rows column-wise (one Arrow scan, no per-row Python) for ``snapshot.write_snapshot``."""
+        """All indexed rows column-wise (one Arrow scan, no per-row Python) for ``snapshot.write_snapshot``."""
+        return self.export()[0]
+
+    def export(self) -> tuple[TableRows, dict[str, Skipped], int]:
+        """Indexed rows, skip notes and the table version they were read at, from one read of one version."""
         if not self.exists():
             empty = np.zeros(0, np.int64)
-            return TableRows([], np.zeros((0, self.embed_dim), np.float32), empty, empty, empty, [])
-        table = self._open().to_arrow()  # a plain dataset read: ~2x faster than a query scan
-        ints = {c: table.column(c).to_numpy() for c in ("size", "mtime_ns", "indexed_ns")}
-        return TableRows(table.column("path").to_pylist(), self._matrix(table), ints["size"],
-                         ints["mtime_ns"], ints["indexed_ns"], table.column("fingerprint").to_pylist())
+            return TableRows([], np.zeros((0, self.embed_dim), np.float32), empty, empty, empty, []), {}, 0
+        import pyarrow.compute as pc
+
+        table = self._open()
+        version = table.version
+        data = table.to_arrow()  # a plain dataset read: ~2x faster than a query scan
+        skipped: dict[str, Skipped] = {}
+        if "skip_reason" in data.column_names:
+            skips = data.filter(pc.is_valid(data.column("skip_reason")))
+            for p, s, m, r in zip(*(skips.column(c).to_pylist() for c in ("path", "size", "mtime_ns", "skip_reason"))):
+                skipped[os.fsdecode(p)] = Skipped(os.fsdecode(p), s, m, r)
+            data = data.filter(pc.is_null(data.column("skip_reason")))
+        ints = {c: data.column(c).to_numpy() for c in ("size", "mtime_ns", "indexed_ns")}
+        rows = TableRows(data.column("path").to_pylist(), self._matrix(data), ints["size"],
+                         ints["mtime_ns"], ints["indexed_ns"], data.column("fingerprint").to_pylist())
+        return rows, skipped, version
 
     def disk_bytes(self) -> int:
         """Bytes the table takes on disk, including old versions and orphaned files."""
@@ -195,27 +259,46 @@ class IndexStore:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def upsert(self, files: Sequence[StoredFile], vectors: np.ndarray) -> None:
-        """Insert or replace (by path) ``files`` with their ``vectors`` [len(files), embed_dim], in one commit."""
+    def upsert(self, files: Sequence[StoredFile], vectors: np.ndarray, skips: Sequence[Skipped] = ()) -> None:
+        """Insert or replace (by path) ``files`` with their ``vectors`` [len(files), embed_dim], and the
+        skip notes ``skips`` (replacing the rows of files that no longer decode), in one commit."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.shape != (len(files), self.embed_dim):
             raise ValueError(f"vectors have shape {vectors.shape}, expected ({len(files)}, {self.embed_dim})")
-        if not files:
+        if not files and not skips:
             return
         # merge_insert refuses two source rows with one key; the last one wins, as in a dict.
-        last = {path_key(f.path): i for i, f in enumerate(files)}
+        entries: list[StoredFile | Skipped] = [*files, *skips]
+        last = {path_key(e.path): i for i, e in enumerate(entries)}
         keys, keep = zip(*sorted(last.items(), key=lambda item: item[1]))
-        data = self._arrow_rows([files[i] for i in keep], vectors[list(keep)], list(keys))
+        blank = np.zeros((len(skips), self.embed_dim), np.float32)
+        data = self._arrow_rows([entries[i] for i in keep], np.concatenate([vectors, blank])[list(keep)], list(keys))
         table = self._open(create=True)
         table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
 
     def delete(self, paths: Sequence[str]) -> None:
-        """Remove the rows of ``paths`` (missing ones are ignored), in one commit.
+        """Remove the rows (indexed or skip notes) of ``paths`` (missing ones are ignored), in one commit.
 
         One ``IN`` list of 10k ids deletes in ~0.1 s and 500k in ~7 s, so it is never chunked.
         """
         if paths and self.exists():
             self._open().delete(_sql_ids(sorted({path_key(p) for p in paths})))
+
+    def upgrade(self) -> bool:
+        """Add the columns of schema version 2 to a table of version 1 (one commit); returns whether it did.
+
+        Existing rows get nulls: indexed rows, found by a walk.
+        """
+        if not self.exists():
+            return False
+        table = self._open()
+        missing = [name for name in ("skip_reason", "origin") if name not in table.schema.names]
+        if not missing:
+            return False
+        import pyarrow as pa
+
+        table.add_columns([pa.field(name, pa.string()) for name in missing])
+        return True
 
     def maintain(self) -> None:
         """Compact fragments, fold new rows into the vector index and drop old versions.
@@ -321,7 +404,8 @@ class IndexStore:
 
     def _check_schema(self, schema: pa.Schema) -> None:
         expected = self._schema
-        if schema.names != expected.names or schema.field("vector").type != expected.field("vector").type:
+        upgradable = schema.names == expected.names[:len(schema.names)] and len(schema.names) >= 7
+        if not upgradable or schema.field("vector").type != expected.field("vector").type:
             raise ClipgrepError(
                 f"the index table {self.table_dir} has an unexpected layout "
                 f"(vector {schema.field('vector').type if 'vector' in schema.names else 'missing'}, "
@@ -342,24 +426,35 @@ class IndexStore:
             pa.field("fingerprint", pa.string(), nullable=False),
             pa.field("indexed_ns", pa.int64(), nullable=False),
             pa.field("vector", pa.list_(pa.float32(), self.embed_dim), nullable=False),
+            pa.field("skip_reason", pa.string()),  # set: a skip note (zero vector), never searched
+            pa.field("origin", pa.string()),  # last: see StoredFile.origin
         ]
         return pa.schema(fields, metadata={"clipgrep.bundle_id": self.bundle_id,
                                            "clipgrep.schema_version": SCHEMA_VERSION})
 
-    def _arrow_rows(self, files: Sequence[StoredFile], vectors: np.ndarray, keys: list[int]) -> pa.Table:
+    def _arrow_rows(self, entries: Sequence[StoredFile | Skipped], vectors: np.ndarray, keys: list[int]) -> pa.Table:
         import pyarrow as pa
 
         flat = pa.array(np.ascontiguousarray(vectors).reshape(-1))
+        files = [e if isinstance(e, StoredFile) else None for e in entries]
         columns = {
             "id": pa.array(keys, pa.int64()),
-            "path": pa.array([os.fsencode(f.path) for f in files], pa.binary()),
-            "size": pa.array([f.size for f in files], pa.int64()),
-            "mtime_ns": pa.array([f.mtime_ns for f in files], pa.int64()),
-            "fingerprint": pa.array([f.fingerprint for f in files], pa.string()),
-            "indexed_ns": pa.array([f.indexed_ns for f in files], pa.int64()),
+            "path": pa.array([os.fsencode(e.path) for e in entries], pa.binary()),
+            "size": pa.array([e.size for e in entries], pa.int64()),
+            "mtime_ns": pa.array([e.mtime_ns for e in entries], pa.int64()),
+            "fingerprint": pa.array([f.fingerprint if f else "" for f in files], pa.string()),
+            "indexed_ns": pa.array([f.indexed_ns if f else 0 for f in files], pa.int64()),
             "vector": pa.FixedSizeListArray.from_arrays(flat, self.embed_dim),
+            "skip_reason": pa.array([e.reason if isinstance(e, Skipped) else None for e in entries], pa.string()),
+            "origin": pa.array([f.origin if f else None for f in files], pa.string()),
         }
         return pa.table(columns, schema=self._schema)
+
+    def has_skip_column(self) -> bool:
+        return "skip_reason" in self._open().schema.names  # False only for a table not upgraded yet
+
+    def _indexed_only(self) -> str | None:
+        return _INDEXED if self.has_skip_column() else None
 
     def _scan(self, columns: list[str], where: str | None = None) -> pa.Table:
         # A plain scan (no query vector), so LanceDB adds no _distance column and logs
@@ -370,6 +465,79 @@ class IndexStore:
     def _matrix(self, table: pa.Table) -> np.ndarray:
         flat = table.column("vector").combine_chunks().flatten().to_numpy()
         return flat.reshape(-1, self.embed_dim)
+
+
+# -- the small tables beside the images: roots and runs ----------------------------------------------
+
+
+def load_tracked(directory: Path) -> tuple[dict[str, Tracked], dict[str, Tracked], int]:
+    """The remembered root directories and files, by path, and the ``roots`` table version read."""
+    if not _has_manifest(table_dir(directory, ROOTS_TABLE)):
+        return {}, {}, 0
+    table = _import_lancedb().connect(str(directory)).open_table(ROOTS_TABLE)
+    version = table.version
+    rows = table.to_arrow().to_pylist()
+    found: dict[str, dict[str, Tracked]] = {"root": {}, "file": {}}
+    for row in rows:
+        path = os.fsdecode(row["path"])
+        found[row["kind"]][path] = Tracked(path, tuple(row["excludes"] or ()), row["device"])
+    return found["root"], found["file"], version
+
+
+def save_tracked(directory: Path, roots: dict[str, Tracked], files: dict[str, Tracked]) -> int:
+    """Replace the remembered roots and files in one commit; returns the new ``roots`` table version."""
+    import pyarrow as pa
+
+    schema = pa.schema([pa.field("path", pa.binary(), nullable=False), pa.field("kind", pa.string(), nullable=False),
+                        pa.field("excludes", pa.list_(pa.string())), pa.field("device", pa.int64())])
+    entries = [("root", t) for t in roots.values()] + [("file", t) for t in files.values()]
+    data = pa.table({"path": [os.fsencode(t.path) for _, t in entries], "kind": [k for k, _ in entries],
+                     "excludes": [list(t.excludes) for _, t in entries], "device": [t.device for _, t in entries]},
+                    schema=schema)
+    table = _small_table(directory, ROOTS_TABLE, schema)
+    table.add(data, mode="overwrite")
+    return int(table.version)
+
+
+def record_run(directory: Path, index_id: str, summary: dict[str, Any]) -> None:
+    """Keep ``summary`` as the last run of ``index_id`` (one commit)."""
+    import json
+
+    import pyarrow as pa
+
+    schema = pa.schema([pa.field("index_id", pa.string(), nullable=False),
+                        pa.field("summary", pa.string(), nullable=False)])
+    row = pa.table({"index_id": [index_id], "summary": [json.dumps(summary)]}, schema=schema)
+    _small_table(directory, RUNS_TABLE, schema).merge_insert("index_id") \
+        .when_matched_update_all().when_not_matched_insert_all().execute(row)
+
+
+def last_run(directory: Path, index_id: str) -> dict[str, Any] | None:
+    import json
+
+    if not _has_manifest(table_dir(directory, RUNS_TABLE)):
+        return None
+    table = _import_lancedb().connect(str(directory)).open_table(RUNS_TABLE)
+    rows = table.search().where(f"index_id = '{_sql_text(index_id)}'").limit(None).to_arrow().to_pylist()
+    return json.loads(rows[0]["summary"]) if rows else None
+
+
+def drop_run(directory: Path, index_id: str) -> None:
+    if _has_manifest(table_dir(directory, RUNS_TABLE)):
+        table = _import_lancedb().connect(str(directory)).open_table(RUNS_TABLE)
+        table.delete(f"index_id = '{_sql_text(index_id)}'")
+
+
+def _sql_text(value: str) -> str:
+    return value.replace("'", "''")
+
+
+def _small_table(directory: Path, name: str, schema: pa.Schema) -> Any:
+    db = _import_lancedb().connect(str(directory))
+    if _has_manifest(table_dir(directory, name)):
+        return db.open_table(name)
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    return db.create_table(name, schema=schema, exist_ok=True)
 
 
 def _ivf_partitions(rows: int) -> int:

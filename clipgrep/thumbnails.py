@@ -95,10 +95,10 @@ class ThumbnailCache:
 
 def make_index_thumbnails(index_id: str, workers: int | None = None) -> tuple[int, int]:
     """Thumbnails for every indexed file of a model, as the page shows them (``index --thumbnails``)."""
+    from .index.freshness import current_snapshot
     from .paths import snapshot_dir
-    from .snapshot import read_snapshot
 
-    snap = read_snapshot(snapshot_dir(index_id))
+    snap = current_snapshot(snapshot_dir(index_id))
     if snap is None:
         return 0, 0
     return ThumbnailCache().fill(zip(snap.paths, snap.sizes.tolist(), snap.mtimes_ns.tolist()), GRID_SIDE, workers)

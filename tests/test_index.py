@@ -28,7 +28,7 @@ from clipgrep.errors import ClipgrepError
 from clipgrep.index.build import IndexOptions, IndexProgress, IndexReport, update_index
 from clipgrep.index.forget import forget_root
 from clipgrep.index.scan import ScanOptions
-from clipgrep.index.state import remembered_roots
+from clipgrep.index.roots import remembered_roots
 from clipgrep.paths import index_dir, snapshot_dir
 from clipgrep.ranking import search
 from clipgrep.snapshot import Snapshot, read_snapshot
@@ -178,10 +178,9 @@ def test_a_noop_rerun_imports_neither_lancedb_nor_the_model(bundle, photos: Path
 
 def test_racy_files_are_rechecked_until_their_mtime_is_safely_old(bundle, tmp_path: Path, monkeypatch,
                                                                   forbid_store) -> None:
-    from clipgrep.index import build, plan
+    from clipgrep.index import plan
 
     monkeypatch.setattr(plan, "RACY_WINDOW_NS", 300_000_000)
-    monkeypatch.setattr(build, "RACY_WINDOW_NS", 300_000_000)
     write_image(tmp_path / "p" / "new.png", RED)
     encoder = FakeImageEncoder()
     index(tmp_path / "p", bundle, encoder)
@@ -309,10 +308,9 @@ def test_rewritten_in_the_racy_window_with_same_size_and_mtime_is_caught(bundle,
 def test_a_rewrite_after_the_decoder_read_the_file_is_caught_next_run(bundle, tmp_path: Path,
                                                                       monkeypatch) -> None:
     """However long encoding takes, the racy check compares the mtime with a time before the read."""
-    from clipgrep.index import build, plan
+    from clipgrep.index import plan
 
     monkeypatch.setattr(plan, "RACY_WINDOW_NS", 500_000_000)
-    monkeypatch.setattr(build, "RACY_WINDOW_NS", 500_000_000)
     photo = write_image(tmp_path / "p" / "photo.bmp", RED)
     stamp = time.time_ns()
     os.utime(photo, ns=(stamp, stamp))

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from clipgrep.cli import app
 from clipgrep.index.forget import forget_root
-from clipgrep.index.state import remembered_roots
+from clipgrep.index.roots import remembered_roots
 from clipgrep.paths import dirty_marker, index_dir, snapshot_dir
 from clipgrep.ranking import search
 from clipgrep.snapshot import read_snapshot

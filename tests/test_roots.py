@@ -12,9 +12,9 @@ import pytest
 
 from clipgrep.errors import ClipgrepError
 from clipgrep.index.forget import forget_root
-from clipgrep.index.roots import RootSet, anchor, literal
+from clipgrep.index.legacy import STATE_FILE
+from clipgrep.index.roots import RootSet, anchor, literal, remembered_roots
 from clipgrep.index.scan import ScanOptions
-from clipgrep.index.state import STATE_FILE, load_tracked, remembered_roots, write_json_atomic
 from clipgrep.paths import index_dir
 from clipgrep.status import index_status
 
@@ -27,6 +27,11 @@ bundle_source, bundle, photos, bad_files, forbid_store = (
     base.bundle_source, base.bundle, base.photos, base.bad_files, base.forbid_store)
 
 
+def load_tracked(directory: Path) -> tuple[dict, dict]:
+    tracked = RootSet.load(directory)
+    return tracked.roots, tracked.files
+
+
 def excludes_of(root: Path) -> tuple[str, ...]:
     return load_tracked(index_dir())[0][str(root)].excludes
 
@@ -37,10 +42,9 @@ def remembered_files() -> list[str]:
 
 def set_recorded_device(path: Path, device: int) -> None:
     """What the state would say had ``path`` been indexed on another drive than the one there now."""
-    state = json.loads((index_dir() / STATE_FILE).read_text())
-    table = "roots" if str(path) in state["roots"] else "files"
-    state[table][str(path)]["device"] = device
-    write_json_atomic(index_dir() / STATE_FILE, state)
+    tracked = RootSet.load(index_dir())
+    tracked.record_device(str(path), device)
+    tracked.save(index_dir())
 
 
 # --- item 1: excludes are remembered, and never drop rows without --prune ------------------------
@@ -151,7 +155,7 @@ def test_a_file_that_is_not_an_image_is_refused_and_not_remembered(bundle, tmp_p
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ClipgrepError, match="neither a directory nor an image file"):
         index(tmp_path / "notes.txt", bundle)
-    assert not (index_dir() / STATE_FILE).exists() or load_tracked(index_dir()) == ({}, {})
+    assert load_tracked(index_dir()) == ({}, {})
 
 
 def test_forget_a_remembered_file(bundle, photos: Path) -> None:
@@ -205,7 +209,8 @@ def test_forgetting_a_folder_inside_a_root_excludes_it_from_the_root(bundle, pho
 def test_state_from_before_is_normalised(bundle, photos: Path) -> None:
     write_image(photos / "sub" / "yellow.png", YELLOW)
     legacy = [str(photos), str(photos / "sub"), str(photos / "red.png"), str(photos.parent / "x.png")]
-    write_json_atomic(index_dir() / STATE_FILE, {"roots": legacy})
+    index_dir().mkdir(parents=True, exist_ok=True)
+    (index_dir() / STATE_FILE).write_text(json.dumps({"roots": legacy}))
     tracked = RootSet.load(index_dir())
     assert list(tracked.roots) == [str(photos)] and list(tracked.files) == [str(photos.parent / "x.png")]
 

@@ -48,12 +48,12 @@ class IndexedImages:
 
 def indexed_images(model: str) -> IndexedImages:
     """Read the snapshot of ``model``'s index; refuse an empty one with one line."""
+    from ..index.freshness import current_snapshot
     from ..models import load_model
     from ..paths import snapshot_dir
-    from ..snapshot import read_snapshot
 
     bundle = load_model(model, auto_install=False)
-    snapshot = read_snapshot(snapshot_dir(bundle.index_id))
+    snapshot = current_snapshot(snapshot_dir(bundle.index_id))
     if snapshot is None or len(snapshot) == 0:
         raise ClipgrepError(f"nothing is indexed with model {model}",
                             f"index your photos with the teacher first: clipgrep index DIR --model {model}")

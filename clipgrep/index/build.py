@@ -3,10 +3,10 @@
 Crash safety: rows are written in bounded batches, each its own LanceDB
 commit, so a killed run loses at most the batch in flight; the next run sees
 committed rows as unchanged and redoes only the rest. Rows are also committed
-every ``commit_seconds``, so a slow run keeps its work too. A DIRTY marker says
-the snapshot may lag the table; it is cleared only after a fresh snapshot is
-written, so search never trusts a snapshot older than a half-finished run
-without the next run fixing it. A damaged snapshot is rebuilt from the table.
+every ``commit_seconds``, so a slow run keeps its work too. Every write goes
+through ``protocol.py``, which names the steps; a snapshot left behind the table
+by a killed run is told by its stamp, and the next run (``protocol.recover``)
+rebuilds it, as it does a damaged one.
 
 SIGINT/SIGTERM stop a run at its next image: it commits what it encoded, publishes
 the snapshot and raises ``IndexInterrupted`` (see ``interrupt.py``).
@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from ..errors import ClipgrepError
-from ..paths import dirty_marker, index_dir, index_lock_file, snapshot_dir
+from ..paths import index_dir, index_lock_file, snapshot_dir
+from ..store import Skipped
 from .interrupt import IndexInterrupted, StopRequest, stop_on_signals
-from .plan import RACY_WINDOW_NS, FileState, Plan, fingerprint, is_racy, make_plan, under_roots
+from .plan import FileState, Plan, changes, fingerprint, is_racy, make_plan, under_roots
+from .protocol import commit, finish, publish_snapshot, recover
 from .roots import RootSet, Selection
 from .scan import FileEntry, ScanOptions, ScanProblem, ScanResult, scan
-from .state import Skipped, load_skipped, record_run, save_skipped
 from .writer import BatchWriter
 
 if TYPE_CHECKING:
@@ -38,21 +39,7 @@ if TYPE_CHECKING:
     from ..snapshot import Snapshot
     from ..store import IndexStore, StoredFile
 
-def publish_snapshot(store: IndexStore, *, vector_index: bool, without: Collection[str] = ()) -> int:
-    """Export the table's rows, less the paths ``without``, as the search snapshot; returns its rows."""
-    from ..snapshot import write_snapshot
-    from ..store import TableRows
-
-    rows = store.snapshot_rows()
-    if without:
-        dropped = {os.fsencode(p) for p in without}
-        keep = [i for i, p in enumerate(rows.paths) if p not in dropped]
-        rows = TableRows([rows.paths[i] for i in keep], rows.vectors[keep], rows.sizes[keep], rows.mtimes_ns[keep],
-                         rows.indexed_ns[keep], [rows.fingerprints[i] for i in keep])
-    write_snapshot(snapshot_dir(store.bundle_id), *rows, meta={
-        "bundle_id": store.bundle_id, "embed_dim": store.embed_dim, "table_version": store.version(),
-        "vector_index": vector_index})
-    return len(rows.paths)
+__all__ = ["IndexOptions", "IndexProgress", "IndexReport", "publish_snapshot", "update_index"]
 
 
 class PixelEncoder(Protocol):
@@ -141,6 +128,7 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
     with index_lock(index_lock_file(), wait=options.wait_for_lock, on_wait=on_wait), \
             stop_on_signals() as stop:
         _check_still_installed(bundle)
+        recover(directory)
         tracked = RootSet.load(directory)
         args = [os.path.abspath(os.path.expanduser(os.fspath(r))) for r in roots]
         tracked.remove_excludes(options.remove_excludes, args)
@@ -154,10 +142,13 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
         report.seconds = round(time.time() - started, 3)
         if stop.signum is not None:
             raise IndexInterrupted(stop.signum, report)
-        record_run(directory, bundle.index_id, {
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": report.seconds, "rows": report.rows,
-            "added": report.added, "updated": report.updated, "removed": report.removed,
-            "reused": report.reused, "skipped": report.skipped_total})
+        if run.wrote:  # a no-op run (the fast path) stays free of lancedb: it records nothing
+            from ..store import record_run
+
+            commit("run", lambda: record_run(directory, bundle.index_id, {
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": report.seconds, "rows": report.rows,
+                "added": report.added, "updated": report.updated, "removed": report.removed,
+                "reused": report.reused, "skipped": report.skipped_total}))
     return report
 
 
@@ -203,7 +194,7 @@ class _Run:
         self.report = IndexReport(roots=[u.path for u in self.units])
         self.stop = stop
         self.snapshot_path = snapshot_dir(bundle.index_id)
-        self.dirty_marker = dirty_marker(bundle.index_id)
+        self.wrote = False                   # whether the run went past the no-op fast path
 
     def _tick(self, **changes: object) -> None:
         for key, value in changes.items():
@@ -227,28 +218,28 @@ class _Run:
         self.report.scanned = len(result.files)
         self.report.scan_problems = [(p.path, p.reason) for p in result.problems]
         self._tick(phase="planning", scanned=len(result.files))
-        skipped = load_skipped(self.directory, self.bundle.index_id)
-        # Skip notes of files deleted or excluded since: they were never stored, so no plan removes them.
-        present = {e.path for e in result.files} if skipped else set()
-        vanished = [p for p in skipped if p not in present and under_roots(p, self.roots)
-                    and (self.options.prune or not under_roots(p, list(self.suspect)))]
-        if not vanished and self._snapshot_is_current(result.files, skipped):
+        if self._snapshot_is_current(result.files):
             self._record_devices()
             return self.report
-        for path in vanished:
-            del skipped[path]
         from ..store import IndexStore
 
+        self.wrote = True
         store = IndexStore(self.directory, self.bundle.index_id, self.bundle.embed_dim)
-        store.cleanup_orphans()
-        stored = store.files()
+        commit("orphans", store.cleanup_orphans)
+        stored, skipped = store.files(), store.skipped()
         plan = make_plan(result.files, stored, self.roots)
         plan.removed = self._hold_back(plan.removed, report=True)
-        self._mark_dirty()
+        # Skip notes of files deleted or excluded since: no plan removes them, as they have no row.
+        plan.removed += self._vanished(skipped, result.files)
         self._apply(plan, store, stored, skipped)
-        self._finish(store, skipped)
+        self._finish(store)
         self._record_devices()
         return self.report
+
+    def _vanished(self, skipped: dict[str, Skipped], files: list[FileEntry]) -> list[str]:
+        present = {e.path for e in files} if skipped else set()
+        return [p for p in skipped if p not in present and under_roots(p, self.roots)
+                and (self.options.prune or not under_roots(p, list(self.suspect)))]
 
     # -- what may be deleted (issue 12, items 1 and 16) -------------------------------------------
 
@@ -315,32 +306,39 @@ class _Run:
 
     # -- fast path: nothing changed, so neither LanceDB nor the model is needed -------------------
 
-    def _snapshot_is_current(self, files: list[FileEntry], skipped: dict[str, Skipped]) -> bool:
-        """True when the snapshot already matches the scan (the common no-op re-index)."""
-        from ..snapshot import read_snapshot
+    def _snapshot_is_current(self, files: list[FileEntry]) -> bool:
+        """True when the snapshot already matches the scan (the common no-op re-index).
 
-        if self.dirty_marker.exists() or self.options.retry_skipped:
+        ``protocol.recover`` has made the snapshot current with its table, so comparing with it
+        is comparing with the table, without lancedb.
+        """
+        from ..snapshot import read_snapshot
+        from .freshness import is_current, skipped_in
+
+        if self.options.retry_skipped:
             return False
         try:
             snapshot = read_snapshot(self.snapshot_path)
         except ClipgrepError:  # damaged: the full run below writes a new one from the table
             return False
-        if snapshot is None:
+        if snapshot is None or not is_current(snapshot, self.bundle.index_id):
+            return False
+        if snapshot.meta.get("roots") != self.tracked.paths():  # roots came or went: publish them
+            return False
+        skipped = skipped_in(snapshot)
+        if self._vanished(skipped, files):
             return False
         # Vectorised: at 100k files a per-row loop over the memory-mapped arrays took ~0.4 s.
         row_of = dict(zip(snapshot.paths, range(len(snapshot))))
         rows = np.fromiter((row_of.get(e.path, -1) for e in files), np.int64, len(files))
         for i in np.flatnonzero(rows < 0):  # not indexed: fine only if skipped before, unchanged
-            entry, old = files[i], skipped.get(files[i].path)
-            if old is None or (old.size, old.mtime_ns) != (entry.size, entry.mtime_ns):
+            if not _skip_holds(skipped.get(files[i].path), files[i]):
                 return False
         known = rows >= 0
         rows = rows[known]
         sizes = np.fromiter((e.size for e in files), np.int64, len(files))[known]
         mtimes = np.fromiter((e.mtime_ns for e in files), np.int64, len(files))[known]
-        if not (np.array_equal(snapshot.sizes[rows], sizes) and np.array_equal(snapshot.mtimes_ns[rows], mtimes)):
-            return False
-        if np.any(mtimes + RACY_WINDOW_NS >= snapshot.indexed_ns[rows]):
+        if changes(sizes, mtimes, snapshot.sizes[rows], snapshot.mtimes_ns[rows], snapshot.indexed_ns[rows]).any():
             return False
         # Rows under these roots that the scan did not find: gone, unless they are to be kept.
         gone = [snapshot.paths[i] for i in np.setdiff1d(self._rows_under_roots(snapshot), rows)]
@@ -374,16 +372,16 @@ class _Run:
         if confirmed:  # content unchanged: refresh indexed_ns so they stop being racy
             olds = [stored[e.path] for e in confirmed]
             vectors = store.vectors([o.path for o in olds])
-            store.upsert([StoredFile(o.path, o.size, o.mtime_ns, o.fingerprint, now) for o in olds],
-                         np.stack([vectors[o.path] for o in olds]))
+            commit("racy", lambda: store.upsert([StoredFile(o.path, o.size, o.mtime_ns, o.fingerprint, now)
+                                                 for o in olds], np.stack([vectors[o.path] for o in olds])))
         to_encode, reused, touched = self._reuse_vectors(candidates, store, stored, skipped, now)
         if plan.removed:  # after the reuse commit, so a crash in between loses no vector
-            store.delete(plan.removed)
-        self.report.removed = len(plan.removed)
+            commit("remove", lambda: store.delete(plan.removed))
+        self.report.removed = len([p for p in plan.removed if p in stored])
         to_encode = [e for e in to_encode if not self._still_skipped(e, skipped)]
         self.report.reused = reused
         self.report.unchanged += touched
-        self._encode(to_encode, store, stored, skipped, {e.path for e in plan.changed})
+        self._encode(to_encode, store, {e.path for e in plan.changed})
 
     def _check_racy(self, plan: Plan, stored: dict[str, StoredFile]
                     ) -> tuple[list[FileState], list[tuple[FileState, str | None]]]:
@@ -431,22 +429,17 @@ class _Run:
             vectors = store.vectors(sorted({s for _, _, s in reuse}))
             for start in range(0, len(reuse), self.options.commit_rows):
                 chunk = reuse[start:start + self.options.commit_rows]
-                store.upsert([StoredFile(e.path, e.size, e.mtime_ns, fp, now) for e, fp, _ in chunk],
-                             np.stack([vectors[s] for _, _, s in chunk]))
+                commit("reuse", lambda c=chunk: store.upsert([StoredFile(e.path, e.size, e.mtime_ns, fp, now)
+                                                              for e, fp, _ in c], np.stack([vectors[s] for _, _, s in c])))
             for entry, _, _ in reuse:  # e.g. a skipped file replaced by a copy of an indexed one
                 skipped.pop(entry.path, None)
         touched = sum(1 for entry, _, source in reuse if source == entry.path)
         return to_encode, len(reuse) - touched, touched
 
     def _still_skipped(self, item: tuple[FileEntry, str], skipped: dict[str, Skipped]) -> bool:
-        entry = item[0]
-        old = skipped.get(entry.path)
-        if old is None or self.options.retry_skipped:
-            return False
-        return (old.size, old.mtime_ns) == (entry.size, entry.mtime_ns)
+        return not self.options.retry_skipped and _skip_holds(skipped.get(item[0].path), item[0])
 
-    def _encode(self, items: list[tuple[FileEntry, str]], store: IndexStore, stored: dict[str, StoredFile],
-                skipped: dict[str, Skipped], changed: set[str]) -> None:
+    def _encode(self, items: list[tuple[FileEntry, str]], store: IndexStore, changed: set[str]) -> None:
         """Decode in worker processes, encode in batches, commit every ``commit_rows`` rows."""
         from .decode import decode_images
 
@@ -464,54 +457,44 @@ class _Run:
                     break  # what was encoded so far is committed just below
                 entry, fp = items[result.index]
                 if result.pixels is None:
-                    skipped[entry.path] = Skipped(entry.path, entry.size, entry.mtime_ns,
-                                                  result.skip_reason or "unknown error")
-                    self.report.skipped.append(skipped[entry.path])
+                    # A row it had (old content) is replaced by the skip note in the same commit.
+                    note = Skipped(entry.path, entry.size, entry.mtime_ns, result.skip_reason or "unknown error")
+                    self.report.skipped.append(note)
                     self._tick(skipped=self.progress.skipped + 1)
-                    if entry.path in stored:  # it no longer decodes: its row describes old content
-                        store.delete([entry.path])  # now, before any save_skipped records the skip
+                    self._count_committed(writer.skip(note), changed)
                     continue
                 committed = writer.add(entry, fp or _safe_fingerprint(entry), result.pixels)
-                self._count_committed(committed, skipped, changed)
+                self._count_committed(committed, changed)
                 self._tick(encoded=writer.encoded)
-        self._count_committed(writer.close(), skipped, changed)
+        self._count_committed(writer.close(), changed)
         self.report.encoded = writer.encoded
         self._tick(encoded=writer.encoded)
 
-    def _count_committed(self, committed: list[str], skipped: dict[str, Skipped], changed: set[str]) -> None:
-        if not committed:
-            return
+    def _count_committed(self, committed: list[str], changed: set[str]) -> None:
         for path in committed:
-            skipped.pop(path, None)
             if path in changed:
                 self.report.updated += 1
             else:
                 self.report.added += 1
-        save_skipped(self.directory, self.bundle.index_id, skipped)
 
-    def _finish(self, store: IndexStore, skipped: dict[str, Skipped]) -> None:
+    def _finish(self, store: IndexStore) -> None:
         self._tick(phase="finishing")
-        save_skipped(self.directory, self.bundle.index_id, skipped)
-        if self.stop.signum is None:  # an interrupted run leaves the slow upkeep to the next one
-            # Index first: maintain() then folds the newest rows into it and prunes old versions.
-            self.report.vector_index = store.ensure_vector_index(self.options.vector_index_min_rows)
-            store.maintain()
-        else:
-            self.report.vector_index = store.has_vector_index()
-        self.report.rows = publish_snapshot(store, vector_index=self.report.vector_index)
+        # An interrupted run leaves the slow upkeep to the next one.
+        self.report.vector_index, self.report.rows, skipped = finish(
+            store, self.options.vector_index_min_rows, upkeep=self.stop.signum is None)
         self.report.skipped_total = len(skipped)
         self.report.skipped_files = sorted(skipped.values(), key=lambda s: s.path)
-        self.dirty_marker.unlink(missing_ok=True)
-
-    def _mark_dirty(self) -> None:
-        self.dirty_marker.parent.mkdir(parents=True, exist_ok=True)
-        self.dirty_marker.touch()
 
 
 @dataclass(frozen=True)
 class _Stamped:
     mtime_ns: int
     indexed_ns: int
+
+
+def _skip_holds(note: Skipped | None, entry: FileEntry) -> bool:
+    """Whether a skip note still applies: the file is as it was when it failed to decode."""
+    return note is not None and (note.size, note.mtime_ns) == (entry.size, entry.mtime_ns)
 
 
 def _still_there(path: str) -> bool:

@@ -62,3 +62,38 @@ def _holder(path: Path) -> str:
     except OSError:
         text = ""
     return f"pid {text}" if text.isdigit() else "pid unknown"
+
+
+def held_by_a_live_process(path: Path) -> bool:
+    """Whether an index writer holds the lock at ``path`` now, without taking it.
+
+    Readers must not take the lock even for a moment (a writer started with ``wait=False`` would
+    fail), so this reads the holder's pid, which a holder killed by SIGKILL leaves behind, and asks
+    the OS whether that process still lives (a reused pid only makes a reader trust an old snapshot).
+    """
+    try:
+        text = path.read_text(encoding="ascii", errors="replace").strip()
+    except OSError:
+        return False
+    if not text.isdigit():
+        return False
+    pid = int(text)
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill would terminate it; probe the OS lock instead
+        from filelock import FileLock, Timeout
+
+        probe = FileLock(path.with_name(path.name + ".os"))
+        try:
+            probe.acquire(timeout=0)
+        except Timeout:
+            return True
+        probe.release()
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True

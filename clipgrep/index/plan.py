@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 from .regular_file import open_regular
 
 # Coarse filesystems (FAT, some network mounts) store mtimes in 2-second steps.
@@ -74,7 +76,25 @@ def fingerprint(path: str, size: int) -> str:
 
 
 def is_racy(stored: Stamps) -> bool:
-    return stored.mtime_ns + RACY_WINDOW_NS >= stored.indexed_ns
+    return bool(changes(np.zeros(1), np.array([stored.mtime_ns]), np.zeros(1), np.array([stored.mtime_ns]),
+                        np.array([stored.indexed_ns]))[0] == RACY)
+
+
+UNCHANGED, CHANGED, RACY = 0, 1, 2
+
+
+def changes(sizes: np.ndarray, mtimes_ns: np.ndarray, stored_sizes: np.ndarray, stored_mtimes_ns: np.ndarray,
+            stored_indexed_ns: np.ndarray) -> np.ndarray:
+    """The change-detection rule, for files found now against their stored rows, element-wise:
+    CHANGED (other size or mtime), RACY (same, but stored within the racy window of its mtime,
+    so possibly rewritten in the same tick: check the fingerprint) or UNCHANGED (0).
+
+    The one place the rule lives: ``make_plan`` and the no-op fast path (``build.py``) both use it,
+    vectorised because the fast path compares 100k files against the snapshot in milliseconds.
+    """
+    changed = (np.asarray(sizes) != stored_sizes) | (np.asarray(mtimes_ns) != stored_mtimes_ns)
+    racy = np.asarray(stored_mtimes_ns) + RACY_WINDOW_NS >= stored_indexed_ns
+    return np.where(changed, CHANGED, np.where(racy, RACY, UNCHANGED)).astype(np.int8)
 
 
 def under_roots(path: str, roots: Sequence[str]) -> bool:
@@ -85,14 +105,21 @@ def make_plan(scanned: Iterable[FileState], stored: Mapping[str, StoredState], r
     """Sort every scanned file into unchanged/new/changed/racy; list stored files that vanished."""
     plan = Plan()
     seen = set()
+    known: list[tuple[FileState, StoredState]] = []
     for entry in scanned:
         seen.add(entry.path)
         old = stored.get(entry.path)
         if old is None:
             plan.new.append(entry)
-        elif old.size != entry.size or old.mtime_ns != entry.mtime_ns:
+        else:
+            known.append((entry, old))
+    kinds = changes(*(np.fromiter((getattr(e, a) for e, _ in known), np.int64, len(known)) for a in ("size", "mtime_ns")),
+                    *(np.fromiter((getattr(o, a) for _, o in known), np.int64, len(known))
+                      for a in ("size", "mtime_ns", "indexed_ns")))
+    for (entry, _), kind in zip(known, kinds.tolist()):
+        if kind == CHANGED:
             plan.changed.append(entry)
-        elif is_racy(old):
+        elif kind == RACY:
             plan.racy.append(entry)
         else:
             plan.unchanged.append(entry.path)

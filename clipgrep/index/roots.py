@@ -15,18 +15,28 @@ keeps it fresh, ``status`` lists it under files, ``forget FILE`` drops it, and w
 deleted its row goes with it (unless its drive looks unmounted). Someone who indexes one
 picture expects it to stay searchable and current, not to see it listed, and warned about,
 as a folder.
+
+They live in LanceDB's ``roots`` table (``store.py``). Every index run starts by reading them, and
+a no-op run must not pay ``import lancedb`` (~1 s), so each save also writes ``roots.json``, a
+derived copy stamped with the table version it shows; a load trusts it only when that stamp is the
+table's latest version (``freshness.table_version``), and reads the table otherwise.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from ..errors import ClipgrepError
+from ..store import ROOTS_TABLE, Tracked
+from .freshness import table_version
 from .plan import under_roots
-from .state import Tracked, load_tracked, save_tracked
+
+ROOTS_CACHE = "roots.json"
 
 
 def anchor(pattern: str, rel: str) -> str:
@@ -80,12 +90,32 @@ class RootSet:
     @classmethod
     def load(cls, index_dir: Path) -> RootSet:
         # Normalised on load too: older versions remembered files as roots, and nested roots twice.
-        return cls(*load_tracked(index_dir))
+        version = table_version(index_dir / f"{ROOTS_TABLE}.lance")
+        cached = _read_cache(index_dir)
+        if cached is not None and cached.get("table_version") == version:
+            return cls(_tracked(cached.get("roots")), _tracked(cached.get("files")))
+        if version == 0:  # not migrated yet (protocol.recover does it under the lock): read the old file
+            from .legacy import load_tracked as load_legacy
 
-    def save(self, index_dir: Path) -> None:
-        if (self.roots, self.files) != self._saved:  # a no-op re-index writes nothing
-            save_tracked(index_dir, self.roots, self.files)
+            return cls(*load_legacy(index_dir))
+        from ..store import load_tracked
+
+        roots, files, _ = load_tracked(index_dir)
+        return cls(roots, files)
+
+    def save(self, index_dir: Path, force: bool = False) -> None:
+        """Commit the roots and files, if changed (a no-op re-index writes nothing), and their cache."""
+        if (self.roots, self.files) != self._saved or force:
+            from ..store import save_tracked
+            from .protocol import commit
+
+            version = commit("roots", lambda: save_tracked(index_dir, self.roots, self.files))
+            _write_cache(index_dir, version, self.roots, self.files)
             self._saved = (dict(self.roots), dict(self.files))
+
+    def paths(self) -> list[str]:
+        """Every remembered root and file, sorted."""
+        return sorted([*self.roots, *self.files])
 
     def root_of(self, path: str) -> Tracked | None:
         """The remembered root that contains ``path`` (or is it)."""
@@ -200,6 +230,48 @@ class RootSet:
     def _set(self, root: Tracked) -> Tracked:
         self.roots[root.path] = root
         return root
+
+
+def remembered_roots(index_dir: Path) -> list[str]:
+    """The remembered root directories (not the remembered files)."""
+    return sorted(RootSet.load(index_dir).roots)
+
+
+def _read_cache(index_dir: Path) -> dict[str, Any] | None:
+    try:
+        cached = json.loads((index_dir / ROOTS_CACHE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return cached if isinstance(cached, dict) else None
+
+
+def _write_cache(index_dir: Path, version: int, roots: dict[str, Tracked], files: dict[str, Tracked]) -> None:
+    # Paths may hold surrogate escapes (non-UTF-8 names); JSON's \u escapes keep them.
+    data = {"table_version": version, "roots": {p: _info(roots[p]) for p in sorted(roots)},
+            "files": {p: _info(files[p]) for p in sorted(files)}}
+    tmp = index_dir / f".{ROOTS_CACHE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(tmp, index_dir / ROOTS_CACHE)
+
+
+def _info(tracked: Tracked) -> dict[str, Any]:
+    info: dict[str, Any] = {"excludes": list(tracked.excludes)} if tracked.excludes else {}
+    if tracked.device is not None:
+        info["device"] = tracked.device
+    return info
+
+
+def _tracked(raw: Any) -> dict[str, Tracked]:
+    """Roots or files as ``_info`` wrote them, by path; anything malformed is left out."""
+    if not isinstance(raw, dict):
+        return {}
+    out = {}
+    for path, info in raw.items():
+        info = info if isinstance(info, dict) else {}
+        excludes = tuple(p for p in info.get("excludes", ()) if isinstance(p, str))
+        device = info.get("device")
+        out[path] = Tracked(path, excludes, device if isinstance(device, int) else None)
+    return out
 
 
 def _merged(excludes: tuple[str, ...], more: tuple[str, ...] | list[str]) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""Batching for index runs: encoder-sized batches of pixels, bounded LanceDB commits of rows."""
+"""Batching for index runs: encoder-sized batches of pixels, bounded LanceDB commits of rows and skip notes."""
 from __future__ import annotations
 
 import time
@@ -6,8 +6,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .protocol import commit
+
 if TYPE_CHECKING:
-    from ..store import IndexStore, StoredFile
+    from ..store import IndexStore, Skipped, StoredFile
     from .build import PixelEncoder
     from .scan import FileEntry
 
@@ -30,6 +32,7 @@ class BatchWriter:
         self.batch: list[tuple[FileEntry, str, np.ndarray]] = []
         self.files: list[StoredFile] = []
         self.vectors: list[np.ndarray] = []
+        self.skips: list[Skipped] = []
         self.encoded = 0
 
     def add(self, entry: FileEntry, fp: str, pixels: np.ndarray) -> list[str]:
@@ -38,12 +41,18 @@ class BatchWriter:
         due = time.monotonic() >= self.commit_due
         if len(self.batch) >= self.encoder.batch_size or due:
             self._encode_batch()
-        return self._commit() if len(self.files) >= self.commit_rows or due else []
+        return self._commit() if len(self.files) + len(self.skips) >= self.commit_rows or due else []
+
+    def skip(self, note: Skipped) -> list[str]:
+        """Queue a skip note, committed with the next rows; returns the paths committed by this call."""
+        self.skips.append(note)
+        due = time.monotonic() >= self.commit_due
+        return self._commit() if len(self.files) + len(self.skips) >= self.commit_rows or due else []
 
     def close(self) -> list[str]:
         if self.batch:
             self._encode_batch()
-        return self._commit() if self.files else []
+        return self._commit() if self.files or self.skips else []
 
     def _encode_batch(self) -> None:
         from ..store import StoredFile
@@ -56,9 +65,11 @@ class BatchWriter:
         self.batch.clear()
 
     def _commit(self) -> list[str]:
-        self.store.upsert(self.files, np.stack(self.vectors))
+        vectors = np.stack(self.vectors) if self.vectors else np.zeros((0, self.store.embed_dim), np.float32)
+        commit("rows", lambda: self.store.upsert(self.files, vectors, self.skips))
         committed = [f.path for f in self.files]
         self.files.clear()
         self.vectors.clear()
+        self.skips.clear()
         self.commit_due = time.monotonic() + self.commit_seconds
         return committed

@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import ClipgrepError
 from ..query import QueryTerm, parse_term
 from ..ranking import query_vector, rank, resolve_under
-from ..snapshot import POINTER, Snapshot, read_snapshot
+from ..snapshot import POINTER, Snapshot
 from ..store import path_key
 
 if TYPE_CHECKING:
@@ -128,22 +128,26 @@ class Library:
         self.snapshot_dir = snapshot_dir
         self.encoder = IndexedImagesOnly(encoder)
         self._lock = threading.Lock()
-        self._pointer: str | None = None
+        self._pointer: tuple[str | None, int] | None = None  # the snapshot pointer and table version shown
         self._generation: Generation | None = None
         self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()  # recent text queries
         self.uploads: dict[str, np.ndarray] = {}  # dropped pictures' vectors, by random id
 
     def current(self) -> Generation:
+        from ..index.freshness import current_snapshot, image_table_dir, table_version
+
         try:
             pointer = (self.snapshot_dir / POINTER).read_text(encoding="utf-8")
         except FileNotFoundError:
             pointer = None
+        # A table ahead of the snapshot (a killed index run) is shown as the table holds it.
+        seen = (pointer, table_version(image_table_dir(self.snapshot_dir.name)))
         with self._lock:
-            if self._generation is None or pointer != self._pointer:
-                snapshot = read_snapshot(self.snapshot_dir)
+            if self._generation is None or seen != self._pointer:
+                snapshot = current_snapshot(self.snapshot_dir)
                 if snapshot is None:
                     raise ClipgrepError("nothing is indexed with this model yet", "run: clipgrep index DIR")
-                self._generation, self._pointer = Generation(snapshot), pointer
+                self._generation, self._pointer = Generation(snapshot), seen
             return self._generation
 
     def tile(self, row_id: int) -> Tile | None:
