@@ -1,14 +1,13 @@
-"""Kills, signals, concurrent readers and damaged state, against real index and forget runs.
+"""Kills, signals, concurrent readers and damaged state, against real index, forget and purge runs.
 
-The invariant everywhere: once a run is killed at any write step and run again, search
-returns exactly what the table holds (nothing lost, nothing duplicated); and even before
-the rerun, search never silently shows a stale index (the DIRTY marker says so) nor, after
-``forget``, an image the table no longer holds.
+The invariant everywhere: once a run is killed between any two of its write steps (the steps
+``protocol.py`` names), search returns exactly what the table holds, before the rerun (a reader
+that finds the snapshot stamp behind the table, with no writer alive, reads the table) and
+after it (nothing lost, nothing duplicated, the snapshot republished).
 """
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,13 +18,17 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from clipgrep import models
 from clipgrep.cli import app
+from clipgrep.errors import ClipgrepError
+from clipgrep.index import protocol
 from clipgrep.index.forget import forget_root
+from clipgrep.index.freshness import current_snapshot, is_current
 from clipgrep.index.roots import remembered_roots
-from clipgrep.paths import dirty_marker, index_dir, snapshot_dir
+from clipgrep.paths import index_dir, index_lock_file, snapshot_dir
 from clipgrep.ranking import search
 from clipgrep.snapshot import read_snapshot
-from clipgrep.store import IndexStore
+from clipgrep.store import IndexStore, Skipped, last_run, list_bundle_ids, path_key
 
 from . import test_index
 from .fakes import FakeQueryEncoder
@@ -46,7 +49,7 @@ def table_state(bundle) -> dict[str, np.ndarray]:
 
 def searched_paths(bundle) -> list[str]:
     """Every path search returns (none when nothing was published yet)."""
-    if read_snapshot(snapshot_dir(bundle.index_id)) is None:
+    if current_snapshot(snapshot_dir(bundle.index_id)) is None:
         return []
     paths = sorted(hit.path for hit in search(["red"], model="tiny", encoder=FakeQueryEncoder(), threshold=-1))
     assert len(paths) == len(set(paths)), "search returned a path twice"
@@ -55,7 +58,7 @@ def searched_paths(bundle) -> list[str]:
 
 def searched(bundle) -> dict[str, np.ndarray]:
     """Every row search can return, with its vector; only while no writer runs."""
-    snap = read_snapshot(snapshot_dir(bundle.index_id))
+    snap = current_snapshot(snapshot_dir(bundle.index_id))
     if snap is None:
         return {}
     assert searched_paths(bundle) == snap.paths
@@ -69,150 +72,213 @@ def assert_search_equals_table(bundle) -> None:
         np.testing.assert_array_equal(shown[path], vector)
 
 
-def assert_never_silently_stale(bundle) -> None:
-    if not dirty_marker(bundle.index_id).exists():
-        assert_search_equals_table(bundle)
+def assert_published(bundle) -> None:
+    """The snapshot on disk (not a reader's fallback) shows the table as it is now."""
+    assert is_current(read_snapshot(snapshot_dir(bundle.index_id)), bundle.index_id)
+    assert_search_equals_table(bundle)
 
 
-# --- kill -9 at each write step ----------------------------------------------------------------
-
-# Runs a library call with every write step wrapped: after the KILL_AT-th write the process
-# SIGKILLs itself, the way a crash or `kill -9` would end it between two steps.
-KILL_AT_STEP = """
-import os, pathlib, signal, sys
-sys.path.insert(0, {repo!r})
-import clipgrep.index.state as state, clipgrep.snapshot as snapshot, clipgrep.store as store
-kill_at, writes = int(sys.argv[1]), [0]
-
-def counted(owner, name, only=lambda *a: True):
-    original = getattr(owner, name)
-    def wrapper(*args, **kwargs):
-        result = original(*args, **kwargs)
-        if only(*args):
-            writes[0] += 1
-            if writes[0] == kill_at:
-                print(owner.__name__, name, flush=True)
-                os.kill(os.getpid(), signal.SIGKILL)
-        return result
-    setattr(owner, name, wrapper)
-
-for name in ("upsert", "delete", "maintain", "cleanup_orphans"):
-    counted(store.IndexStore, name)
-counted(snapshot, "write_snapshot")
-counted(state, "write_json_atomic")
-is_marker = lambda path, *rest: path.name.endswith(".DIRTY")
-counted(pathlib.Path, "touch", is_marker)
-counted(pathlib.Path, "unlink", is_marker)
-{call}
-print("finished", writes[0], flush=True)
-"""
+# --- kill -9 between every two write steps ---------------------------------------------------------
 
 INDEX_CALL = """
+import sys
 from clipgrep.index.build import IndexOptions, update_index
 from clipgrep.models import load_model
 from tests.fakes import FakeImageEncoder
-update_index([sys.argv[2]], bundle=load_model("tiny"), encoder=FakeImageEncoder(),
+update_index([sys.argv[1]], bundle=load_model("tiny"), encoder=FakeImageEncoder(),
              options=IndexOptions(workers=0, commit_rows=3))
 """
 
 FORGET_CALL = """
+import sys
 from clipgrep.index.forget import forget_root
-forget_root(sys.argv[2])
+forget_root(sys.argv[1])
+"""
+
+PURGE_CALL = """
+from clipgrep.models import remove_model
+remove_model("tiny", purge=True)
 """
 
 
-def run_killed_at(step: int, call: str, argument: Path) -> str:
-    script = KILL_AT_STEP.format(repo=str(REPO_ROOT), call=call)
-    done = subprocess.run([sys.executable, "-c", script, str(step), str(argument)], check=False,
-                          capture_output=True, text=True, timeout=120, env=os.environ.copy())
-    assert done.returncode in (0, -signal.SIGKILL), done.stderr
-    return done.stdout
+def run_crashing_at(step: str | None, call: str, argument: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``call`` in a fresh interpreter that exits like kill -9 right after the write step ``step``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop(protocol.CRASH_ENV, None)
+    if step is not None:
+        env[protocol.CRASH_ENV] = step
+    return subprocess.run([sys.executable, "-c", call, *([str(argument)] if argument else [])], check=False,
+                          capture_output=True, text=True, timeout=300, env=env)
 
 
-def kill_at_every_step(call: str, argument: Path, check_after_kill, rerun, check_after_rerun) -> int:
-    """Kill ``call`` after its 1st, 2nd, ... write, from the same starting state, until it completes."""
-    saved = index_dir().parent / "saved-index"
-    shutil.copytree(index_dir(), saved)
-    step = 0
-    while True:
-        step += 1
-        shutil.rmtree(index_dir())
-        shutil.copytree(saved, index_dir())
-        killed_in = run_killed_at(step, call, argument)
-        if killed_in.startswith("finished"):
-            assert int(killed_in.split()[1]) == step - 1
-            return step - 1
-        try:
-            check_after_kill()
-            rerun()
-            check_after_rerun()
-        except AssertionError as e:
-            raise AssertionError(f"killed after write {step} ({killed_in.strip()}): {e}") from e
+def crash_at(step: str, call: str, argument: Path | None = None) -> None:
+    done = run_crashing_at(step, call, argument)
+    assert done.returncode == protocol.CRASH_EXIT, f"step {step!r} was never reached: {done.stderr[-2000:]}"
 
 
-def test_index_killed_after_any_write_step_resumes_with_search_equal_to_the_table(bundle, tmp_path: Path) -> None:
+@pytest.fixture
+def changed_library(bundle, tmp_path: Path) -> Path:
+    """An index of ``p/keep``, then changes that make an index run of ``p`` take every write step:
+    a new root (p replaces p/keep), a racy file that is unchanged, a move (reused vector), a
+    delete, new files over several commits, and an indexed file that went bad (its row becomes
+    a skip note in the same commit)."""
     root = tmp_path / "p"
-    age(write_image(root / "red.png", RED), write_image(root / "green.png", GREEN),
-        write_image(root / "old.png", (40, 40, 40)))
-    index(root, bundle)
-    # One run with every kind of write: a move (reused vector), a delete, new files over several
-    # commits, and an indexed file that went bad (its row is deleted, the skip recorded).
-    os.rename(root / "green.png", root / "moved green.png")
-    (root / "old.png").unlink()
-    for i, colour in enumerate((BLUE, YELLOW, (0, 255, 255), (255, 0, 255), (9, 99, 199))):
+    keep = root / "keep"
+    age(write_image(keep / "red.png", RED), write_image(keep / "green.png", GREEN),
+        write_image(keep / "old.png", (40, 40, 40)))
+    write_image(keep / "racy.png", YELLOW)  # mtime = now: stored as racy
+    written = time.time()
+    index(keep, bundle)
+    os.rename(keep / "green.png", keep / "moved green.png")
+    (keep / "old.png").unlink()
+    for i, colour in enumerate((BLUE, (0, 255, 255), (255, 0, 255), (9, 99, 199), (99, 9, 9))):
         write_image(root / "new" / f"{i}.png", colour)
-    (root / "red.png").write_bytes(b"no longer an image")
-    expected = {str(root / "moved green.png")} | {str(root / "new" / f"{i}.png") for i in range(5)}
-
-    def resumed() -> None:
-        index(root, bundle)
-
-    def complete() -> None:
-        assert_search_equals_table(bundle)
-        assert set(table_state(bundle)) == expected
-
-    steps = kill_at_every_step(INDEX_CALL, root, lambda: assert_never_silently_stale(bundle), resumed, complete)
-    assert steps >= 8  # orphans, reuse, delete, 3 commits, skip notes, marker, maintain, snapshot...
+    (keep / "red.png").write_bytes(b"no longer an image")
+    time.sleep(max(0.0, written + 2.2 - time.time()))  # out of the racy window: confirmed unchanged, one upsert
+    return root
 
 
-def test_forget_killed_after_any_write_step_never_shows_forgotten_rows_and_a_rerun_finishes(
-        bundle, tmp_path: Path) -> None:
+@pytest.mark.parametrize("step", protocol.INDEX_STEPS)
+def test_index_killed_after_any_write_step_shows_the_table_and_a_rerun_finishes(
+        bundle, changed_library: Path, step: str) -> None:
+    root = changed_library
+    crash_at(step, INDEX_CALL, root)
+    assert_search_equals_table(bundle)  # before the rerun: a dead writer's commits are shown
+
+    report = index(root, bundle)
+    assert_published(bundle)
+    keep = root / "keep"
+    assert set(table_state(bundle)) == {str(keep / "moved green.png"), str(keep / "racy.png"),
+                                        *(str(root / "new" / f"{i}.png") for i in range(5))}
+    assert [s.path for s in report.skipped_files] == [str(keep / "red.png")]
+    assert remembered_roots(index_dir()) == [str(root)]
+
+
+@pytest.fixture
+def two_roots(bundle, tmp_path: Path) -> tuple[Path, Path]:
     a, b = tmp_path / "a", tmp_path / "b"
     age(write_image(a / "red.png", RED), write_image(a / "green.png", GREEN), write_image(b / "blue.png", BLUE))
     index(a, bundle)
     index(b, bundle)
     (a / "bad.png").write_bytes(b"junk")
     index(a, bundle)  # a skip note under a, which forget drops too
+    return a, b
 
-    def after_kill() -> None:
-        assert set(searched(bundle)) <= set(table_state(bundle)), "search shows rows the table no longer holds"
-        assert_never_silently_stale(bundle)
 
-    def rerun() -> None:
-        if str(a) in remembered_roots(index_dir()):
+@pytest.mark.parametrize("step", protocol.FORGET_STEPS)
+def test_forget_killed_after_any_write_step_shows_the_table_and_a_rerun_finishes(
+        bundle, two_roots: tuple[Path, Path], step: str) -> None:
+    a, b = two_roots
+    crash_at(step, FORGET_CALL, a)
+    assert_search_equals_table(bundle)  # never a forgotten image the table no longer holds
+
+    if str(a) in remembered_roots(index_dir()):
+        forget_root(str(a))
+    else:  # killed after the roots were saved: a rerun says so, and republishes on its way
+        with pytest.raises(ClipgrepError, match="is not an indexed root"):
             forget_root(str(a))
+    assert_published(bundle)
+    assert set(table_state(bundle)) == {str(b / "blue.png")}
+    assert IndexStore(index_dir(), bundle.index_id, bundle.embed_dim).skipped() == {}
+    assert remembered_roots(index_dir()) == [str(b)]
 
-    def forgotten() -> None:
-        assert_search_equals_table(bundle)
-        assert set(table_state(bundle)) == {str(b / "blue.png")}
-        assert remembered_roots(index_dir()) == [str(b)]
 
-    steps = kill_at_every_step(FORGET_CALL, a, after_kill, rerun, forgotten)
-    assert steps >= 6  # marker, snapshot, delete, maintain, snapshot, marker, skip notes, roots
+@pytest.mark.parametrize("step", protocol.PURGE_STEPS)
+def test_models_remove_purge_killed_after_any_write_step_shows_the_table_and_a_rerun_finishes(
+        bundle, tmp_path: Path, step: str) -> None:
+    age(write_image(tmp_path / "a" / "red.png", RED), write_image(tmp_path / "a" / "blue.png", BLUE))
+    index(tmp_path / "a", bundle)
+    crash_at(step, PURGE_CALL)
+    shown = current_snapshot(snapshot_dir(bundle.index_id))
+    assert sorted(shown.paths if shown is not None else []) == sorted(table_state(bundle))
+
+    models.remove_model("tiny", purge=True)
+    assert list_bundle_ids(index_dir()) == [] and not snapshot_dir(bundle.index_id).exists()
+    assert last_run(index_dir(), bundle.index_id) is None
+    assert not list(index_dir().glob(f"{protocol.TRASH_PREFIX}*"))
+
+
+# --- readers facing a snapshot behind its table -------------------------------------------------------
+
+
+def test_a_reader_shows_the_table_when_a_dead_writer_left_the_snapshot_behind(bundle, tmp_path: Path) -> None:
+    age(write_image(tmp_path / "a" / "red.png", RED), write_image(tmp_path / "a" / "blue.png", BLUE))
+    index(tmp_path / "a", bundle)
+    store = IndexStore(index_dir(), bundle.index_id, bundle.embed_dim)
+    store.delete([str(tmp_path / "a" / "red.png")])  # a commit whose writer died before publishing
+    index_lock_file().write_text("999999999\n")  # the pid a killed holder leaves: no such process
+    assert searched_paths(bundle) == [str(tmp_path / "a" / "blue.png")]
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # a live writer: its commits are not published yet, readers keep the last whole snapshot
+        index_lock_file().write_text(f"{holder.pid}\n")
+        assert len(searched_paths(bundle)) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert searched_paths(bundle) == [str(tmp_path / "a" / "blue.png")]
 
 
 def test_a_rerun_of_forget_repairs_the_snapshot_even_when_no_row_is_left_to_delete(bundle, tmp_path: Path) -> None:
     """The old bug: a kill between forget's delete and its snapshot left search showing forgotten
-    rows, with no DIRTY marker, and a rerun of forget deleted nothing and so fixed nothing."""
+    rows, and a rerun of forget deleted nothing and so fixed nothing."""
     a, b = tmp_path / "a", tmp_path / "b"
     age(write_image(a / "red.png", RED), write_image(b / "blue.png", BLUE))
     index([a, b], bundle)
     store = IndexStore(index_dir(), bundle.index_id, bundle.embed_dim)
-    dirty_marker(bundle.index_id).touch()  # what forget leaves when killed after its delete
-    store.delete([str(a / "red.png")])
+    store.delete([str(a / "red.png")])  # what forget leaves when killed after its delete
+    assert searched_paths(bundle) == [str(b / "blue.png")]
     forget_root(str(a))
-    assert_search_equals_table(bundle)
-    assert not dirty_marker(bundle.index_id).exists()
+    assert_published(bundle)
+
+
+# --- old installs: state.json, skipped-<id>.json and DIRTY markers ------------------------------------
+
+
+def test_state_files_of_an_old_install_are_imported_once_and_removed(bundle, tmp_path: Path) -> None:
+    import json
+
+    import lancedb
+
+    root = tmp_path / "p"
+    age(write_image(root / "red.png", RED), write_image(root / "blue.png", BLUE))
+    (root / "bad.png").write_bytes(b"junk")
+    age(root / "bad.png")
+    index(root, bundle, scan=test_index.ScanOptions(excludes=("raw/",)))
+    bad = os.stat(root / "bad.png")
+    # Turn it into what clipgrep wrote before: a table of schema version 1, JSON state beside it.
+    db = lancedb.connect(str(index_dir()))
+    table = db.open_table(f"images_{bundle.index_id}")
+    table.delete(f"id = {path_key(str(root / 'bad.png'))}")
+    table.drop_columns(["skip_reason", "origin"])
+    for name in ("roots", "runs"):
+        db.drop_table(name)
+    (index_dir() / "roots.json").unlink()
+    (index_dir() / "state.json").write_text(json.dumps({
+        "roots": {str(root): {"excludes": ["raw/"], "device": os.stat(root).st_dev}}, "files": {},
+        "runs": {bundle.index_id: {"finished": "2026-01-01T00:00:00+0000", "rows": 2}}}))
+    skipped = {str(root / "bad.png"): [bad.st_size, bad.st_mtime_ns, "not an image"]}
+    (index_dir() / f"skipped-{bundle.index_id}.json").write_text(json.dumps(skipped))
+    (snapshot_dir(bundle.index_id).parent / f"{bundle.index_id}.DIRTY").touch()
+
+    report = index([], bundle)
+    assert report.encoded == 0  # the skip note was honoured: bad.png was not decoded again
+    assert [s.path for s in report.skipped_files] == [str(root / "bad.png")]
+    store = IndexStore(index_dir(), bundle.index_id, bundle.embed_dim)
+    assert store.skipped() == {str(root / "bad.png"): Skipped(str(root / "bad.png"), bad.st_size, bad.st_mtime_ns,
+                                                              "not an image")}
+    assert remembered_roots(index_dir()) == [str(root)]
+    assert excludes_of(root) == ("raw/",)
+    assert last_run(index_dir(), bundle.index_id)["rows"] == 2  # the no-op run recorded nothing new
+    assert not (index_dir() / "state.json").exists()
+    assert not list(index_dir().glob("skipped-*.json")) and not list(index_dir().rglob("*.DIRTY"))
+    assert_published(bundle)
+
+
+def excludes_of(root: Path) -> tuple[str, ...]:
+    from clipgrep.index.roots import RootSet
+
+    return RootSet.load(index_dir()).roots[str(root)].excludes
 
 
 # --- SIGINT / SIGTERM and kill -9 of the command --------------------------------------------------
@@ -270,7 +336,7 @@ def test_an_interrupted_first_index_keeps_its_work_and_says_so(bundle, tmp_path:
     kept = int(err.removeprefix("clipgrep: interrupted: ").split()[0])
     assert err == f"clipgrep: interrupted: {kept} images kept; rerun to resume\n"  # and no warnings
     assert 0 < kept < 60
-    assert not dirty_marker(bundle.index_id).exists()  # the snapshot was published
+    assert is_current(read_snapshot(snapshot_dir(bundle.index_id)), bundle.index_id)  # the snapshot was published
     assert len(searched(bundle)) == kept
     assert_search_equals_table(bundle)
 
@@ -337,9 +403,9 @@ def test_search_during_an_index_run_shows_the_old_or_the_new_index_never_a_half_
     index(root, bundle)
     before = frozenset(searched_paths(bundle))
     added = many_images(tmp_path / "more", 40)
-    process = subprocess.Popen(
-        [sys.executable, "-c", KILL_AT_STEP.format(repo=str(REPO_ROOT), call=INDEX_CALL), "0", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    process = subprocess.Popen([sys.executable, "-c", INDEX_CALL, str(tmp_path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     seen = []
     try:
         while process.poll() is None:
