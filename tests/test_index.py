@@ -27,8 +27,8 @@ from clipgrep.cli import app
 from clipgrep.errors import ClipgrepError
 from clipgrep.index.build import IndexOptions, IndexProgress, IndexReport, update_index
 from clipgrep.index.forget import forget_root
-from clipgrep.index.scan import ScanOptions
 from clipgrep.index.roots import remembered_roots
+from clipgrep.index.scan import ScanOptions
 from clipgrep.paths import index_dir, snapshot_dir
 from clipgrep.ranking import search
 from clipgrep.snapshot import Snapshot, read_snapshot

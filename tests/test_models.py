@@ -7,7 +7,6 @@ that the old or the new model is installed, whole, with no temporaries left.
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import shutil
@@ -24,8 +23,8 @@ from clipgrep import models
 from clipgrep.bundle import load_bundle
 from clipgrep.errors import ClipgrepError, ModelNotFound
 from clipgrep.index.build import IndexOptions, update_index
-from clipgrep.paths import dirty_marker, index_dir, index_lock_file, models_dir, onnx_cache_dir, snapshot_dir
-from clipgrep.store import IndexStore, list_bundle_ids
+from clipgrep.paths import index_dir, index_lock_file, models_dir, onnx_cache_dir, snapshot_dir
+from clipgrep.store import IndexStore, last_run, list_bundle_ids
 
 from .factories import make_contract_bundle
 from .fakes import FakeImageEncoder
@@ -137,10 +136,9 @@ def test_replace_killed_at_any_write_leaves_the_old_or_the_new_model(sources, tm
 
 
 def fake_index(bundle_id: str) -> list[Path]:
-    """Files where the index keeps a model's table, snapshot and dirty marker (their owners' paths)."""
+    """Files where the index keeps a model's table and snapshot (their owners' paths)."""
     table = IndexStore(index_dir(), bundle_id, 8).table_dir
-    made = [table / "_versions" / "1.manifest", table / "data" / "a.lance", snapshot_dir(bundle_id) / "CURRENT",
-            dirty_marker(bundle_id)]
+    made = [table / "_versions" / "1.manifest", table / "data" / "a.lance", snapshot_dir(bundle_id) / "CURRENT"]
     for path in made:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x" * 100)
@@ -272,8 +270,7 @@ def test_remove_keeps_the_index_and_says_how_to_purge_it(indexed) -> None:
     assert later.path is None and later.purged and later.data_bytes == removal.data_bytes
     assert list_bundle_ids(index_dir()) == [] and not snapshot_dir(indexed.index_id).exists()
     assert list(onnx_cache_dir().iterdir()) == []
-    assert "runs" not in json.loads((index_dir() / "state.json").read_text()) or \
-        indexed.index_id not in json.loads((index_dir() / "state.json").read_text())["runs"]
+    assert last_run(index_dir(), indexed.index_id) is None
     with pytest.raises(ModelNotFound):
         models.remove_model("m", purge=True)
 
