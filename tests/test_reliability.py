@@ -219,6 +219,27 @@ def test_a_reader_shows_the_table_when_a_dead_writer_left_the_snapshot_behind(bu
     assert searched_paths(bundle) == [str(tmp_path / "a" / "blue.png")]
 
 
+SEARCH_CALL = """
+import json, sys
+from clipgrep.ranking import search
+from tests.fakes import FakeQueryEncoder
+hits = search(["red"], model="tiny", encoder=FakeQueryEncoder(), threshold=-1)
+print(json.dumps({"paths": sorted(h.path for h in hits), "lancedb": "lancedb" in sys.modules}))
+"""
+
+
+def test_search_reads_lancedb_only_when_the_snapshot_is_behind(bundle, tmp_path: Path) -> None:
+    import json
+
+    age(write_image(tmp_path / "a" / "red.png", RED), write_image(tmp_path / "a" / "blue.png", BLUE))
+    index(tmp_path / "a", bundle)
+    done = run_crashing_at(None, SEARCH_CALL)
+    assert json.loads(done.stdout) == {"paths": sorted(table_state(bundle)), "lancedb": False}, done.stderr
+    IndexStore(index_dir(), bundle.index_id, bundle.embed_dim).delete([str(tmp_path / "a" / "red.png")])
+    done = run_crashing_at(None, SEARCH_CALL)  # the lock file names no live process: a dead writer's commit
+    assert json.loads(done.stdout) == {"paths": [str(tmp_path / "a" / "blue.png")], "lancedb": True}, done.stderr
+
+
 def test_a_rerun_of_forget_repairs_the_snapshot_even_when_no_row_is_left_to_delete(bundle, tmp_path: Path) -> None:
     """The old bug: a kill between forget's delete and its snapshot left search showing forgotten
     rows, and a rerun of forget deleted nothing and so fixed nothing."""

@@ -226,3 +226,46 @@ def test_vector_index_failure_never_fails_the_run(tmp_path) -> None:
     store.upsert(files, distinct[np.arange(len(files)) % 3])
     assert store.ensure_vector_index(min_rows=1) is False
     assert store.count() == 70_000
+
+
+# --- skip notes, schema upgrade, and the version read without lancedb -------------------------------
+
+
+def test_a_skip_note_replaces_a_row_in_one_commit_and_is_never_a_searchable_row(store: IndexStore) -> None:
+    from clipgrep.store import Skipped
+
+    store.upsert([stored("/p/a.jpg", 1), stored("/p/b.jpg", 2)], unit_rows(2))
+    before = store.version()
+    store.upsert([stored("/p/c.jpg", 3)], unit_rows(1), [Skipped("/p/a.jpg", 5, 6, "truncated")])
+    assert store.version() == before + 1
+    assert sorted(store.files()) == ["/p/b.jpg", "/p/c.jpg"] and store.count() == 2
+    assert store.skipped() == {"/p/a.jpg": Skipped("/p/a.jpg", 5, 6, "truncated")}
+    assert store.vectors(["/p/a.jpg"]) == {}
+    rows, skipped, version = store.export()
+    assert sorted(rows.paths) == [b"/p/b.jpg", b"/p/c.jpg"] and list(skipped) == ["/p/a.jpg"]
+    assert version == store.version()
+    store.upsert([stored("/p/a.jpg", 7)], unit_rows(1))  # it decodes again: the note goes
+    assert store.skipped() == {} and store.count() == 3
+
+
+def test_a_table_of_schema_version_1_is_readable_and_upgraded_in_place(store: IndexStore) -> None:
+    store.upsert([stored("/p/a.jpg")], unit_rows(1))
+    store._open().drop_columns(["skip_reason", "origin"])  # what clipgrep wrote before
+    old = IndexStore(store.directory, "b1", DIM)
+    assert list(old.files()) == ["/p/a.jpg"] and old.skipped() == {} and old.count() == 1
+    assert old.upgrade() and not old.upgrade()
+    assert old._open().schema.names[-2:] == ["skip_reason", "origin"]
+    assert old.export()[0].paths == [b"/p/a.jpg"]
+
+
+def test_the_version_read_from_the_file_system_is_lancedbs(store: IndexStore) -> None:
+    """``freshness.table_version`` reads Lance's private layout; this pins it to the public API."""
+    from clipgrep.index.freshness import table_version
+
+    assert table_version(store.table_dir) == 0
+    for i in range(3):
+        store.upsert([stored(f"/p/{i}.jpg", i + 1)], unit_rows(1, seed=i))
+        assert table_version(store.table_dir) == store.version() == IndexStore.existing(store.directory, "b1").version()
+    store.delete(["/p/0.jpg"])
+    store.maintain()  # compaction and pruning of old versions
+    assert table_version(store.table_dir) == IndexStore.existing(store.directory, "b1").version() > 3

@@ -14,6 +14,7 @@ the snapshot and raises ``IndexInterrupted`` (see ``interrupt.py``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -429,8 +430,8 @@ class _Run:
             vectors = store.vectors(sorted({s for _, _, s in reuse}))
             for start in range(0, len(reuse), self.options.commit_rows):
                 chunk = reuse[start:start + self.options.commit_rows]
-                commit("reuse", lambda c=chunk: store.upsert([StoredFile(e.path, e.size, e.mtime_ns, fp, now)
-                                                              for e, fp, _ in c], np.stack([vectors[s] for _, _, s in c])))
+                rows = [StoredFile(e.path, e.size, e.mtime_ns, fp, now) for e, fp, _ in chunk]
+                commit("reuse", functools.partial(store.upsert, rows, np.stack([vectors[s] for _, _, s in chunk])))
             for entry, _, _ in reuse:  # e.g. a skipped file replaced by a copy of an indexed one
                 skipped.pop(entry.path, None)
         touched = sum(1 for entry, _, source in reuse if source == entry.path)

@@ -19,6 +19,7 @@ step (default the first): the kill tests use it to stop a run between every two 
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -120,13 +121,13 @@ def _migrate_legacy(directory: Path) -> None:
         RootSet(*legacy.load_tracked(directory)).save(directory, force=True)
         for index_id, summary in legacy.runs(directory).items():
             if index_id in tables:
-                commit("run", lambda i=index_id, s=summary: record_run(directory, i, s))
+                commit("run", functools.partial(record_run, directory, index_id, summary))
     for index_id, path in skip_files.items():
-        store = tables.get(index_id)
-        if store is not None:
-            indexed = store.files()
+        noted = tables.get(index_id)
+        if noted is not None:
+            indexed = noted.files()
             notes = [s for p, s in legacy.load_skipped(path).items() if p not in indexed]
-            commit("skip-notes", lambda st=store, n=notes: st.upsert([], _no_vectors(st), n))
+            commit("skip-notes", functools.partial(noted.upsert, [], _no_vectors(noted), notes))
 
     def remove() -> None:  # the markers go too: a stale snapshot is now told by its stamp
         for path in [*markers.values(), *skip_files.values(), state]:
@@ -224,7 +225,7 @@ def purge_index(index_id: str) -> None:
                        ("trash-table", IndexStore(directory, index_id, 0).table_dir)):
         if path.exists():
             trash = trash or Path(tempfile.mkdtemp(prefix=TRASH_PREFIX, dir=directory))
-            commit(step, lambda p=path, t=trash, s=step: p.rename(t / s))
+            commit(step, functools.partial(path.rename, trash / step))
     commit("drop-run", lambda: drop_run(directory, index_id))
     for leftover in (legacy.skip_files(directory).get(index_id), legacy.dirty_markers(directory).get(index_id)):
         if leftover is not None:
