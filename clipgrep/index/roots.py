@@ -249,6 +249,8 @@ def _write_cache(index_dir: Path, version: int, roots: dict[str, Tracked], files
     # Paths may hold surrogate escapes (non-UTF-8 names); JSON's \u escapes keep them.
     data = {"table_version": version, "roots": {p: _info(roots[p]) for p in sorted(roots)},
             "files": {p: _info(files[p]) for p in sorted(files)}}
+    for stale in index_dir.glob(f".{ROOTS_CACHE}.*.tmp"):  # left by killed writers (we hold the lock)
+        stale.unlink(missing_ok=True)
     tmp = index_dir / f".{ROOTS_CACHE}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
     os.replace(tmp, index_dir / ROOTS_CACHE)
