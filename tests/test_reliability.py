@@ -256,7 +256,10 @@ def test_a_rerun_of_forget_repairs_the_snapshot_even_when_no_row_is_left_to_dele
 # --- old installs: state.json, skipped-<id>.json and DIRTY markers ------------------------------------
 
 
-def test_state_files_of_an_old_install_are_imported_once_and_removed(bundle, tmp_path: Path) -> None:
+@pytest.fixture
+def old_install(bundle, tmp_path: Path) -> tuple[Path, Skipped]:
+    """An index as clipgrep wrote it before: a table of schema version 1, with state.json,
+    skipped-<id>.json and a DIRTY marker beside it. Returns the root and its skip note."""
     import json
 
     import lancedb
@@ -267,7 +270,6 @@ def test_state_files_of_an_old_install_are_imported_once_and_removed(bundle, tmp
     age(root / "bad.png")
     index(root, bundle, scan=test_index.ScanOptions(excludes=("raw/",)))
     bad = os.stat(root / "bad.png")
-    # Turn it into what clipgrep wrote before: a table of schema version 1, JSON state beside it.
     db = lancedb.connect(str(index_dir()))
     table = db.open_table(f"images_{bundle.index_id}")
     table.delete(f"id = {path_key(str(root / 'bad.png'))}")
@@ -281,19 +283,32 @@ def test_state_files_of_an_old_install_are_imported_once_and_removed(bundle, tmp
     skipped = {str(root / "bad.png"): [bad.st_size, bad.st_mtime_ns, "not an image"]}
     (index_dir() / f"skipped-{bundle.index_id}.json").write_text(json.dumps(skipped))
     (snapshot_dir(bundle.index_id).parent / f"{bundle.index_id}.DIRTY").touch()
+    return root, Skipped(str(root / "bad.png"), bad.st_size, bad.st_mtime_ns, "not an image")
 
+
+def assert_imported(bundle, root: Path, note: Skipped) -> None:
     report = index([], bundle)
     assert report.encoded == 0  # the skip note was honoured: bad.png was not decoded again
-    assert [s.path for s in report.skipped_files] == [str(root / "bad.png")]
-    store = IndexStore(index_dir(), bundle.index_id, bundle.embed_dim)
-    assert store.skipped() == {str(root / "bad.png"): Skipped(str(root / "bad.png"), bad.st_size, bad.st_mtime_ns,
-                                                              "not an image")}
+    assert [s.path for s in report.skipped_files] == [note.path]
+    assert IndexStore(index_dir(), bundle.index_id, bundle.embed_dim).skipped() == {note.path: note}
     assert remembered_roots(index_dir()) == [str(root)]
     assert excludes_of(root) == ("raw/",)
-    assert last_run(index_dir(), bundle.index_id)["rows"] == 2  # the no-op run recorded nothing new
+    assert last_run(index_dir(), bundle.index_id)["rows"] == 2  # imported; a no-op run records nothing new
     assert not (index_dir() / "state.json").exists()
     assert not list(index_dir().glob("skipped-*.json")) and not list(index_dir().rglob("*.DIRTY"))
     assert_published(bundle)
+
+
+def test_state_files_of_an_old_install_are_imported_once_and_removed(bundle, old_install) -> None:
+    assert_imported(bundle, *old_install)
+
+
+@pytest.mark.parametrize("step", protocol.MIGRATE_STEPS)
+def test_an_import_killed_after_any_write_step_is_finished_by_the_next_run(bundle, old_install, step: str) -> None:
+    root, note = old_install
+    crash_at(step, INDEX_CALL, root)
+    assert_search_equals_table(bundle)
+    assert_imported(bundle, root, note)
 
 
 def excludes_of(root: Path) -> tuple[str, ...]:

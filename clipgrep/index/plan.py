@@ -12,7 +12,7 @@ import hashlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -76,8 +76,12 @@ def fingerprint(path: str, size: int) -> str:
 
 
 def is_racy(stored: Stamps) -> bool:
-    return bool(changes(np.zeros(1), np.array([stored.mtime_ns]), np.zeros(1), np.array([stored.mtime_ns]),
-                        np.array([stored.indexed_ns]))[0] == RACY)
+    return bool(_in_racy_window(stored.mtime_ns, stored.indexed_ns))
+
+
+def _in_racy_window(mtime_ns: Any, indexed_ns: Any) -> Any:
+    """Whether a file could have been rewritten in the tick it was indexed in (scalars or arrays)."""
+    return mtime_ns + RACY_WINDOW_NS >= indexed_ns
 
 
 UNCHANGED, CHANGED, RACY = 0, 1, 2
@@ -93,7 +97,7 @@ def changes(sizes: np.ndarray, mtimes_ns: np.ndarray, stored_sizes: np.ndarray, 
     vectorised because the fast path compares 100k files against the snapshot in milliseconds.
     """
     changed = (np.asarray(sizes) != stored_sizes) | (np.asarray(mtimes_ns) != stored_mtimes_ns)
-    racy = np.asarray(stored_mtimes_ns) + RACY_WINDOW_NS >= stored_indexed_ns
+    racy = _in_racy_window(np.asarray(stored_mtimes_ns), stored_indexed_ns)
     return np.where(changed, CHANGED, np.where(racy, RACY, UNCHANGED)).astype(np.int8)
 
 
