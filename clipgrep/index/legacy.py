@@ -31,7 +31,7 @@ def load_state(index_dir: Path) -> dict[str, Any]:
 
 def load_tracked(index_dir: Path) -> tuple[dict[str, Tracked], dict[str, Tracked]]:
     """The remembered root directories and files of ``state.json``, by path."""
-    from .roots import _tracked
+    from .roots import tracked_from_json
 
     state = load_state(index_dir)
     roots, files = state.get("roots", {}), state.get("files", {})
@@ -42,7 +42,7 @@ def load_tracked(index_dir: Path) -> tuple[dict[str, Tracked], dict[str, Tracked
         files = {p: {} for p in legacy if os.path.isfile(p) or (
             not os.path.exists(p) and os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS)}
         roots = {p: {} for p in legacy if p not in files}
-    return _tracked(roots), _tracked(files)
+    return tracked_from_json(roots), tracked_from_json(files)
 
 
 def runs(index_dir: Path) -> dict[str, dict[str, Any]]:

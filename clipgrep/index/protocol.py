@@ -71,7 +71,7 @@ def recover(directory: Path | None = None) -> None:
     from ..snapshot import read_snapshot
     from ..store import IndexStore, list_bundle_ids
     from .freshness import is_current
-    from .roots import RootSet, _read_cache
+    from .roots import RootSet, refresh_cache
 
     directory = directory or index_dir()
     _migrate_legacy(directory)
@@ -87,16 +87,7 @@ def recover(directory: Path | None = None) -> None:
         if snapshot is None or not is_current(snapshot, index_id):
             commit("orphans", store.cleanup_orphans)  # a writer died after a commit: clean what it left
         publish(store)
-    cache = _read_cache(directory)
-    if tracked.paths() and (cache is None or cache.get("table_version") != _roots_version(directory)):
-        tracked.save(directory, force=True)  # the roots cache lags the table: rewrite it (no-op run stays fast)
-
-
-def _roots_version(directory: Path) -> int:
-    from ..store import ROOTS_TABLE
-    from .freshness import table_version
-
-    return table_version(directory / f"{ROOTS_TABLE}.lance")
+    refresh_cache(directory)  # so that the next no-op run reads the roots without lancedb
 
 
 def _migrate_legacy(directory: Path) -> None:

@@ -93,7 +93,7 @@ class RootSet:
         version = table_version(index_dir / f"{ROOTS_TABLE}.lance")
         cached = _read_cache(index_dir)
         if cached is not None and cached.get("table_version") == version:
-            return cls(_tracked(cached.get("roots")), _tracked(cached.get("files")))
+            return cls(tracked_from_json(cached.get("roots")), tracked_from_json(cached.get("files")))
         if version == 0:  # not migrated yet (protocol.recover does it under the lock): read the old file
             from .legacy import load_tracked as load_legacy
 
@@ -237,6 +237,17 @@ def remembered_roots(index_dir: Path) -> list[str]:
     return sorted(RootSet.load(index_dir).roots)
 
 
+def refresh_cache(index_dir: Path) -> None:
+    """Rewrite ``roots.json`` from the table when a killed writer left it behind (writers only)."""
+    version = table_version(index_dir / f"{ROOTS_TABLE}.lance")
+    cached = _read_cache(index_dir)
+    if version and (cached is None or cached.get("table_version") != version):
+        from ..store import load_tracked
+
+        roots, files, read_at = load_tracked(index_dir)
+        _write_cache(index_dir, read_at, roots, files)
+
+
 def _read_cache(index_dir: Path) -> dict[str, Any] | None:
     try:
         cached = json.loads((index_dir / ROOTS_CACHE).read_text(encoding="utf-8"))
@@ -263,7 +274,7 @@ def _info(tracked: Tracked) -> dict[str, Any]:
     return info
 
 
-def _tracked(raw: Any) -> dict[str, Tracked]:
+def tracked_from_json(raw: Any) -> dict[str, Tracked]:
     """Roots or files as ``_info`` wrote them, by path; anything malformed is left out."""
     if not isinstance(raw, dict):
         return {}
