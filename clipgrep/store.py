@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 TABLE_PREFIX = "images_"
 SCHEMA_VERSION = "1"
 _FILE_COLUMNS = ["path", "size", "mtime_ns", "fingerprint", "indexed_ns"]
+# Tables made before imported embeddings (clipgrep index --from-embeddings) lack this last column.
+_ORIGIN = "origin"
 # PQ trains 2**num_bits centroids per sub-vector; fewer rows than that cannot train it.
 _MIN_PQ_ROWS = 256
 _CLEANUP_WARNING = r"optimize\(cleanup_older_than=0\)"
@@ -52,6 +54,9 @@ class StoredFile:
     mtime_ns: int
     fingerprint: str  # content fingerprint (hex), computed by the caller
     indexed_ns: int  # wall clock when the file was stat'ed; an mtime this close is "racy"
+    # None: found by a walk of the roots. Otherwise where the vector came from (e.g.
+    # "clip-retrieval:/abs/dir"): such a row is never deleted because a walk did not find it.
+    origin: str | None = None
 
 
 class TableRows(NamedTuple):
@@ -147,10 +152,12 @@ class IndexStore:
         """Every row's file state by path (~0.5 s per 100k rows); the vector column is never read."""
         if not self.exists():
             return {}
-        rows = self._scan(_FILE_COLUMNS).to_pydict()
+        columns = [*_FILE_COLUMNS, _ORIGIN] if self._has_origin else _FILE_COLUMNS
+        rows = self._scan(columns).to_pydict()
+        origins = rows.get(_ORIGIN) or [None] * len(rows["path"])
         return {
-            os.fsdecode(p): StoredFile(os.fsdecode(p), s, m, f, i)
-            for p, s, m, f, i in zip(*(rows[c] for c in _FILE_COLUMNS))
+            os.fsdecode(p): StoredFile(os.fsdecode(p), s, m, f, i, o)
+            for p, s, m, f, i, o in zip(*(rows[c] for c in _FILE_COLUMNS), origins)
         }
 
     def vectors(self, paths: Sequence[str]) -> dict[str, np.ndarray]:
@@ -195,19 +202,26 @@ class IndexStore:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def upsert(self, files: Sequence[StoredFile], vectors: np.ndarray) -> None:
-        """Insert or replace (by path) ``files`` with their ``vectors`` [len(files), embed_dim], in one commit."""
+    def upsert(self, files: Sequence[StoredFile], vectors: np.ndarray) -> int:
+        """Insert or replace (by path) ``files`` with their ``vectors`` [len(files), embed_dim], in one commit.
+
+        Returns how many of the paths were not in the table before.
+        """
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.shape != (len(files), self.embed_dim):
             raise ValueError(f"vectors have shape {vectors.shape}, expected ({len(files)}, {self.embed_dim})")
         if not files:
-            return
+            return 0
         # merge_insert refuses two source rows with one key; the last one wins, as in a dict.
         last = {path_key(f.path): i for i, f in enumerate(files)}
         keys, keep = zip(*sorted(last.items(), key=lambda item: item[1]))
-        data = self._arrow_rows([files[i] for i in keep], vectors[list(keep)], list(keys))
         table = self._open(create=True)
-        table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
+        kept = [files[i] for i in keep]
+        if not self._has_origin and any(f.origin is not None for f in kept):
+            self._add_origin_column()
+        data = self._arrow_rows(kept, vectors[list(keep)], list(keys))
+        result = table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
+        return int(result.num_inserted_rows)
 
     def delete(self, paths: Sequence[str]) -> None:
         """Remove the rows of ``paths`` (missing ones are ignored), in one commit.
@@ -308,6 +322,16 @@ class IndexStore:
 
     # -- internals -------------------------------------------------------------------------
 
+    @property
+    def _has_origin(self) -> bool:
+        return _ORIGIN in self._open().schema.names
+
+    def _add_origin_column(self) -> None:
+        """Give a table made before imported embeddings its (all-null) origin column, in one commit."""
+        import pyarrow as pa
+
+        self._open().add_columns(pa.field(_ORIGIN, pa.string()))
+
     def _open(self, create: bool = False) -> Any:
         if self._table is None:
             db = _import_lancedb().connect(str(self.directory))
@@ -321,7 +345,7 @@ class IndexStore:
 
     def _check_schema(self, schema: pa.Schema) -> None:
         expected = self._schema
-        if schema.names != expected.names or schema.field("vector").type != expected.field("vector").type:
+        if schema.names not in (expected.names, expected.names[:-1]) or schema.field("vector").type != expected.field("vector").type:
             raise ClipgrepError(
                 f"the index table {self.table_dir} has an unexpected layout "
                 f"(vector {schema.field('vector').type if 'vector' in schema.names else 'missing'}, "
@@ -342,6 +366,7 @@ class IndexStore:
             pa.field("fingerprint", pa.string(), nullable=False),
             pa.field("indexed_ns", pa.int64(), nullable=False),
             pa.field("vector", pa.list_(pa.float32(), self.embed_dim), nullable=False),
+            pa.field(_ORIGIN, pa.string(), nullable=True),
         ]
         return pa.schema(fields, metadata={"clipgrep.bundle_id": self.bundle_id,
                                            "clipgrep.schema_version": SCHEMA_VERSION})
@@ -358,7 +383,11 @@ class IndexStore:
             "fingerprint": pa.array([f.fingerprint for f in files], pa.string()),
             "indexed_ns": pa.array([f.indexed_ns for f in files], pa.int64()),
             "vector": pa.FixedSizeListArray.from_arrays(flat, self.embed_dim),
+            _ORIGIN: pa.array([f.origin for f in files], pa.string()),
         }
+        if not self._has_origin:  # an older table, and no row here has an origin
+            del columns[_ORIGIN]
+            return pa.table(columns, schema=self._schema.remove(self._schema.get_field_index(_ORIGIN)))
         return pa.table(columns, schema=self._schema)
 
     def _scan(self, columns: list[str], where: str | None = None) -> pa.Table:

@@ -55,6 +55,21 @@ def publish_snapshot(store: IndexStore, *, vector_index: bool, without: Collecti
     return len(rows.paths)
 
 
+def finish_writes(store: IndexStore, vector_index_min_rows: int, *, upkeep: bool = True) -> tuple[int, bool]:
+    """The end of a run that wrote rows: vector index and compaction (unless ``upkeep`` is off,
+    as for an interrupted run, which leaves the slow part to the next one), then the snapshot.
+
+    Returns the snapshot's rows and whether the table has a vector index.
+    """
+    if upkeep:
+        # Index first: maintain() then folds the newest rows into it and prunes old versions.
+        vector_index = store.ensure_vector_index(vector_index_min_rows)
+        store.maintain()
+    else:
+        vector_index = store.has_vector_index()
+    return publish_snapshot(store, vector_index=vector_index), vector_index
+
+
 class PixelEncoder(Protocol):
     """What indexing needs from a model; ``ImageEncoder`` is the real one, tests pass a fake."""
 
@@ -153,7 +168,7 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
         tracked.save(directory)  # also when interrupted, so that a rerun resumes these roots
         report.seconds = round(time.time() - started, 3)
         if stop.signum is not None:
-            raise IndexInterrupted(stop.signum, report)
+            raise IndexInterrupted(stop.signum, report, report.added + report.updated + report.reused)
         record_run(directory, bundle.index_id, {
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": report.seconds, "rows": report.rows,
             "added": report.added, "updated": report.updated, "removed": report.removed,
@@ -492,13 +507,8 @@ class _Run:
     def _finish(self, store: IndexStore, skipped: dict[str, Skipped]) -> None:
         self._tick(phase="finishing")
         save_skipped(self.directory, self.bundle.index_id, skipped)
-        if self.stop.signum is None:  # an interrupted run leaves the slow upkeep to the next one
-            # Index first: maintain() then folds the newest rows into it and prunes old versions.
-            self.report.vector_index = store.ensure_vector_index(self.options.vector_index_min_rows)
-            store.maintain()
-        else:
-            self.report.vector_index = store.has_vector_index()
-        self.report.rows = publish_snapshot(store, vector_index=self.report.vector_index)
+        self.report.rows, self.report.vector_index = finish_writes(
+            store, self.options.vector_index_min_rows, upkeep=self.stop.signum is None)
         self.report.skipped_total = len(skipped)
         self.report.skipped_files = sorted(skipped.values(), key=lambda s: s.path)
         self.dirty_marker.unlink(missing_ok=True)

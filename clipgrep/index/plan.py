@@ -45,6 +45,8 @@ class Stamps(Protocol):
 class StoredState(FileState, Stamps, Protocol):
     @property
     def fingerprint(self) -> str: ...
+    @property
+    def origin(self) -> str | None: ...  # None: found by a walk; else imported (never "removed")
 
 
 @dataclass
@@ -53,7 +55,7 @@ class Plan:
     new: list[FileState] = field(default_factory=list)       # not in the index
     changed: list[FileState] = field(default_factory=list)   # in the index, different size/mtime
     racy: list[FileState] = field(default_factory=list)      # same size/mtime but possibly rewritten in the same tick
-    removed: list[str] = field(default_factory=list)         # in the index under a scanned root, gone from disk
+    removed: list[str] = field(default_factory=list)         # walked rows under a scanned root, gone from disk
 
     @property
     def nothing_to_do(self) -> bool:
@@ -82,7 +84,11 @@ def under_roots(path: str, roots: Sequence[str]) -> bool:
 
 
 def make_plan(scanned: Iterable[FileState], stored: Mapping[str, StoredState], roots: Sequence[str]) -> Plan:
-    """Sort every scanned file into unchanged/new/changed/racy; list stored files that vanished."""
+    """Sort every scanned file into unchanged/new/changed/racy; list stored files that vanished.
+
+    Imported rows (``origin`` set) are never listed as removed, even under a root: their paths
+    may name files that were never on this disk (``clipgrep index --from-embeddings``).
+    """
     plan = Plan()
     seen = set()
     for entry in scanned:
@@ -96,5 +102,6 @@ def make_plan(scanned: Iterable[FileState], stored: Mapping[str, StoredState], r
             plan.racy.append(entry)
         else:
             plan.unchanged.append(entry.path)
-    plan.removed = sorted(p for p in stored if p not in seen and under_roots(p, roots))
+    plan.removed = sorted(p for p, old in stored.items()
+                          if p not in seen and old.origin is None and under_roots(p, roots))
     return plan
