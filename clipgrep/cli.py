@@ -181,7 +181,7 @@ def search(
     threshold: Annotated[float | None, typer.Option("--threshold", "-t",
                                                        help="Only scores >= this cosine (-1 to 1).")] = None,
     # A str, not a Path: pathlib would turn the prefix s3://bucket/dir of imported rows into s3:/bucket/dir.
-    under: Annotated[str | None, typer.Option("--under", "-u", click_type=click.Path(), help=(
+    under: Annotated[str | None, typer.Option("--under", "-u", click_type=click.Path(), metavar="PATH", help=(
         "Only images inside this directory (or URL prefix, for imported rows)."))] = None,
     model: ModelOption = None,
     paths: Annotated[bool, typer.Option("--paths", "-p", help="Print paths only.")] = False,

@@ -26,7 +26,16 @@ import numpy as np
 from ..errors import ClipgrepError
 from ..paths import dirty_marker, index_dir, index_lock_file, snapshot_dir
 from .interrupt import IndexInterrupted, StopRequest, stop_on_signals
-from .plan import RACY_WINDOW_NS, FileState, Plan, fingerprint, is_racy, make_plan, under_roots
+from .plan import (
+    IMPORTED_FINGERPRINT,
+    RACY_WINDOW_NS,
+    FileState,
+    Plan,
+    fingerprint,
+    is_racy,
+    make_plan,
+    under_roots,
+)
 from .roots import RootSet, Selection
 from .scan import FileEntry, ScanOptions, ScanProblem, ScanResult, scan
 from .state import Skipped, load_skipped, record_run, save_skipped
@@ -357,8 +366,10 @@ class _Run:
             return False
         if np.any(mtimes + RACY_WINDOW_NS >= snapshot.indexed_ns[rows]):
             return False
-        # Rows under these roots that the scan did not find: gone, unless they are to be kept.
-        gone = [snapshot.paths[i] for i in np.setdiff1d(self._rows_under_roots(snapshot), rows)]
+        # Rows under these roots that the scan did not find: gone, unless they are to be kept
+        # or were imported (make_plan never removes those either).
+        gone = [snapshot.paths[i] for i in np.setdiff1d(self._rows_under_roots(snapshot), rows)
+                if snapshot.fingerprint(i) != IMPORTED_FINGERPRINT]
         if self._hold_back(gone, report=False):
             return False
         self._hold_back(gone, report=True)

@@ -40,6 +40,7 @@ from ..paths import dirty_marker, index_dir, index_lock_file
 from ..ranking import is_url
 from .build import _check_still_installed, finish_writes
 from .interrupt import IndexInterrupted, StopRequest, stop_on_signals
+from .plan import IMPORTED_FINGERPRINT
 from .state import record_run
 
 if TYPE_CHECKING:
@@ -259,7 +260,7 @@ def _rows(paths: list[str | None], vectors: np.ndarray, origin: str, indexed_ns:
         path = paths[i]
         assert path is not None  # named
         size, mtime_ns = _local_file_state(path)
-        files.append(StoredFile(path, size, mtime_ns, "", indexed_ns, origin))
+        files.append(StoredFile(path, size, mtime_ns, IMPORTED_FINGERPRINT, indexed_ns, origin))
     return files, vectors[keep] / norms[keep, None]
 
 

@@ -23,6 +23,9 @@ RACY_WINDOW_NS = 2_000_000_000
 # reading a fraction of a 10 MB file; used only to find moved and copied files.
 _HEAD_BYTES = 256 * 1024
 _TAIL_BYTES = 64 * 1024
+# The fingerprint of an imported row (``origin`` set): not hex, so no file's fingerprint equals it,
+# and it lets the search snapshot, which has no origin column, tell imported rows apart.
+IMPORTED_FINGERPRINT = "imported"
 
 
 class FileState(Protocol):
