@@ -52,7 +52,7 @@ class StoredFile:
     path: str  # absolute, os.fsdecode'd: may hold surrogate escapes
     size: int
     mtime_ns: int
-    fingerprint: str  # content fingerprint (hex), computed by the caller
+    fingerprint: str  # content fingerprint (hex), computed by the caller; plan.IMPORTED_FINGERPRINT if imported
     indexed_ns: int  # wall clock when the file was stat'ed; an mtime this close is "racy"
     # None: found by a walk of the roots. Otherwise where the vector came from (e.g.
     # "clip-retrieval:/abs/dir"): such a row is never deleted because a walk did not find it.

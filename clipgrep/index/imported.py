@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 ORIGIN_PREFIX = "clip-retrieval:"
 _SHARD = re.compile(r"^img_emb_(\d+)\.npy$")
+_METADATA = re.compile(r"^metadata_(\d+)\.parquet$")
 _PATH_COLUMN = "image_path"
 
 
@@ -127,7 +128,7 @@ def find_shards(source: Path, embed_dim: int) -> tuple[list[Shard], list[tuple[s
     shards: list[Shard] = []
     problems: list[tuple[str, str]] = []
     metadata = {int(m.group(1)): p for p in (source / "metadata").glob("metadata_*.parquet")
-                if (m := re.fullmatch(r"metadata_(\d+)\.parquet", p.name))}
+                if (m := _METADATA.match(p.name))}
     for number, path in numbered:
         try:
             vectors = np.load(path, mmap_mode="r", allow_pickle=False)
