@@ -111,7 +111,6 @@ def index(
       clipgrep index --from-embeddings clip-out/ --model vit-b-32
     """
     from .index.build import IndexOptions, update_index
-    from .index.imported import ImportOptions, import_embeddings
     from .index.interrupt import IndexInterrupted
     from .index.scan import ScanOptions
     from .models import load_model
@@ -134,6 +133,8 @@ def index(
     on_wait = lambda: render.note("another index run holds the lock; waiting for it")
     try:
         if from_embeddings is not None:
+            from .index.imported import ImportOptions, import_embeddings
+
             with render.import_progress(show) as on_import:
                 imported = import_embeddings(from_embeddings, bundle=bundle, on_progress=on_import, on_wait=on_wait,
                                              options=ImportOptions(wait_for_lock=not no_wait))

@@ -356,7 +356,7 @@ def import_report_json(report: ImportReport) -> None:
 
 @contextmanager
 def import_progress(show: bool) -> Iterator[Callable[[ImportProgress], None]]:
-    """A live progress line on stderr: rows imported of all, rate and ETA."""
+    """A live progress line on stderr: rows imported of all, and the time left."""
     if not show:
         yield lambda _: None
         return
