@@ -34,6 +34,7 @@ _API = {
     "update_index": "clipgrep.index.build",
     "IndexOptions": "clipgrep.index.build",
     "IndexReport": "clipgrep.index.build",
+    "import_embeddings": "clipgrep.index.imported",
     "search": "clipgrep.ranking",
     "Hit": "clipgrep.ranking",
 }

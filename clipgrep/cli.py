@@ -11,6 +11,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
 from . import __version__, render
@@ -94,6 +95,10 @@ def index(
     json_output: Annotated[bool, typer.Option("--json", help="Print the run's report as JSON on stdout.")] = False,
     thumbnails: Annotated[bool, typer.Option("--thumbnails", help=(
         "Also make the thumbnails that 'clipgrep ui' and --preview show."))] = False,
+    from_embeddings: Annotated[Path | None, typer.Option("--from-embeddings", metavar="DIR", help=(
+        "Instead of walking ROOTS, import image embeddings computed elsewhere: clip-retrieval's inference "
+        "output (img_emb/*.npy with metadata/*.parquet). Their paths may be URLs; no walk ever drops them."))]
+    = None,
 ) -> None:
     """Index images under ROOTS, or update the index: only new, changed, moved and deleted files cost work.
 
@@ -103,12 +108,20 @@ def index(
       clipgrep index                       # refresh every root indexed before
       clipgrep index . -x 'raw/' -x '*.png'  # remembered for this root
       clipgrep index . --remove-exclude '*.png'
+      clipgrep index --from-embeddings clip-out/ --model vit-b-32
     """
     from .index.build import IndexOptions, update_index
     from .index.interrupt import IndexInterrupted
     from .index.scan import ScanOptions
     from .models import load_model
 
+    if from_embeddings is not None:
+        walk_only = {"ROOTS": roots, "--exclude": exclude, "--remove-exclude": remove_exclude, "--prune": prune,
+                     "--hidden": hidden, "--follow-symlinks": follow_symlinks, "--retry-skipped": retry_skipped}
+        given = next((name for name, value in walk_only.items() if value), None)
+        if given:
+            raise ClipgrepError(f"--from-embeddings walks no folder, so {given} does not apply",
+                                "import and walk in two runs: clipgrep index --from-embeddings DIR; clipgrep index ROOTS")
     options = IndexOptions(scan=ScanOptions(excludes=tuple(exclude or ()), include_hidden=hidden,
                                             follow_symlinks=follow_symlinks),
                            remove_excludes=tuple(remove_exclude or ()), prune=prune,
@@ -117,17 +130,29 @@ def index(
     with render.step_progress("adding the default model", ("load model", "export ONNX", "quantize",
                                                              "check parity", "install")) as on_step:
         bundle = load_model(model, on_progress=on_step)
+    on_wait = lambda: render.note("another index run holds the lock; waiting for it")
     try:
-        with render.index_progress(show) as on_progress:
-            report = update_index([str(r) for r in roots or ()], bundle=bundle, options=options,
-                                  on_progress=on_progress,
-                                  on_wait=lambda: render.note("another index run holds the lock; waiting for it"))
+        if from_embeddings is not None:
+            from .index.imported import ImportOptions, import_embeddings
+
+            with render.import_progress(show) as on_import:
+                imported = import_embeddings(from_embeddings, bundle=bundle, on_progress=on_import, on_wait=on_wait,
+                                             options=ImportOptions(wait_for_lock=not no_wait))
+        else:
+            with render.index_progress(show) as on_progress:
+                report = update_index([str(r) for r in roots or ()], bundle=bundle, options=options,
+                                      on_progress=on_progress, on_wait=on_wait)
     except IndexInterrupted as stopped:
         render.note(f"interrupted: {stopped.kept} images kept; rerun to resume")
         raise typer.Exit(128 + stopped.signum) from None  # as a shell reports a process its signal ended
-    if json_output:
-        render.index_report_json(report)
-    render.index_summary(report, verbose)
+    if from_embeddings is not None:
+        if json_output:
+            render.import_report_json(imported)
+        render.import_summary(imported)
+    else:
+        if json_output:
+            render.index_report_json(report)
+        render.index_summary(report, verbose)
     if thumbnails:
         from .thumbnails import make_index_thumbnails
 
@@ -156,7 +181,9 @@ def search(
                                                show_default="10, or all with --threshold")] = None,
     threshold: Annotated[float | None, typer.Option("--threshold", "-t",
                                                        help="Only scores >= this cosine (-1 to 1).")] = None,
-    under: Annotated[Path | None, typer.Option("--under", "-u", help="Only images inside this directory.")] = None,
+    # A str, not a Path: pathlib would turn the prefix s3://bucket/dir of imported rows into s3:/bucket/dir.
+    under: Annotated[str | None, typer.Option("--under", "-u", click_type=click.Path(), metavar="PATH", help=(
+        "Only images inside this directory (or URL prefix, for imported rows)."))] = None,
     model: ModelOption = None,
     paths: Annotated[bool, typer.Option("--paths", "-p", help="Print paths only.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per result.")] = False,
@@ -188,7 +215,7 @@ def search(
     show_preview = render.wants_preview(preview or preview_grid or preview_protocol != PreviewProtocol.auto,
                                         paths or json_output or null)
     hits = run_search(query, add=add or (), sub=sub or (), model=model, k=top, threshold=threshold,
-                      under=str(under) if under is not None else None, language=lang)
+                      under=under, language=lang)
     if show_preview:
         render.preview_hits(hits, preview_protocol.value, preview_height, preview_grid)
     else:

@@ -10,6 +10,7 @@ function ``clipgrep.search`` on the package as soon as it is imported.)
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,9 +130,23 @@ def rank(snapshot: Snapshot, query: np.ndarray, *, k: int | None = DEFAULT_TOP, 
     return Hits((Hit(float(scores[i]), snapshot.path(start + int(i))) for i in order), left_out)
 
 
+# A URL or object-store key (s3://bucket/key): imported rows keep such paths as given.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` is a URL or object-store key rather than a local file path.
+
+    >>> is_url("s3://bucket/a.jpg"), is_url("/photos/a.jpg"), is_url("c:/a.jpg")
+    (True, False, False)
+    """
+    return _URL.match(path) is not None
+
+
 def resolve_under(directory: str) -> str:
-    """A --under directory in the form the scanner stores paths (absolute, symlinks kept)."""
-    return os.path.abspath(os.path.expanduser(directory))
+    """A --under directory in the form stored paths take: absolute with symlinks kept, as the
+    scanner stores them, or a URL prefix as given (imported rows, ``index --from-embeddings``)."""
+    return directory if is_url(directory) else os.path.abspath(os.path.expanduser(directory))
 
 
 def search(queries: Sequence[str], *, add: Sequence[str] = (), sub: Sequence[str] = (), model: str | None = None,
@@ -151,16 +166,17 @@ def search(queries: Sequence[str], *, add: Sequence[str] = (), sub: Sequence[str
     from .index.freshness import current_snapshot
 
     _check_limits(k, threshold)
-    directory = _checked_under(under) if under is not None else None
     bundle = _indexed_bundle(model)
     snapshot = current_snapshot(_snapshot_path(bundle))
+    directory = None
+    if under is not None:
+        directory = resolve_under(under)
+        _check_under(under, directory, snapshot)
     if snapshot is None:
         raise ClipgrepError(f"nothing is indexed with model {bundle.name} yet",
                             f"build the index first: clipgrep index DIR --model {bundle.name}")
     if snapshot.vectors.shape[1] != bundle.embed_dim:
         raise ClipgrepError("the index does not match the model", f"rebuild it: clipgrep index --model {bundle.name}")
-    if directory is not None:
-        _check_under_roots(under or directory, directory, snapshot.meta.get("roots"))
     terms = parse_query(queries, add, sub)
     vector = query_vector(terms, encoder or BundleQueryEncoder(bundle, language), snapshot)
     limit = k if k is not None else None if threshold is not None else DEFAULT_TOP
@@ -175,17 +191,17 @@ def _check_limits(k: int | None, threshold: float | None) -> None:
                             "e.g. --threshold 0.25")
 
 
-def _checked_under(under: str) -> str:
-    """``under`` as stored paths spell it, if it is a directory."""
-    directory = resolve_under(under)
+def _check_under(under: str, directory: str, snapshot: Snapshot | None) -> None:
+    """``directory`` (``under`` resolved) must be a directory inside or above some indexed root,
+    or a prefix of indexed rows: imported paths need not exist here, nor lie under a root."""
+    if snapshot is not None:
+        rows = snapshot.subtree(directory)
+        if rows.stop > rows.start:
+            return
     if not os.path.isdir(directory):
         problem = "is not a directory" if os.path.exists(directory) else "does not exist"
         raise ClipgrepError(f"--under {under} {problem}", "pass a directory that was indexed")
-    return directory
-
-
-def _check_under_roots(under: str, directory: str, roots: list[str] | None) -> None:
-    """Refuse a --under directory neither inside nor above a root (or file) the snapshot was made for."""
+    roots = snapshot.meta.get("roots") if snapshot is not None else None
     if roots and not any(_inside(directory, root) or _inside(root, directory) for root in roots):
         raise ClipgrepError(f"--under {under} is outside every indexed root",
                             f"index it first: clipgrep index {under} (clipgrep status lists the roots)")

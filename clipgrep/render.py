@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .catalogue import CatalogueEntry
     from .index.build import IndexProgress, IndexReport
     from .index.forget import Forgotten
+    from .index.imported import ImportProgress, ImportReport
     from .models import ModelEntry, Removal
     from .ranking import Hit
     from .store import Skipped
@@ -333,6 +334,44 @@ def index_progress(show: bool) -> Iterator[Callable[[IndexProgress], None]]:
                                 rate=f"{speed:.1f} img/s" if speed else "")
             else:
                 progress.update(task, description=f"{p.phase} ({p.scanned} files)")
+
+        yield update
+
+
+def import_summary(report: ImportReport) -> None:
+    skipped = sum(report.skipped.values())
+    parts = [f"{report.added} added", f"{report.updated} updated"]
+    if skipped:
+        parts.append(f"{skipped} skipped (" + ", ".join(f"{n} {why}" for why, n in sorted(report.skipped.items())) + ")")
+    note(f"{report.rows} images indexed ({', '.join(parts)} from {report.shards} shards of {report.source}) "
+         f"in {report.seconds:.1f} s")
+    for path, reason in report.problems:
+        print(f"  warning: {path}: {reason}", file=sys.stderr)
+
+
+def import_report_json(report: ImportReport) -> None:
+    data = {**vars(report), "problems": [{"path": p, "reason": r} for p, r in report.problems]}
+    json_line(data)
+
+
+@contextmanager
+def import_progress(show: bool) -> Iterator[Callable[[ImportProgress], None]]:
+    """A live progress line on stderr: rows imported of all, and the time left."""
+    if not show:
+        yield lambda _: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("checking shards", total=None)
+
+        def update(p: ImportProgress) -> None:
+            if p.phase == "importing":
+                progress.update(task, total=p.total, completed=p.done, description=f"importing {p.done}/{p.total} rows")
+            else:
+                progress.update(task, description=f"{p.phase} ({p.done} rows)")
 
         yield update
 

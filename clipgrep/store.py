@@ -61,7 +61,7 @@ class StoredFile:
     path: str  # absolute, os.fsdecode'd: may hold surrogate escapes
     size: int
     mtime_ns: int
-    fingerprint: str  # content fingerprint (hex), computed by the caller
+    fingerprint: str  # content fingerprint (hex), computed by the caller; plan.IMPORTED_FINGERPRINT if imported
     indexed_ns: int  # wall clock when the file was stat'ed; an mtime this close is "racy"
     origin: str | None = None  # None: found by a walk of local roots; else imported (a walk never deletes it)
 
@@ -186,10 +186,13 @@ class IndexStore:
         """Every indexed file's state by path (~0.5 s per 100k rows); the vector column is never read."""
         if not self.exists():
             return {}
-        rows = self._scan(_FILE_COLUMNS, where=self._indexed_only()).to_pydict()
+        upgraded = self.has_skip_column()  # a table of version 1 has neither column yet
+        rows = self._scan([*_FILE_COLUMNS, "origin"] if upgraded else _FILE_COLUMNS,
+                          where=_INDEXED if upgraded else None).to_pydict()
+        origins = rows.get("origin") or [None] * len(rows["path"])
         return {
-            os.fsdecode(p): StoredFile(os.fsdecode(p), s, m, f, i)
-            for p, s, m, f, i in zip(*(rows[c] for c in _FILE_COLUMNS))
+            os.fsdecode(p): StoredFile(os.fsdecode(p), s, m, f, i, o)
+            for p, s, m, f, i, o in zip(*(rows[c] for c in _FILE_COLUMNS), origins)
         }
 
     def skipped(self) -> dict[str, Skipped]:
@@ -259,14 +262,17 @@ class IndexStore:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def upsert(self, files: Sequence[StoredFile], vectors: np.ndarray, skips: Sequence[Skipped] = ()) -> None:
+    def upsert(self, files: Sequence[StoredFile], vectors: np.ndarray, skips: Sequence[Skipped] = ()) -> int:
         """Insert or replace (by path) ``files`` with their ``vectors`` [len(files), embed_dim], and the
-        skip notes ``skips`` (replacing the rows of files that no longer decode), in one commit."""
+        skip notes ``skips`` (replacing the rows of files that no longer decode), in one commit.
+
+        Returns how many of the paths were not in the table before.
+        """
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.shape != (len(files), self.embed_dim):
             raise ValueError(f"vectors have shape {vectors.shape}, expected ({len(files)}, {self.embed_dim})")
         if not files and not skips:
-            return
+            return 0
         # merge_insert refuses two source rows with one key; the last one wins, as in a dict.
         entries: list[StoredFile | Skipped] = [*files, *skips]
         last = {path_key(e.path): i for i, e in enumerate(entries)}
@@ -274,7 +280,8 @@ class IndexStore:
         blank = np.zeros((len(skips), self.embed_dim), np.float32)
         data = self._arrow_rows([entries[i] for i in keep], np.concatenate([vectors, blank])[list(keep)], list(keys))
         table = self._open(create=True)
-        table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
+        result = table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
+        return int(result.num_inserted_rows)
 
     def delete(self, paths: Sequence[str]) -> None:
         """Remove the rows (indexed or skip notes) of ``paths`` (missing ones are ignored), in one commit.

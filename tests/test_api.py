@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 import clipgrep
 
 from .factories import make_contract_bundle
@@ -26,6 +30,8 @@ USES = {
     "IndexReport": "assert isinstance(report, clipgrep.IndexReport) and report.rows == 2",
     "search": "hits = clipgrep.search(['a red square'], model=f'tiny{i}', k=5)",
     "Hit": "assert len(hits) == 2 and all(isinstance(h, clipgrep.Hit) for h in hits)",
+    # EMB holds one vector for PICS/red.png: it replaces that row, so each round has 2 rows.
+    "import_embeddings": "assert clipgrep.import_embeddings(EMB, bundle=bundle).rows == 2",
     "remove_model": "clipgrep.remove_model(f'tiny{i}')",
 }
 
@@ -41,11 +47,16 @@ def test_every_public_name_works_twice_in_one_process(tmp_path: Path) -> None:
     pics.mkdir()
     for name, colour in (("red.png", "red"), ("blue.png", "blue")):
         Image.new("RGB", (16, 16), colour).save(pics / name)
+    emb = tmp_path / "clip-out"
+    (emb / "img_emb").mkdir(parents=True)
+    (emb / "metadata").mkdir()
+    np.save(emb / "img_emb" / "img_emb_0.npy", np.ones((1, 8), np.float16))
+    pq.write_table(pa.table({"image_path": [str(pics / "red.png")]}), emb / "metadata" / "metadata_0.parquet")
     # remove_model goes last: indexing and search use the model added in the same round.
     order = [name for name in USES if name != "remove_model"] + ["remove_model"]
     body = "\n".join(f"    {USES[name]}" for name in order)
     script = (f"import clipgrep\nSOURCE = {str(make_contract_bundle(tmp_path / 'bundle'))!r}\n"
-              f"PICS = {str(pics)!r}\nfor i in range(2):\n{body}\nprint('ok')\n")
+              f"PICS = {str(pics)!r}\nEMB = {str(emb)!r}\nfor i in range(2):\n{body}\nprint('ok')\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == "ok\n"

@@ -28,7 +28,7 @@ from ..errors import ClipgrepError
 from ..paths import index_dir, index_lock_file, snapshot_dir
 from ..store import Skipped
 from .interrupt import IndexInterrupted, StopRequest, stop_on_signals
-from .plan import FileState, Plan, changes, fingerprint, is_racy, make_plan, under_roots
+from .plan import IMPORTED_FINGERPRINT, FileState, Plan, changes, fingerprint, is_racy, make_plan, under_roots
 from .protocol import commit, finish, publish_snapshot, recover
 from .roots import RootSet, Selection
 from .scan import FileEntry, ScanOptions, ScanProblem, ScanResult, scan
@@ -142,7 +142,7 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
         tracked.save(directory)  # also when interrupted, so that a rerun resumes these roots
         report.seconds = round(time.time() - started, 3)
         if stop.signum is not None:
-            raise IndexInterrupted(stop.signum, report)
+            raise IndexInterrupted(stop.signum, report, report.added + report.updated + report.reused)
         if run.wrote:  # a no-op run (the fast path) stays free of lancedb: it records nothing
             from ..store import record_run
 
@@ -341,8 +341,10 @@ class _Run:
         mtimes = np.fromiter((e.mtime_ns for e in files), np.int64, len(files))[known]
         if changes(sizes, mtimes, snapshot.sizes[rows], snapshot.mtimes_ns[rows], snapshot.indexed_ns[rows]).any():
             return False
-        # Rows under these roots that the scan did not find: gone, unless they are to be kept.
-        gone = [snapshot.paths[i] for i in np.setdiff1d(self._rows_under_roots(snapshot), rows)]
+        # Rows under these roots that the scan did not find: gone, unless they are to be kept
+        # or were imported (make_plan never removes those either).
+        gone = [snapshot.paths[i] for i in np.setdiff1d(self._rows_under_roots(snapshot), rows)
+                if snapshot.fingerprint(i) != IMPORTED_FINGERPRINT]
         if self._hold_back(gone, report=False):
             return False
         self._hold_back(gone, report=True)

@@ -24,25 +24,23 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .build import IndexReport
+    from .imported import ImportReport
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class IndexInterrupted(KeyboardInterrupt):
-    """An index run stopped by a signal after committing its work; ``report`` says what it kept.
+    """An index run or import stopped by a signal after committing its work; ``report`` says what
+    it did and ``kept`` how many images it committed (new, changed, moved, copied or imported).
 
     A KeyboardInterrupt, so that code that handles Ctrl-C around ``update_index`` still does.
     """
 
-    def __init__(self, signum: int, report: IndexReport) -> None:
+    def __init__(self, signum: int, report: IndexReport | ImportReport, kept: int) -> None:
         super().__init__(f"index run interrupted by signal {signum}")
         self.signum = signum
         self.report = report
-
-    @property
-    def kept(self) -> int:
-        """Images this run committed before it stopped (new, changed, moved or copied)."""
-        return self.report.added + self.report.updated + self.report.reused
+        self.kept = kept
 
 
 @dataclass

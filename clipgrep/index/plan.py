@@ -25,6 +25,9 @@ RACY_WINDOW_NS = 2_000_000_000
 # reading a fraction of a 10 MB file; used only to find moved and copied files.
 _HEAD_BYTES = 256 * 1024
 _TAIL_BYTES = 64 * 1024
+# The fingerprint of an imported row (``origin`` set): not hex, so no file's fingerprint equals it,
+# and it lets the search snapshot, which has no origin column, tell imported rows apart.
+IMPORTED_FINGERPRINT = "imported"
 
 
 class FileState(Protocol):
@@ -47,6 +50,8 @@ class Stamps(Protocol):
 class StoredState(FileState, Stamps, Protocol):
     @property
     def fingerprint(self) -> str: ...
+    @property
+    def origin(self) -> str | None: ...  # None: found by a walk; else imported (never "removed")
 
 
 @dataclass
@@ -55,7 +60,7 @@ class Plan:
     new: list[FileState] = field(default_factory=list)       # not in the index
     changed: list[FileState] = field(default_factory=list)   # in the index, different size/mtime
     racy: list[FileState] = field(default_factory=list)      # same size/mtime but possibly rewritten in the same tick
-    removed: list[str] = field(default_factory=list)         # in the index under a scanned root, gone from disk
+    removed: list[str] = field(default_factory=list)         # walked rows under a scanned root, gone from disk
 
     @property
     def nothing_to_do(self) -> bool:
@@ -106,7 +111,11 @@ def under_roots(path: str, roots: Sequence[str]) -> bool:
 
 
 def make_plan(scanned: Iterable[FileState], stored: Mapping[str, StoredState], roots: Sequence[str]) -> Plan:
-    """Sort every scanned file into unchanged/new/changed/racy; list stored files that vanished."""
+    """Sort every scanned file into unchanged/new/changed/racy; list stored files that vanished.
+
+    Imported rows (``origin`` set) are never listed as removed, even under a root: their paths
+    may name files that were never on this disk (``clipgrep index --from-embeddings``).
+    """
     plan = Plan()
     seen = set()
     known: list[tuple[FileState, StoredState]] = []
@@ -127,5 +136,6 @@ def make_plan(scanned: Iterable[FileState], stored: Mapping[str, StoredState], r
             plan.racy.append(entry)
         else:
             plan.unchanged.append(entry.path)
-    plan.removed = sorted(p for p in stored if p not in seen and under_roots(p, roots))
+    plan.removed = sorted(p for p, old in stored.items()
+                          if p not in seen and old.origin is None and under_roots(p, roots))
     return plan

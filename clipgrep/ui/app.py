@@ -30,6 +30,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ClipgrepError
+from ..ranking import is_url
 from ..render import human_bytes
 from ..thumbnails import GRID_SIDE, StaleFile, ThumbnailCache
 from .library import PAGE, Library, Request, Tile
@@ -94,6 +95,8 @@ def create_app(encoder: QueryEncoder, snapshot_dir: Path, token: str, *, thumbna
         tile = indexed(http)
         if tile is None:
             return _not_in_index()
+        if is_url(tile.path):  # imported (index --from-embeddings): the picture lives elsewhere
+            return PlainTextResponse("not a local file: its picture is not on this machine", status_code=404)
         try:
             data = cache.webp(tile.path, side, expect=(tile.size, tile.mtime_ns))
         except FileNotFoundError:
@@ -138,6 +141,8 @@ def create_app(encoder: QueryEncoder, snapshot_dir: Path, token: str, *, thumbna
         tile = indexed(http)
         if tile is None:
             return _not_in_index()
+        if is_url(tile.path):
+            return PlainTextResponse("not a local file: it has no folder here", status_code=404)
         open_folder(os.path.dirname(tile.path))
         return Response(status_code=204)
 
