@@ -81,7 +81,8 @@ def current_snapshot(snapshot_dir: Path) -> Snapshot | None:
     index_id = snapshot_dir.name
     if is_current(snapshot, index_id) or held_by_a_live_process(index_lock_file()):
         return snapshot
-    return snapshot_from_table(index_id)
+    snapshot = read_snapshot(snapshot_dir)  # a writer may have published and let go in between
+    return snapshot if is_current(snapshot, index_id) else snapshot_from_table(index_id)
 
 
 def snapshot_from_table(index_id: str) -> Snapshot:
