@@ -39,7 +39,11 @@ if TYPE_CHECKING:
     from ..store import IndexStore, StoredFile
 
 def publish_snapshot(store: IndexStore, *, vector_index: bool, without: Collection[str] = ()) -> int:
-    """Export the table's rows, less the paths ``without``, as the search snapshot; returns its rows."""
+    """Export the table's rows, less the paths ``without``, as the search snapshot; returns its rows.
+
+    A big snapshot then gets its inverted file for approximate search (``clipgrep.ann``).
+    """
+    from ..ann import build_ivf
     from ..snapshot import write_snapshot
     from ..store import TableRows
 
@@ -49,9 +53,10 @@ def publish_snapshot(store: IndexStore, *, vector_index: bool, without: Collecti
         keep = [i for i, p in enumerate(rows.paths) if p not in dropped]
         rows = TableRows([rows.paths[i] for i in keep], rows.vectors[keep], rows.sizes[keep], rows.mtimes_ns[keep],
                          rows.indexed_ns[keep], [rows.fingerprints[i] for i in keep])
-    write_snapshot(snapshot_dir(store.bundle_id), *rows, meta={
+    generation = write_snapshot(snapshot_dir(store.bundle_id), *rows, meta={
         "bundle_id": store.bundle_id, "embed_dim": store.embed_dim, "table_version": store.version(),
         "vector_index": vector_index})
+    build_ivf(generation)
     return len(rows.paths)
 
 
@@ -233,6 +238,9 @@ class _Run:
         vanished = [p for p in skipped if p not in present and under_roots(p, self.roots)
                     and (self.options.prune or not under_roots(p, list(self.suspect)))]
         if not vanished and self._snapshot_is_current(result.files, skipped):
+            from ..ann import ensure_ivf
+
+            ensure_ivf(self.snapshot_path)  # redoes a build that was killed after its snapshot was published
             self._record_devices()
             return self.report
         for path in vanished:
