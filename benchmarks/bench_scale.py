@@ -30,6 +30,7 @@ The markdown table goes to stdout, progress to stderr. Data is kept under ``--ou
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -265,6 +266,7 @@ def measure(n: int, out: Path, methods: list[str], nq: int, runs: int) -> list[d
     qfile = base / "queries.npy"
     np.save(qfile, q)
     truth = ground_truth(vectors, q)
+    del vectors  # see evict(): this process must not keep the files mapped
     exact_dir = base / "exact"  # the same generation without ivf/, by hard links
     if not exact_dir.exists():
         (exact_dir / generation.name).mkdir(parents=True)
@@ -293,7 +295,7 @@ def measure(n: int, out: Path, methods: list[str], nq: int, runs: int) -> list[d
             search = snapshot_search(exact_dir)
         else:
             target = files = base / method
-            build = lance_table(target, vectors, method)
+            build = lance_table(target, np.load(generation / "vectors.npy", mmap_mode="r"), method)
             search = lance_search(target, method)
         found, times = [], []
         for qi in q:
@@ -301,6 +303,8 @@ def measure(n: int, out: Path, methods: list[str], nq: int, runs: int) -> list[d
             found.append(search(qi))
             times.append(time.perf_counter() - t)
         r = recall(found, truth)
+        del search  # unmaps this process's view: fadvise cannot evict pages that are still mapped
+        gc.collect()
         warm, cold, rss, inner = [], [], [], []
         for i in range(runs):
             child(method, target, qfile, i)  # untimed: warms the cache
@@ -321,8 +325,9 @@ def measure(n: int, out: Path, methods: list[str], nq: int, runs: int) -> list[d
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| rows | method | build s | recall@10 | in-process ms | process warm s | process cold s "
-             "| (open+search cold s) | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    header = ("| rows | method | build s | recall@10 | in-process ms | process warm s | process cold s "
+              "| (open+search cold s) | peak RSS MB |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['rows']:,} | {r['method']} | {r['build_s']:.1f} | {r['recall']:.3f} | "
                      f"{r['warm_ms']:.1f} | {r['process_warm_s']:.2f} | {r['process_cold_s']:.2f} | "

@@ -47,7 +47,8 @@ EXACT_MAX_ROWS_ENV = "CLIPGREP_EXACT_MAX_ROWS"
 ROWS_PER_PARTITION = 512  # ~sqrt(N)/2 partitions at 10^6: a cheap centroid scan, small ranges to read
 NPROBE_FRACTION = 1 / 64  # with MIN_NPROBE: recall@10 0.999 at 10^5 and 10^6 clustered rows (bench_scale.py)
 MIN_NPROBE = 32
-RESCORE = 200  # candidates rescored exactly; at least 20 * k
+RESCORE = 200  # candidates rescored exactly, at least RESCORE_PER_RESULT * k
+RESCORE_PER_RESULT = 20
 KMEANS_SAMPLE_PER_PARTITION = 32
 KMEANS_ITERATIONS = 8
 CHUNK_ROWS = 65_536  # rows per step of assignment and encoding: bounded memory whatever N is
@@ -75,6 +76,11 @@ class Ivf:
     def partitions(self) -> int:
         return len(self.centroids)
 
+    @property
+    def probed_rows(self) -> float:
+        """Rows an unfiltered query scores, on average."""
+        return self.nprobe * len(self.rows) / max(self.partitions, 1)
+
     def describe(self) -> str:
         return f"approximate (IVF, {self.partitions} partitions, {self.nprobe} probed, exact rescoring)"
 
@@ -87,7 +93,7 @@ class Ivf:
             candidates, approx = self._scan(order[:self.nprobe], query)
         else:
             candidates, approx = self._scan_within(order, query, within)
-        keep = max(RESCORE, 20 * k)
+        keep = max(RESCORE, RESCORE_PER_RESULT * k)
         if len(candidates) > keep:
             best = np.argpartition(-approx, keep - 1)[:keep]
             candidates = candidates[best]
@@ -105,7 +111,7 @@ class Ivf:
     def _scan_within(self, order: np.ndarray, query: np.ndarray, within: slice) -> tuple[np.ndarray, np.ndarray]:
         """Probe partitions nearest first until as many rows of the subtree were scored as an
         unfiltered query scores (so a subtree's recall does not collapse), or all were probed."""
-        wanted = self.nprobe * len(self.rows) / max(self.partitions, 1)
+        wanted = self.probed_rows
         found_rows, found_scores, seen = [], [], 0
         for start in range(0, len(order), self.nprobe):
             rows, scores = self._scan(order[start:start + self.nprobe], query)
@@ -118,16 +124,21 @@ class Ivf:
         return np.concatenate(found_rows), np.concatenate(found_scores)
 
 
-def approximate_index(snapshot: Snapshot, rows: int) -> Ivf | None:
-    """The inverted file to search ``rows`` rows of ``snapshot`` with, or None to brute-force them."""
+def approximate_index(snapshot: Snapshot, rows: int, k: int = 10) -> Ivf | None:
+    """The inverted file to search ``rows`` rows of ``snapshot`` for the top ``k`` with, or None
+    to brute-force them: few rows, or a ``k`` too big for the rows that ``nprobe`` partitions hold."""
     ivf = load_ivf(snapshot.generation, len(snapshot), snapshot.vectors.shape[1])
-    return ivf if ivf is not None and rows > ivf.exact_max_rows else None
+    if ivf is None or rows <= ivf.exact_max_rows or RESCORE_PER_RESULT * k > ivf.probed_rows:
+        return None
+    return ivf
 
 
 def search_mode(snapshot: Snapshot | None) -> str:
-    """How ``clipgrep search`` searches the whole of ``snapshot``, in words (for status)."""
-    ivf = None if snapshot is None else approximate_index(snapshot, len(snapshot))
-    return "exact" if ivf is None else ivf.describe()
+    """How ``clipgrep search`` searches the whole of ``snapshot``, in words (for status); a ``-k``
+    beyond what the probed partitions hold is still exact."""
+    ivf = None if snapshot is None else load_ivf(snapshot.generation, len(snapshot), snapshot.vectors.shape[1])
+    return ivf.describe() if snapshot is not None and ivf is not None and len(snapshot) > ivf.exact_max_rows \
+        else "exact"
 
 
 def load_ivf(generation: Path | None, rows: int, dim: int) -> Ivf | None:

@@ -121,7 +121,7 @@ def rank(snapshot: Snapshot, query: np.ndarray, *, k: int | None = DEFAULT_TOP, 
     start, stop = rows.start or 0, rows.stop if rows.stop is not None else len(snapshot)
     if stop <= start:
         return Hits()
-    ivf = approximate_index(snapshot, stop - start) if k is not None and threshold is None else None
+    ivf = approximate_index(snapshot, stop - start, k) if k is not None and threshold is None else None
     if ivf is not None:
         found, scores = ivf.top(snapshot.vectors, query, k or DEFAULT_TOP, within=rows if under else None)
         matches = stop - start

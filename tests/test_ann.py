@@ -114,6 +114,12 @@ def test_threshold_still_means_every_row_at_or_above_it(big) -> None:
         assert top.left_out == len(everything) - 5
 
 
+def test_a_k_beyond_what_the_probed_partitions_hold_is_searched_exactly(big) -> None:
+    snap, queries = big
+    hits = rank(snap, queries[0], k=3000)  # more than the ~1,600 rows that 32 of 400 partitions hold
+    assert len(hits) == 3000 and {h.path for h in hits} == set(exact(snap, queries[0], 3000))
+
+
 def test_status_says_which_search_is_used(big, tmp_path: Path) -> None:
     snap, _ = big
     assert search_mode(snap).startswith("approximate")
