@@ -40,12 +40,14 @@ if TYPE_CHECKING:
 FORMAT = "clipgrep-ivf"
 FORMAT_VERSION = 1
 DIRECTORY = "ivf"
-# Below this many rows (in the whole snapshot, or in a --under subtree) brute force meets
-# the latency target (bench_scale.py: ~0.3 s cold at 2*10^5 rows), and is exact.
+# Up to this many rows (in the whole snapshot, or in a --under subtree) search brute-forces them.
+# bench_scale.py, quiet run: 27 ms per query at 10^5 rows, half the inverted file's 52 ms; at
+# 10^6 brute force was ~10x slower than it. The crossover lies between; 2*10^5 rows still fit the
+# 0.5 s target by linear extrapolation of the 10^5 figures (README: "Search at scale").
 EXACT_MAX_ROWS = 200_000
 EXACT_MAX_ROWS_ENV = "CLIPGREP_EXACT_MAX_ROWS"
-ROWS_PER_PARTITION = 512  # ~sqrt(N)/2 partitions at 10^6: a cheap centroid scan, small ranges to read
-NPROBE_FRACTION = 1 / 64  # with MIN_NPROBE: recall@10 0.999 at 10^5 and 10^6 clustered rows (bench_scale.py)
+ROWS_PER_PARTITION = 512  # ~2*sqrt(N) partitions at 10^6: a cheap centroid scan, small ranges to read
+NPROBE_FRACTION = 1 / 64  # with MIN_NPROBE: recall@10 1.0 / 0.999 at 10^5 / 10^6 clustered rows (16: 0.98 / 0.97)
 MIN_NPROBE = 32
 RESCORE = 200  # candidates rescored exactly, at least RESCORE_PER_RESULT * k
 RESCORE_PER_RESULT = 20
@@ -124,7 +126,7 @@ class Ivf:
         return np.concatenate(found_rows), np.concatenate(found_scores)
 
 
-def approximate_index(snapshot: Snapshot, rows: int, k: int = 10) -> Ivf | None:
+def approximate_index(snapshot: Snapshot, rows: int, k: int) -> Ivf | None:
     """The inverted file to search ``rows`` rows of ``snapshot`` for the top ``k`` with, or None
     to brute-force them: few rows, or a ``k`` too big for the rows that ``nprobe`` partitions hold."""
     ivf = load_ivf(snapshot.generation, len(snapshot), snapshot.vectors.shape[1])

@@ -122,8 +122,8 @@ def rank(snapshot: Snapshot, query: np.ndarray, *, k: int | None = DEFAULT_TOP, 
     if stop <= start:
         return Hits()
     ivf = approximate_index(snapshot, stop - start, k) if k is not None and threshold is None else None
-    if ivf is not None:
-        found, scores = ivf.top(snapshot.vectors, query, k or DEFAULT_TOP, within=rows if under else None)
+    if ivf is not None and k is not None:
+        found, scores = ivf.top(snapshot.vectors, query, k, within=rows if under else None)
         matches = stop - start
     else:
         scores = snapshot.vectors[rows] @ query

@@ -74,7 +74,7 @@ def recall(found: list[list[str]], truth: list[list[str]]) -> float:
 
 def test_above_the_threshold_search_is_approximate_with_high_recall(big) -> None:
     snap, queries = big
-    ivf = approximate_index(snap, len(snap))
+    ivf = approximate_index(snap, len(snap), 10)
     assert ivf is not None and ivf.nprobe < ivf.partitions  # it does not read every row
     found = [[h.path for h in rank(snap, q, k=10)] for q in queries]
     assert recall(found, [exact(snap, q, 10) for q in queries]) >= 0.95
@@ -98,7 +98,7 @@ def test_a_small_subtree_is_searched_exactly(big) -> None:
     snap, queries = big
     # Subtrees of at most EXACT_MAX rows inside a big snapshot: brute force, recall 1.
     small = np.flatnonzero([snap.path(i).startswith("/lib/b/3/") for i in range(len(snap))])
-    assert 0 < len(small) <= EXACT_MAX and approximate_index(snap, len(small)) is None
+    assert 0 < len(small) <= EXACT_MAX and approximate_index(snap, len(small), 10) is None
     for q in queries[:10]:
         assert [h.path for h in rank(snap, q, k=10, under="/lib/b/3")] == exact(snap, q, 10, small)
 
