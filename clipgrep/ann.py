@@ -100,15 +100,15 @@ class Ivf:
             best = np.argpartition(-approx, keep - 1)[:keep]
             candidates = candidates[best]
         candidates = np.sort(candidates)  # ascending rows: the float32 reads go forward through the file
-        return candidates, np.asarray(vectors[candidates] @ query, dtype=np.float32)
+        exact = _read_ranges(vectors, [(int(r), int(r) + 1) for r in candidates]) @ query
+        return candidates, np.asarray(exact, dtype=np.float32)
 
     def _scan(self, partitions: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ranges = [(int(self.offsets[p]), int(self.offsets[p + 1])) for p in partitions]
         if not ranges:
             return np.empty(0, np.int64), np.empty(0, np.float32)
-        codes = np.concatenate([self.codes[a:b] for a, b in ranges])
-        rows = np.concatenate([self.rows[a:b] for a, b in ranges])
-        return rows, codes.astype(np.float32) @ (query * self.scales)
+        codes = _read_ranges(self.codes, ranges)
+        return _read_ranges(self.rows, ranges), codes.astype(np.float32) @ (query * self.scales)
 
     def _scan_within(self, order: np.ndarray, query: np.ndarray, within: slice) -> tuple[np.ndarray, np.ndarray]:
         """Probe partitions nearest first until as many rows of the subtree were scored as an
@@ -124,6 +124,32 @@ class Ivf:
             if seen >= wanted:
                 break
         return np.concatenate(found_rows), np.concatenate(found_scores)
+
+
+def _read_ranges(array: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
+    """``array[a:b]`` for each range, concatenated; from a memory-mapped file, one ``pread`` per
+    range. Page faults read ahead in small steps: cold, 200 single rows of a 10^6-row file took
+    0.9 s through the mapping and 0.05 s by pread."""
+    filename, offset = getattr(array, "filename", None), getattr(array, "offset", 0)
+    row_bytes = array.itemsize * int(np.prod(array.shape[1:]))
+    try:
+        whole_file = filename is not None and os.path.getsize(filename) == offset + len(array) * row_bytes
+        if not (whole_file and array.flags.c_contiguous):
+            return _sliced(array, ranges)
+        fd = os.open(filename, os.O_RDONLY)  # type: ignore[arg-type]  # whole_file: not None
+    except OSError:  # the generation was replaced and deleted meanwhile: the mapping still reads it
+        return _sliced(array, ranges)
+    try:
+        data = b"".join(os.pread(fd, (b - a) * row_bytes, offset + a * row_bytes) for a, b in ranges)
+    finally:
+        os.close(fd)
+    if len(data) != sum(b - a for a, b in ranges) * row_bytes:
+        return _sliced(array, ranges)
+    return np.frombuffer(data, dtype=array.dtype).reshape(-1, *array.shape[1:])
+
+
+def _sliced(array: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
+    return np.concatenate([array[a:b] for a, b in ranges]) if ranges else np.asarray(array[:0])
 
 
 def approximate_index(snapshot: Snapshot, rows: int, k: int) -> Ivf | None:
