@@ -105,8 +105,6 @@ class Ivf:
 
     def _scan(self, partitions: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ranges = [(int(self.offsets[p]), int(self.offsets[p + 1])) for p in partitions]
-        if not ranges:
-            return np.empty(0, np.int64), np.empty(0, np.float32)
         codes = _read_ranges(self.codes, ranges)
         return _read_ranges(self.rows, ranges), codes.astype(np.float32) @ (query * self.scales)
 
