@@ -110,24 +110,36 @@ def _encode_image_queries(encoder: QueryEncoder, paths: list[Path | None]) -> np
 
 def rank(snapshot: Snapshot, query: np.ndarray, *, k: int | None = DEFAULT_TOP, threshold: float | None = None,
          under: str | None = None) -> Hits:
-    """Top ``k`` rows by cosine (all when k is None), optionally within a subtree and above a threshold."""
+    """Top ``k`` rows by cosine (all when k is None), optionally within a subtree and above a threshold.
+
+    Exact, except a top-k without threshold over more rows than the snapshot's inverted file
+    leaves to brute force (``clipgrep.ann``); its scores are still exact. A threshold means
+    every row at or above it, so it always reads every row in range.
+    """
+    from .ann import approximate_index
+
     rows = snapshot.subtree(under) if under else slice(0, len(snapshot))
-    vectors = snapshot.vectors[rows]
-    if len(vectors) == 0:
+    start, stop = rows.start or 0, rows.stop if rows.stop is not None else len(snapshot)
+    if stop <= start:
         return Hits()
-    scores = vectors @ query
-    if threshold is not None:
-        candidates = np.flatnonzero(scores >= threshold)
+    ivf = approximate_index(snapshot, stop - start, k) if k is not None and threshold is None else None
+    if ivf is not None and k is not None:
+        found, scores = ivf.top(snapshot.vectors, query, k, within=rows if under else None)
+        matches = stop - start
     else:
-        candidates = np.arange(len(scores))
+        scores = snapshot.vectors[rows] @ query
+        found = np.arange(start, stop)
+        if threshold is not None:
+            keep = np.flatnonzero(scores >= threshold)
+            found, scores = found[keep], scores[keep]
+        matches = len(found)
     left_out = 0
-    if k is not None and len(candidates) > k:
-        left_out = len(candidates) - k
-        top = np.argpartition(-scores[candidates], k - 1)[:k]
-        candidates = candidates[top]
-    order = candidates[np.lexsort((candidates, -scores[candidates]))]  # score desc, then path order
-    start = rows.start or 0
-    return Hits((Hit(float(scores[i]), snapshot.path(start + int(i))) for i in order), left_out)
+    if k is not None and len(found) > k:
+        left_out = matches - k
+        top = np.argpartition(-scores, k - 1)[:k]
+        found, scores = found[top], scores[top]
+    order = np.lexsort((found, -scores))  # score desc, then path order
+    return Hits((Hit(float(scores[i]), snapshot.path(int(found[i]))) for i in order), left_out)
 
 
 # A URL or object-store key (s3://bucket/key): imported rows keep such paths as given.

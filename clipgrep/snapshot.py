@@ -8,7 +8,8 @@ source of truth: a lost or damaged snapshot is rebuilt by ``clipgrep index``.
 Layout of ``$CLIPGREP_HOME/index/snapshots/<bundle_id>/``::
 
     CURRENT            name of the live generation (replaced atomically)
-    g<ns>-<pid>/       one generation, never modified once CURRENT names it
+    g<ns>-<pid>/       one generation, never modified once CURRENT names it (but for
+                       the atomic addition of ivf/, see clipgrep.ann)
         vectors.npy        float32 [N, D]
         path_bytes.npy     uint8: every path's os.fsencode bytes, concatenated in sorted order
         path_offsets.npy   int64 [N + 1]: path i is path_bytes[offsets[i]:offsets[i + 1]]
@@ -68,6 +69,7 @@ class Snapshot:
     indexed_ns: np.ndarray
     fingerprint_bytes: np.ndarray  # bytes_ [N]
     meta: dict[str, Any] = field(default_factory=dict)
+    generation: Path | None = None  # its directory, where clipgrep.ann finds an inverted file
 
     def __len__(self) -> int:
         return len(self.path_offsets) - 1
@@ -123,8 +125,8 @@ class Snapshot:
 
 def write_snapshot(directory: Path, paths: Sequence[str | bytes], vectors: np.ndarray, sizes: IntColumn,
                    mtimes_ns: IntColumn, indexed_ns: IntColumn, fingerprints: Sequence[str],
-                   meta: dict[str, Any]) -> None:
-    """Write a new generation under ``directory`` and switch readers to it atomically.
+                   meta: dict[str, Any]) -> Path:
+    """Write a new generation under ``directory``, switch readers to it atomically, return it.
 
     Rows may come in any order; they are sorted by path bytes here. Call under the index
     lock: two concurrent writers would delete each other's generations.
@@ -144,6 +146,7 @@ def write_snapshot(directory: Path, paths: Sequence[str | bytes], vectors: np.nd
     _fsync_dir(generation)
     _switch_pointer(directory, generation.name)
     _remove_other_generations(directory, keep=generation.name)
+    return generation
 
 
 def snapshot_in_memory(paths: Sequence[str | bytes], vectors: np.ndarray, sizes: IntColumn, mtimes_ns: IntColumn,
@@ -258,7 +261,7 @@ def _load_generation(generation: Path) -> Snapshot:
     if problem:
         raise _damaged(generation.parent, problem)
     return Snapshot(arrays["path_bytes"], arrays["path_offsets"], arrays["vectors"], arrays["sizes"],
-                    arrays["mtimes_ns"], arrays["indexed_ns"], arrays["fingerprints"], meta)
+                    arrays["mtimes_ns"], arrays["indexed_ns"], arrays["fingerprints"], meta, generation)
 
 
 def _inconsistency(meta: Any, arrays: dict[str, np.ndarray]) -> str | None:

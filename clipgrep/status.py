@@ -25,7 +25,8 @@ def disk_bytes(path: Path) -> int:
 
 def index_status(model: str | None = None) -> dict[str, Any]:
     """Roots (with their excludes), files, model, row count, skipped count, size on disk, last run,
-    vector index."""
+    vector index, how search searches."""
+    from .ann import search_mode
     from .errors import ModelNotFound
     from .index.freshness import current_snapshot, skipped_in
     from .index.roots import RootSet
@@ -54,6 +55,7 @@ def index_status(model: str | None = None) -> dict[str, Any]:
         "last_run": run.get("finished", "never"),
         # Recorded by the last index run, so status need not load LanceDB (~1 s).
         "vector_index": bool(snapshot.meta.get("vector_index")) if snapshot is not None else False,
+        "search": search_mode(snapshot),  # exact, or approximate above ann.EXACT_MAX_ROWS rows
     })
     return info
 

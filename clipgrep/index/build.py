@@ -220,6 +220,9 @@ class _Run:
         self.report.scan_problems = [(p.path, p.reason) for p in result.problems]
         self._tick(phase="planning", scanned=len(result.files))
         if self._snapshot_is_current(result.files):
+            from ..ann import ensure_ivf
+
+            ensure_ivf(self.snapshot_path)  # redoes a build that was killed after its snapshot was published
             self._record_devices()
             return self.report
         from ..store import IndexStore

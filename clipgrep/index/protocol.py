@@ -139,6 +139,7 @@ def _no_vectors(store: IndexStore) -> Any:  # an np.ndarray; numpy is imported l
 def publish(store: IndexStore, vector_index: bool | None = None) -> tuple[int, dict[str, Skipped]]:
     """Export the table's indexed rows as the search snapshot, stamped with the version they were
     read at; returns the rows and the skip notes it recorded."""
+    from ..ann import build_ivf
     from ..snapshot import write_snapshot
     from .freshness import snapshot_meta
     from .roots import RootSet
@@ -147,7 +148,8 @@ def publish(store: IndexStore, vector_index: bool | None = None) -> tuple[int, d
     if vector_index is None:
         vector_index = store.has_vector_index()
     meta = snapshot_meta(store.bundle_id, version, vector_index, RootSet.load(store.directory), skipped)
-    commit("publish", lambda: write_snapshot(snapshot_dir(store.bundle_id), *rows, meta=meta))
+    generation = commit("publish", lambda: write_snapshot(snapshot_dir(store.bundle_id), *rows, meta=meta))
+    build_ivf(generation)  # a big snapshot's inverted file; search is exact until it is complete
     return len(rows.paths), skipped
 
 

@@ -1,0 +1,294 @@
+"""Approximate search for big snapshots: an IVF partitioning of the snapshot's own vectors.
+
+Brute force reads every vector per query (2 GB at 10^6 rows), so above
+``exact_max_rows()`` rows an index run adds an inverted file to the snapshot
+generation it just published: spherical k-means centroids, and every row's vector
+as int8 codes stored grouped by partition. A query scores the centroids, reads
+the codes of the ``nprobe`` nearest partitions (a few contiguous ranges), and
+rescores the best ``RESCORE`` candidates exactly with the snapshot's float32
+vectors, so returned scores are exact. benchmarks/bench_scale.py measured this
+against LanceDB's IVF_PQ/IVF_HNSW_SQ and an int8 snapshot (README: "Search at scale").
+
+Layout, inside a snapshot generation (numpy + stdlib, memory-mapped)::
+
+    ivf/                   present only when complete (written as .ivf-<pid>, then renamed)
+        centroids.npy      float32 [P, D], unit rows
+        offsets.npy        int64 [P + 1]: partition p holds grouped rows offsets[p]:offsets[p + 1]
+        rows.npy           int64 [N]: the snapshot row of each grouped row
+        codes.npy          int8 [N, D]: round(vector / scales), grouped
+        scales.npy         float32 [D]: per-dimension step, so q . v ~= (q * scales) . codes
+        meta.json          format, rows, partitions, nprobe, exact_max_rows
+
+A generation without ``ivf/`` (small, or its build was interrupted) is searched
+exactly; so is one whose ``ivf/`` does not match it. Nothing here ever fails a search.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .snapshot import Snapshot
+
+FORMAT = "clipgrep-ivf"
+FORMAT_VERSION = 1
+DIRECTORY = "ivf"
+# Up to this many rows (in the whole snapshot, or in a --under subtree) search brute-forces them.
+# bench_scale.py, quiet run: 27 ms per query at 10^5 rows, half the inverted file's 52 ms; at
+# 10^6 brute force was ~10x slower than it. The crossover lies between; 2*10^5 rows still fit the
+# 0.5 s target by linear extrapolation of the 10^5 figures (README: "Search at scale").
+EXACT_MAX_ROWS = 200_000
+EXACT_MAX_ROWS_ENV = "CLIPGREP_EXACT_MAX_ROWS"
+ROWS_PER_PARTITION = 512  # ~2*sqrt(N) partitions at 10^6: a cheap centroid scan, small ranges to read
+NPROBE_FRACTION = 1 / 64  # with MIN_NPROBE: recall@10 1.0 / 0.999 at 10^5 / 10^6 clustered rows (16: 0.98 / 0.97)
+MIN_NPROBE = 32
+RESCORE = 200  # candidates rescored exactly, at least RESCORE_PER_RESULT * k
+RESCORE_PER_RESULT = 20
+KMEANS_SAMPLE_PER_PARTITION = 32
+KMEANS_ITERATIONS = 8
+CHUNK_ROWS = 65_536  # rows per step of assignment and encoding: bounded memory whatever N is
+
+
+def exact_max_rows() -> int:
+    """Rows up to which search stays exact (``CLIPGREP_EXACT_MAX_ROWS`` overrides, e.g. in tests)."""
+    value = os.environ.get(EXACT_MAX_ROWS_ENV, "")
+    return int(value) if value.isdigit() else EXACT_MAX_ROWS
+
+
+@dataclass(frozen=True)
+class Ivf:
+    """One generation's inverted file, memory-mapped. Load with ``load_ivf``."""
+
+    centroids: np.ndarray
+    offsets: np.ndarray
+    rows: np.ndarray
+    codes: np.ndarray
+    scales: np.ndarray
+    nprobe: int
+    exact_max_rows: int
+
+    @property
+    def partitions(self) -> int:
+        return len(self.centroids)
+
+    @property
+    def probed_rows(self) -> float:
+        """Rows an unfiltered query scores, on average."""
+        return self.nprobe * len(self.rows) / max(self.partitions, 1)
+
+    def describe(self) -> str:
+        return f"approximate (IVF, {self.partitions} partitions, {self.nprobe} probed, exact rescoring)"
+
+    def top(self, vectors: np.ndarray, query: np.ndarray, k: int, within: slice | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+        """Snapshot rows of (about) the ``k`` best matches, optionally only rows in ``within``, and
+        their exact scores against ``vectors`` (the snapshot's float32 rows)."""
+        order = np.argsort(-(self.centroids @ query), kind="stable")
+        if within is None:  # every probed row counts
+            candidates, approx = self._scan(order[:self.nprobe], query)
+        else:
+            candidates, approx = self._scan_within(order, query, within)
+        keep = max(RESCORE, RESCORE_PER_RESULT * k)
+        if len(candidates) > keep:
+            best = np.argpartition(-approx, keep - 1)[:keep]
+            candidates = candidates[best]
+        candidates = np.sort(candidates)  # ascending rows: the float32 reads go forward through the file
+        exact = _read_ranges(vectors, [(int(r), int(r) + 1) for r in candidates]) @ query
+        return candidates, np.asarray(exact, dtype=np.float32)
+
+    def _scan(self, partitions: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ranges = [(int(self.offsets[p]), int(self.offsets[p + 1])) for p in partitions]
+        codes = _read_ranges(self.codes, ranges)
+        return _read_ranges(self.rows, ranges), codes.astype(np.float32) @ (query * self.scales)
+
+    def _scan_within(self, order: np.ndarray, query: np.ndarray, within: slice) -> tuple[np.ndarray, np.ndarray]:
+        """Probe partitions nearest first until as many rows of the subtree were scored as an
+        unfiltered query scores (so a subtree's recall does not collapse), or all were probed."""
+        wanted = self.probed_rows
+        found_rows, found_scores, seen = [], [], 0
+        for start in range(0, len(order), self.nprobe):
+            rows, scores = self._scan(order[start:start + self.nprobe], query)
+            inside = (rows >= within.start) & (rows < within.stop)
+            found_rows.append(rows[inside])
+            found_scores.append(scores[inside])
+            seen += int(inside.sum())
+            if seen >= wanted:
+                break
+        return np.concatenate(found_rows), np.concatenate(found_scores)
+
+
+def _read_ranges(array: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
+    """``array[a:b]`` for each range, concatenated; from a memory-mapped file, one ``pread`` per
+    range. Page faults read ahead in small steps: cold, 200 single rows of a 10^6-row file took
+    0.9 s through the mapping and 0.05 s by pread."""
+    filename, offset = getattr(array, "filename", None), getattr(array, "offset", 0)
+    row_bytes = array.itemsize * int(np.prod(array.shape[1:]))
+    try:
+        whole_file = filename is not None and os.path.getsize(filename) == offset + len(array) * row_bytes
+        if not (whole_file and array.flags.c_contiguous):
+            return _sliced(array, ranges)
+        fd = os.open(filename, os.O_RDONLY)  # type: ignore[arg-type]  # whole_file: not None
+    except OSError:  # the generation was replaced and deleted meanwhile: the mapping still reads it
+        return _sliced(array, ranges)
+    try:
+        data = b"".join(os.pread(fd, (b - a) * row_bytes, offset + a * row_bytes) for a, b in ranges)
+    finally:
+        os.close(fd)
+    if len(data) != sum(b - a for a, b in ranges) * row_bytes:
+        return _sliced(array, ranges)
+    return np.frombuffer(data, dtype=array.dtype).reshape(-1, *array.shape[1:])
+
+
+def _sliced(array: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
+    return np.concatenate([array[a:b] for a, b in ranges]) if ranges else np.asarray(array[:0])
+
+
+def approximate_index(snapshot: Snapshot, rows: int, k: int) -> Ivf | None:
+    """The inverted file to search ``rows`` rows of ``snapshot`` for the top ``k`` with, or None
+    to brute-force them: few rows, or a ``k`` too big for the rows that ``nprobe`` partitions hold."""
+    ivf = load_ivf(snapshot.generation, len(snapshot), snapshot.vectors.shape[1])
+    if ivf is None or rows <= ivf.exact_max_rows or RESCORE_PER_RESULT * k > ivf.probed_rows:
+        return None
+    return ivf
+
+
+def search_mode(snapshot: Snapshot | None) -> str:
+    """How ``clipgrep search`` searches the whole of ``snapshot``, in words (for status); a ``-k``
+    beyond what the probed partitions hold is still exact."""
+    ivf = None if snapshot is None else load_ivf(snapshot.generation, len(snapshot), snapshot.vectors.shape[1])
+    return ivf.describe() if snapshot is not None and ivf is not None and len(snapshot) > ivf.exact_max_rows \
+        else "exact"
+
+
+def load_ivf(generation: Path | None, rows: int, dim: int) -> Ivf | None:
+    """The complete inverted file of a generation of ``rows`` x ``dim`` vectors, or None
+    (none built, build interrupted, generation replaced meanwhile, or damaged)."""
+    if generation is None:
+        return None
+    directory = generation / DIRECTORY
+    try:
+        meta = json.loads((directory / "meta.json").read_bytes())
+        arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+                  for name in ("centroids", "offsets", "rows", "codes", "scales")}
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(meta, dict) and meta.get("format") == FORMAT and meta.get("format_version") == FORMAT_VERSION
+            and meta.get("rows") == rows and arrays["codes"].shape == (rows, dim)
+            and arrays["rows"].shape == (rows,) and arrays["scales"].shape == (dim,)
+            and arrays["centroids"].ndim == 2 and arrays["centroids"].shape[1] == dim
+            and arrays["offsets"].shape == (len(arrays["centroids"]) + 1,)
+            and arrays["offsets"][-1] == rows):
+        return None
+    return Ivf(arrays["centroids"], arrays["offsets"], arrays["rows"], arrays["codes"], arrays["scales"],
+               int(meta.get("nprobe", MIN_NPROBE)), int(meta.get("exact_max_rows", EXACT_MAX_ROWS)))
+
+
+def ensure_ivf(snapshot_directory: Path) -> bool:
+    """``build_ivf`` for the live generation of a snapshot directory, if there is one."""
+    from .snapshot import read_snapshot
+
+    snapshot = read_snapshot(snapshot_directory)
+    return snapshot is not None and snapshot.generation is not None and build_ivf(snapshot.generation)
+
+
+def build_ivf(generation: Path, *, seed: int = 0, rows_per_partition: int = ROWS_PER_PARTITION) -> bool:
+    """Add an inverted file to ``generation`` if it has more rows than ``exact_max_rows()``;
+    True when it has one afterwards. Reads the vectors memory-mapped, in chunks.
+
+    Written to a temporary directory and renamed into place, so a search sees a complete
+    inverted file or none; a killed build leaves only a temporary directory, which the
+    next build (or the next snapshot write, with the whole generation) removes. Call under
+    the index lock.
+    """
+    vectors = np.load(generation / "vectors.npy", mmap_mode="r", allow_pickle=False)
+    limit = exact_max_rows()
+    if len(vectors) <= limit:
+        return False
+    if load_ivf(generation, len(vectors), vectors.shape[1]) is not None:
+        return True
+    n = len(vectors)
+    partitions = max(1, min(n // rows_per_partition, 65_536))  # capped: every query reads all centroids
+    centroids = _kmeans(vectors, partitions, np.random.default_rng(seed))
+    labels = np.concatenate([_nearest(vectors[a:a + CHUNK_ROWS], centroids) for a in range(0, n, CHUNK_ROWS)])
+    for stale in generation.glob(f".{DIRECTORY}-*"):  # left by killed builds
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = generation / f".{DIRECTORY}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        _write_ivf(tmp, vectors, centroids, labels, limit)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.replace(tmp, generation / DIRECTORY)
+    _fsync(generation)
+    return True
+
+
+def _write_ivf(tmp: Path, vectors: np.ndarray, centroids: np.ndarray, labels: np.ndarray, limit: int) -> None:
+    n, partitions = len(vectors), len(centroids)
+    grouped = np.argsort(labels, kind="stable").astype(np.int64)  # by partition, then by snapshot row
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=partitions))]).astype(np.int64)
+    # Per-dimension steps from a sample: CLIP embeddings have a few dims far wider than the rest.
+    sample = np.asarray(vectors[_sample_rows(n, 65_536, np.random.default_rng(n))], dtype=np.float32)
+    scales = (np.abs(sample).max(axis=0) * 1.05 / 127).astype(np.float32)  # headroom for unseen rows
+    scales[scales == 0] = 1.0
+    codes = np.lib.format.open_memmap(tmp / "codes.npy", mode="w+", dtype=np.int8, shape=vectors.shape)
+    for a in range(0, n, CHUNK_ROWS):
+        take = grouped[a:a + CHUNK_ROWS]
+        order = np.argsort(take)  # read the float32 rows in file order, write them grouped
+        chunk = np.empty((len(take), vectors.shape[1]), np.float32)
+        chunk[order] = vectors[take[order]]
+        codes[a:a + len(take)] = np.clip(np.rint(chunk / scales), -127, 127).astype(np.int8)
+    codes.flush()
+    del codes
+    nprobe = min(partitions, max(MIN_NPROBE, math.ceil(partitions * NPROBE_FRACTION)))
+    meta: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "rows": n, "partitions": partitions,
+                            "nprobe": nprobe, "exact_max_rows": limit}
+    for name, array in (("centroids", centroids), ("offsets", offsets), ("rows", grouped), ("scales", scales)):
+        np.save(tmp / f"{name}.npy", array, allow_pickle=False)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    for entry in tmp.iterdir():
+        _fsync(entry)
+    _fsync(tmp)
+
+
+def _kmeans(vectors: np.ndarray, partitions: int, rng: np.random.Generator) -> np.ndarray:
+    """Spherical k-means on a sample: unit centroids maximising the dot product."""
+    sample = np.asarray(vectors[_sample_rows(len(vectors), partitions * KMEANS_SAMPLE_PER_PARTITION, rng)],
+                        dtype=np.float32)
+    centroids = sample[rng.choice(len(sample), partitions, replace=False)].copy()
+    for _ in range(KMEANS_ITERATIONS):
+        labels = _nearest(sample, centroids)
+        counts = np.bincount(labels, minlength=partitions)
+        sums = np.empty_like(centroids)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        filled = counts > 0  # reduceat over the non-empty runs of the label-sorted sample
+        sums[filled] = np.add.reduceat(sample[np.argsort(labels, kind="stable")], starts[filled], axis=0)
+        sums[~filled] = sample[rng.choice(len(sample), int((~filled).sum()))]  # restart empty ones on a sample row
+        centroids = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+    return centroids.astype(np.float32)
+
+
+def _nearest(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    return np.argmax(np.asarray(vectors, dtype=np.float32) @ centroids.T, axis=1).astype(np.int64)
+
+
+def _sample_rows(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    return np.arange(n) if n <= size else np.sort(rng.choice(n, size, replace=False))
+
+
+def _fsync(path: Path) -> None:
+    if path.is_dir() and os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
