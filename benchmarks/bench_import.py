@@ -87,7 +87,7 @@ def query_ms(bundle, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-out/import"))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     export, checkpoint = build_sources(args.out)
@@ -102,7 +102,7 @@ def main() -> None:
         export_mb = sum(p.stat().st_size for p in export.rglob("*") if p.is_file()) / 1e6
         bundles = {"imported": (imported, import_s), "converted": (converted, convert_s)}
         speed: dict[str, dict[str, list[float]]] = {label: {"img": [], "ms": []} for label in bundles}
-        for repeat in range(args.repeats):  # alternate the order: the machine is shared
+        for repeat in range(args.repeats):  # interleaved, the order alternating: the machine is shared
             for label in (list(bundles) if repeat % 2 == 0 else list(bundles)[::-1]):
                 log(f"measuring {label} ({repeat + 1}/{args.repeats})...")
                 speed[label]["img"].append(image_throughput(bundles[label][0], 1))
@@ -115,12 +115,37 @@ def main() -> None:
                          f"{statistics.median(speed[label]['ms']):.1f}", bundle.manifest["tokenizer"]["kind"],
                          f"{quantized['image']['chosen']} / {quantized['text']['chosen']}",
                          f"{bundle.manifest['parity']['image']['min_cos']:.4f}"))
+        # Paired ratios: imported / converted within the same repeat, so load shared by both cancels out.
+        img_ratio = [i / c for i, c in zip(speed["imported"]["img"], speed["converted"]["img"])]
+        ms_ratio = [i / c for i, c in zip(speed["imported"]["ms"], speed["converted"]["ms"])]
+        ops = {label: _int8_ops(bundle) for label, (bundle, _) in bundles.items()}
     print(f"ViT-B-32 (random weights), {os.cpu_count()} CPUs visible; export in Immich's layout {export_mb:.0f} MB\n")
     print("| bundle | models add (s) | int8 size (MB) | image img/s (batch 16) | text ms/query | tokenizer "
           "| int8 image / text | gate image min cos |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    print(f"\nimported / converted, paired per repeat ({args.repeats} interleaved repeats): image img/s "
+          f"median {statistics.median(img_ratio):.3f} (range {min(img_ratio):.3f}-{max(img_ratio):.3f}); "
+          f"text ms/query median {statistics.median(ms_ratio):.3f} (range {min(ms_ratio):.3f}-{max(ms_ratio):.3f})")
+    for tower in ("image", "text"):
+        same = ops["imported"][tower] == ops["converted"][tower]
+        print(f"int8 {tower} graphs: quantised op counts {'identical' if same else 'DIFFER'}: "
+              f"imported {ops['imported'][tower]}, converted {ops['converted'][tower]}")
+
+
+def _int8_ops(bundle) -> dict[str, dict[str, int]]:
+    """How many nodes of each int8 kind (and Conv) each tower has: the same model must get the same pattern."""
+    from collections import Counter
+
+    from clipgrep.convert.dynamic_int8 import read_model
+
+    kinds = ("MatMulInteger", "DynamicQuantizeLinear", "DequantizeLinear", "ConvInteger", "Conv")
+    counts = {}
+    for tower, spec in (("image", bundle.image), ("text", bundle.text)):
+        nodes = Counter(n.op_type for n in read_model(bundle.file(spec.file), with_weights=False).graph.node)
+        counts[tower] = {k: nodes[k] for k in kinds if nodes[k]}
+    return counts
 
 
 if __name__ == "__main__":
