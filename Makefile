@@ -11,8 +11,9 @@ export TORCH_INDEX_URL
 BASE_VENV ?= .venv-base
 LATEST_VENV ?= .venv-latest
 SIZE_VENV ?= .venv-size
-# What the base install may take on disk (MiB, all distributions in a fresh venv): see check-size.
-BASE_BUDGET_MIB ?= 650
+# What the base install may take on disk (MiB, all distributions in a fresh venv; 642.2 measured
+# with constraints.txt on Linux x86_64, Python 3.11): see check-size.
+BASE_BUDGET_MIB ?= 645
 
 .PHONY: test lint check-wheel test-base test-latest check-size golden bench bench-compress clean
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .. import onnx_proto as pb
+from ..errors import ClipgrepError
 
 FLOAT, UINT8, INT8 = 1, 2, 3  # TensorProto.DataType
 _QUANT = "_quantized"
@@ -45,7 +46,8 @@ def _load_external(tensor: Any, base: Path) -> None:
     info = {entry.key: entry.value for entry in tensor.external_data}
     location = Path(info["location"])
     if location.is_absolute() or ".." in location.parts:
-        raise ValueError(f"external data of {tensor.name} points outside the model's folder: {location}")
+        raise ClipgrepError(f"{base}: the weights of {tensor.name} point outside the model's folder ({location})",
+                            "use a model whose external data files lie beside it")
     with open(base / location, "rb") as f:
         f.seek(int(info.get("offset", 0)))
         tensor.raw_data = f.read(int(info["length"])) if "length" in info else f.read()
@@ -255,7 +257,8 @@ def quantize_model(src: Path, dst: Path) -> None:
     """Write the int8 version of the fp32 model ``src`` to ``dst`` (weights inline: int8 graphs stay under 2 GB)."""
     model = read_model(src)
     if not any(op.domain in ("", "ai.onnx") and op.version >= 11 for op in model.opset_import):
-        raise ValueError(f"{src}: int8 quantisation needs ONNX opset 11 or newer (DynamicQuantizeLinear)")
+        raise ClipgrepError(f"{src}: int8 quantisation needs ONNX opset 11 or newer (DynamicQuantizeLinear)",
+                            "install it with --precision fp32, or re-export it with a newer opset")
     _replace_gemm_with_matmul(model.graph)
     _Quantizer(model.graph).run()
     model.producer_name, model.producer_version = "clipgrep", ""
