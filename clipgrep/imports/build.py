@@ -108,14 +108,14 @@ def _copy_fp32(src: Path, dst: Path) -> None:
     from ..onnx_proto import StringStringEntryProto, TensorProto
 
     model = read_model(src, with_weights=False)
-    external = [t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    external = {t.name for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
     if not external:
         shutil.copyfile(src, dst)
         return
     model = read_model(src)  # resolves the external weights next to src
     location, offset = dst.name + ".data", 0
     with open(dst.parent / location, "wb") as data:
-        for tensor in (t for t in model.graph.initializer if t.name in {e.name for e in external}):
+        for tensor in (t for t in model.graph.initializer if t.name in external):
             data.write(tensor.raw_data)
             tensor.external_data.extend([StringStringEntryProto(key="location", value=location),
                                          StringStringEntryProto(key="offset", value=str(offset)),
