@@ -8,9 +8,13 @@ as a safetensors checkpoint, then in a fresh CLIPGREP_HOME:
    conversion `add_model(arch=ViT-B-32, checkpoint=...)` of the same weights;
 2. measures both int8 bundles: image encode throughput at batch 16 on
    preprocessed arrays (img/s; the imported towers are batch-1 graphs run row by
-   row), text latency per short query (ms, tokenisation included), sizes.
+   row), text latency per short query (ms, tokenisation included), sizes;
+3. the speed ratio imported / converted, paired within each of --repeats
+   interleaved repeats (so machine load hits both): image at batch 16 and row by
+   row (the shape both can run), text per query; and the int8 node counts of
+   both towers (the quantisation rule must give the same pattern).
 
-Prints one markdown table to stdout; progress to stderr. Medians over --repeats.
+Prints one markdown table and the ratios to stdout; progress to stderr. Medians over --repeats.
 Run from the repository root: `.venv/bin/python benchmarks/bench_import.py`.
 """
 from __future__ import annotations
