@@ -10,8 +10,12 @@ TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 export TORCH_INDEX_URL
 BASE_VENV ?= .venv-base
 LATEST_VENV ?= .venv-latest
+SIZE_VENV ?= .venv-size
+# What the base install may take on disk (MiB, all distributions in a fresh venv; 642.2 measured
+# with constraints.txt on Linux x86_64, Python 3.11): see check-size.
+BASE_BUDGET_MIB ?= 645
 
-.PHONY: test lint check-wheel test-base test-latest golden bench bench-compress clean
+.PHONY: test lint check-wheel test-base test-latest check-size golden bench bench-compress clean
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
@@ -72,6 +76,14 @@ test-latest:
 		| grep -iE '^(numpy|onnxruntime|lancedb|pyarrow|pillow|typer|rich|filelock|pathspec)=='
 	$(LATEST_VENV)/bin/python -m pytest -q -m "not convert"
 
+# The base install (no extras), as a user gets it, must stay within its budget. The table says what
+# each distribution costs and who needs it (tools/install_size.py); the README's table comes from it.
+check-size:
+	rm -rf $(SIZE_VENV)
+	$(PYTHON) -m venv $(SIZE_VENV)
+	$(SIZE_VENV)/bin/python -m pip install -q -c constraints.txt .
+	$(PYTHON) tools/install_size.py --python $(SIZE_VENV)/bin/python --budget-mib $(BASE_BUDGET_MIB)
+
 # Rewrite every golden file (help, output formats, token ids, clipgrep/completions/) from the current output; review the diff.
 golden: $(VENV)/.installed
 	$(PY) -m pytest -q --update-golden -m "not convert"
@@ -87,4 +99,4 @@ bench-compress: $(VENV)/.installed
 	$(PY) benchmarks/bench_compress.py
 
 clean:
-	rm -rf $(VENV) $(BASE_VENV) $(LATEST_VENV) build/wheel bench-out .pytest_cache
+	rm -rf $(VENV) $(BASE_VENV) $(LATEST_VENV) $(SIZE_VENV) build/wheel bench-out .pytest_cache

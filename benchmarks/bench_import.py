@@ -8,9 +8,13 @@ as a safetensors checkpoint, then in a fresh CLIPGREP_HOME:
    conversion `add_model(arch=ViT-B-32, checkpoint=...)` of the same weights;
 2. measures both int8 bundles: image encode throughput at batch 16 on
    preprocessed arrays (img/s; the imported towers are batch-1 graphs run row by
-   row), text latency per short query (ms, tokenisation included), sizes.
+   row), text latency per short query (ms, tokenisation included), sizes;
+3. the speed ratio imported / converted, paired within each of --repeats
+   interleaved repeats (so machine load hits both): image at batch 16 and row by
+   row (the shape both can run), text per query; and the int8 node counts of
+   both towers (the quantisation rule must give the same pattern).
 
-Prints one markdown table to stdout; progress to stderr. Medians over --repeats.
+Prints one markdown table and the ratios to stdout; progress to stderr. Medians over --repeats.
 Run from the repository root: `.venv/bin/python benchmarks/bench_import.py`.
 """
 from __future__ import annotations
@@ -73,6 +77,16 @@ def image_throughput(bundle, repeats: int, n: int = 32) -> float:
     return statistics.median(runs)
 
 
+def image_throughput_rows(bundle, n: int = 16) -> float:
+    """img/s encoding one image per run: the shape Immich's batch-1 graphs always run in."""
+    encoder = bundle.image_encoder()
+    h, w = bundle.preprocess_config["size"]
+    pixels = np.random.default_rng(0).standard_normal((n, 3, h, w), dtype=np.float32)
+    encoder.encode_pixels(pixels[:1])  # warm-up
+    seconds, _ = timed(lambda: [encoder.encode_pixels(pixels[i:i + 1]) for i in range(n)])
+    return n / seconds
+
+
 def query_ms(bundle, repeats: int) -> float:
     encoder = bundle.text_encoder()
     encoder.encode(QUERIES[:1])
@@ -87,7 +101,7 @@ def query_ms(bundle, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-out/import"))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     export, checkpoint = build_sources(args.out)
@@ -101,11 +115,12 @@ def main() -> None:
         convert_s, converted = timed(lambda: add_model("converted", arch="ViT-B-32", checkpoint=checkpoint))
         export_mb = sum(p.stat().st_size for p in export.rglob("*") if p.is_file()) / 1e6
         bundles = {"imported": (imported, import_s), "converted": (converted, convert_s)}
-        speed: dict[str, dict[str, list[float]]] = {label: {"img": [], "ms": []} for label in bundles}
-        for repeat in range(args.repeats):  # alternate the order: the machine is shared
+        speed: dict[str, dict[str, list[float]]] = {label: {"img": [], "rows": [], "ms": []} for label in bundles}
+        for repeat in range(args.repeats):  # interleaved, the order alternating: the machine is shared
             for label in (list(bundles) if repeat % 2 == 0 else list(bundles)[::-1]):
                 log(f"measuring {label} ({repeat + 1}/{args.repeats})...")
                 speed[label]["img"].append(image_throughput(bundles[label][0], 1))
+                speed[label]["rows"].append(image_throughput_rows(bundles[label][0]))
                 speed[label]["ms"].append(query_ms(bundles[label][0], 1))
         rows = []
         for label, (bundle, seconds) in bundles.items():
@@ -115,12 +130,40 @@ def main() -> None:
                          f"{statistics.median(speed[label]['ms']):.1f}", bundle.manifest["tokenizer"]["kind"],
                          f"{quantized['image']['chosen']} / {quantized['text']['chosen']}",
                          f"{bundle.manifest['parity']['image']['min_cos']:.4f}"))
+        # Paired ratios: imported / converted within the same repeat, so load shared by both cancels out.
+        def ratio(key: str) -> str:
+            r = [i / c for i, c in zip(speed["imported"][key], speed["converted"][key])]
+            return f"median {statistics.median(r):.3f} (range {min(r):.3f}-{max(r):.3f})"
+
+        ratios = {key: ratio(key) for key in ("img", "rows", "ms")}
+        ops = {label: _int8_ops(bundle) for label, (bundle, _) in bundles.items()}
     print(f"ViT-B-32 (random weights), {os.cpu_count()} CPUs visible; export in Immich's layout {export_mb:.0f} MB\n")
     print("| bundle | models add (s) | int8 size (MB) | image img/s (batch 16) | text ms/query | tokenizer "
           "| int8 image / text | gate image min cos |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    print(f"\nimported / converted, paired per repeat ({args.repeats} interleaved repeats): "
+          f"image img/s at batch 16 {ratios['img']}; image img/s row by row (the same shape for both) "
+          f"{ratios['rows']}; text ms/query {ratios['ms']}")
+    for tower in ("image", "text"):
+        same = ops["imported"][tower] == ops["converted"][tower]
+        print(f"int8 {tower} graphs: quantised op counts {'identical' if same else 'DIFFER'}: "
+              f"imported {ops['imported'][tower]}, converted {ops['converted'][tower]}")
+
+
+def _int8_ops(bundle) -> dict[str, dict[str, int]]:
+    """How many nodes of each int8 kind (and Conv) each tower has: the same model must get the same pattern."""
+    from collections import Counter
+
+    from clipgrep.convert.dynamic_int8 import read_model
+
+    kinds = ("MatMulInteger", "DynamicQuantizeLinear", "DequantizeLinear", "ConvInteger", "Conv")
+    counts = {}
+    for tower, spec in (("image", bundle.image), ("text", bundle.text)):
+        nodes = Counter(n.op_type for n in read_model(bundle.file(spec.file), with_weights=False).graph.node)
+        counts[tower] = {k: nodes[k] for k in kinds if nodes[k]}
+    return counts
 
 
 if __name__ == "__main__":

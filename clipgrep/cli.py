@@ -65,6 +65,8 @@ def complete_model_names(incomplete: str) -> list[str]:
 ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Model name or bundle dir.",
                                                     show_default="the default model",
                                                     autocompletion=complete_model_names)]
+LangOption = Annotated[str | None, typer.Option(
+    "--lang", help="Query language (fr, ja...) for models that take one (NLLB); others ignore it.")]
 
 
 @app.command("index")
@@ -189,8 +191,7 @@ def search(
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per result.")] = False,
     null: Annotated[bool, typer.Option("--null", "-0", help="End results with NUL instead of newline (xargs -0).")]
     = False,
-    lang: Annotated[str | None, typer.Option(
-        "--lang", help="Query language (fr, ja...) for models that take one (NLLB); others ignore it.")] = None,
+    lang: LangOption = None,
     preview: Annotated[bool, typer.Option("--preview", "-P", help=(
         "Show thumbnails in the terminal (ignored when stdout is not a terminal)."))] = False,
     preview_protocol: Annotated[PreviewProtocol, typer.Option(help="Image protocol; auto reads the environment. "
@@ -294,6 +295,7 @@ def ui(
     no_browser: Annotated[bool, typer.Option("--no-browser", help="Only print the address.")] = False,
     host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback shows your photos to "
                                            "your network (the token still guards them).")] = "127.0.0.1",
+    lang: LangOption = None,
 ) -> None:
     """Browse and search the index in a local web page (needs the ui extra, see the README).
 
@@ -301,6 +303,7 @@ def ui(
     Examples:
       clipgrep ui
       clipgrep ui --port 8765 --no-browser
+      clipgrep ui --model nllb-clip-base-siglip --lang fr
     """
     from .models import load_model
     from .paths import snapshot_dir
@@ -316,7 +319,7 @@ def ui(
     bundle = load_model(model, auto_install=False)
     if read_snapshot(snapshot_dir(bundle.index_id)) is None:
         raise ClipgrepError(f"nothing is indexed with model {bundle.name} yet", "run: clipgrep index DIR")
-    serve(bundle, snapshot_dir(bundle.index_id), host=host, port=port, open_browser=not no_browser,
+    serve(bundle, snapshot_dir(bundle.index_id), host=host, port=port, open_browser=not no_browser, language=lang,
           on_ready=lambda url: render.note(f"serving the page at {url} (Ctrl-C stops it)"))
 
 

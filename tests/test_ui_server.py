@@ -3,11 +3,13 @@ no paths in URLs, deleted and changed files, odd names, search/browse/paging/fil
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("starlette")
@@ -19,8 +21,9 @@ from clipgrep.thumbnails import ThumbnailCache
 from clipgrep.ui import cookie_name, create_app
 from clipgrep.ui.library import parse_web_query
 
-from .fakes import FakeQueryEncoder
-from .test_search import indexed  # noqa: F401  (fixture: a tree indexed under the model 'tiny')
+from .factories import make_contract_bundle
+from .fakes import FakeImageEncoder, FakeQueryEncoder
+from .test_search import indexed, make_tree  # noqa: F401  (fixture: a tree indexed under the model 'tiny')
 from .ui_support import TOKEN, index_photos, make_photos, row_id
 
 BASE = "http://127.0.0.1:8765"
@@ -297,3 +300,52 @@ def test_clipgrep_ui_serves_the_index_on_loopback(indexed: Path) -> None:  # noq
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# --- query language (--lang, as search has it) ----------------------------------------------------
+
+def make_nllb_bundle(directory: Path) -> Path:
+    """The contract bundle with an NLLB-style tokenizer.json: queries take a FLORES-200 language prefix."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from clipgrep.bundle import write_manifest
+
+    make_contract_bundle(directory, name="nllb-tiny")
+    tokenizer = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1, "black": 2, "cat": 3, "fra_Latnblack": 4},
+                                           unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    fields = json.loads((directory / "manifest.json").read_text())
+    fields = {k: v for k, v in fields.items() if k not in ("format", "files", "bundle_id")}
+    fields["tokenizer"] = {"kind": "hf-tokenizers", "file": "tokenizer.json", "context_length": 8,
+                           "pad_token": "<pad>", "clean": "whitespace", "language_prefix": "flores200"}
+    write_manifest(directory, fields)
+    return directory
+
+
+def test_ui_lang_prefixes_text_queries_as_search_does(tmp_path: Path) -> None:
+    from clipgrep.bundle import load_bundle
+    from clipgrep.ranking import BundleQueryEncoder
+    from clipgrep.ui.server import ResidentEncoder
+
+    bundle = load_bundle(make_nllb_bundle(tmp_path / "nllb"))
+    page = ResidentEncoder(bundle, "fr").encode_texts(["black cat"])
+    assert np.array_equal(page, BundleQueryEncoder(bundle, "fr").encode_texts(["black cat"]))  # search --lang fr
+    assert np.array_equal(page, ResidentEncoder(bundle).encode_texts(["fra_Latnblack cat"]))
+    assert not np.array_equal(page, ResidentEncoder(bundle).encode_texts(["black cat"]))
+
+
+def test_ui_refuses_an_unknown_lang_in_one_line_before_serving(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from clipgrep.cli import app
+    from clipgrep.index.build import IndexOptions, update_index
+    from clipgrep.models import add_model
+
+    bundle = add_model("nllb-tiny", checkpoint=make_nllb_bundle(tmp_path / "nllb"))
+    update_index([make_tree(tmp_path / "pics")], bundle=bundle, encoder=FakeImageEncoder(),
+                 options=IndexOptions(workers=0))
+    result = CliRunner().invoke(app, ["ui", "--no-browser", "--model", "nllb-tiny", "--lang", "xx"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "unknown query language 'xx'" in result.stderr
+    assert "--lang" in CliRunner().invoke(app, ["ui", "--help"]).stdout

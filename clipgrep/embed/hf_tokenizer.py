@@ -90,7 +90,7 @@ class HfTokenizer:
     def encode_with_mask(self, texts: Sequence[str], language: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(texts, str):
             texts = [texts]
-        prefix = flores_code(language) if language and self.language_prefix == "flores200" else ""
+        prefix = self.prefix(language)
         encodings = self._tokenizer.encode_batch([prefix + clean_text(t, canonicalize=self.canonicalize)
                                                   for t in texts])
         ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(texts), self.context_length)
@@ -99,3 +99,7 @@ class HfTokenizer:
 
     def encode(self, texts: Sequence[str], language: str | None = None) -> np.ndarray:
         return self.encode_with_mask(texts, language)[0]
+
+    def prefix(self, language: str | None) -> str:
+        """What goes in front of a query in ``language``: its FLORES-200 code for NLLB, else nothing."""
+        return flores_code(language) if language and self.language_prefix == "flores200" else ""

@@ -285,6 +285,7 @@ class TextEncoder:
             from .hf_tokenizer import HfTokenizer
 
             self.tokenizer: Any = HfTokenizer.from_spec(bundle.file(tok.file), bundle.manifest["tokenizer"])
+            self.tokenizer.prefix(language)  # an unknown language fails now, before any work (clipgrep ui: at start)
         else:
             from .tokenizer import ClipTokenizer
 

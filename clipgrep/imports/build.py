@@ -103,15 +103,27 @@ def source_hashes(root: Path) -> dict[str, str]:
 
 
 def _copy_fp32(src: Path, dst: Path) -> None:
-    """Copy an fp32 graph; one with external weights is re-saved next to its new name."""
-    import onnx
+    """Copy an fp32 graph; one with external weights is re-saved with them beside its new name."""
+    from ..convert.dynamic_int8 import read_model
+    from ..onnx_proto import StringStringEntryProto, TensorProto
 
-    proto = onnx.load(str(src), load_external_data=False)
-    if not any(init.data_location == onnx.TensorProto.EXTERNAL for init in proto.graph.initializer):
+    model = read_model(src, with_weights=False)
+    external = {t.name for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    if not external:
         shutil.copyfile(src, dst)
         return
-    model = onnx.load(str(src))  # resolves the external weights next to src
-    onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+    model = read_model(src)  # resolves the external weights next to src
+    location, offset = dst.name + ".data", 0
+    with open(dst.parent / location, "wb") as data:
+        for tensor in (t for t in model.graph.initializer if t.name in external):
+            data.write(tensor.raw_data)
+            tensor.external_data.extend([StringStringEntryProto(key="location", value=location),
+                                         StringStringEntryProto(key="offset", value=str(offset)),
+                                         StringStringEntryProto(key="length", value=str(len(tensor.raw_data)))])
+            offset += len(tensor.raw_data)
+            tensor.ClearField("raw_data")
+            tensor.data_location = TensorProto.EXTERNAL
+    dst.write_bytes(model.SerializeToString())
 
 
 def _timing_feeds(graph: TowerGraph, export: PublishedExport) -> dict[str, np.ndarray]:
@@ -133,10 +145,10 @@ def _timing_feeds(graph: TowerGraph, export: PublishedExport) -> dict[str, np.nd
 def shared_image_tower(export: PublishedExport, fields: dict[str, Any]) -> Any:
     """An installed int8 bundle quantised from the very same published image graph, or None.
 
-    Its image.onnx is reused as is: quantisation picks variants by timing, so
-    quantising again could give other bytes, and the two bundles would no longer
-    share an ``image_id`` (and an index: a text-only swap, e.g. M-CLIP's text
-    towers for OpenAI's ViT-B/32, needs no re-indexing).
+    Its image.onnx is reused as is: quantising again would give the same bytes
+    (the rule is deterministic) but take the time. The two bundles then share an
+    ``image_id`` (and an index: a text-only swap, e.g. M-CLIP's text towers for
+    OpenAI's ViT-B/32, needs no re-indexing).
     """
     from ..models import list_models
 

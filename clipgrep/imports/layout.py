@@ -176,11 +176,11 @@ def clip_bpe(tokenizer_path: Path, settings: dict[str, Any]) -> ClipBpe | None:
 
 def inspect_graph(path: Path) -> TowerGraph:
     """Input/output names, dtypes and batch dim of an encoder graph (weights are not loaded)."""
-    import onnx
+    from ..convert.dynamic_int8 import read_model
 
     try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception as e:  # noqa: BLE001 - onnx raises DecodeError and friends
+        graph = read_model(path, with_weights=False).graph
+    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError and friends
         raise ClipgrepError(f"{path} is not a readable ONNX model: {e}", "re-download the export") from None
     initializers = {init.name for init in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]

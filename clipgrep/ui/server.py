@@ -16,11 +16,15 @@ if TYPE_CHECKING:
 
 
 class ResidentEncoder:
-    """A bundle's query encoders, loaded once and kept for every search (the CLI loads them per run)."""
+    """A bundle's query encoders, loaded once and kept for every search (the CLI loads them per run).
 
-    def __init__(self, bundle: Bundle) -> None:
+    ``language`` is the text queries' language, as ``search --lang`` takes it; an
+    unknown one fails here, before the page is served.
+    """
+
+    def __init__(self, bundle: Bundle, language: str | None = None) -> None:
         self.bundle = bundle
-        self._text = bundle.text_encoder(batch_size=8)
+        self._text = bundle.text_encoder(batch_size=8, language=language)
         self._image: Any = None  # embed.onnx.ImageEncoder, made on the first dropped picture
         self._lock = threading.Lock()
 
@@ -54,7 +58,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(bundle: Bundle, snapshot_dir: Path, *, host: str, port: int, open_browser: bool,
-          on_ready: Callable[[str], None]) -> None:
+          on_ready: Callable[[str], None], language: str | None = None) -> None:
     """Serve until interrupted. ``on_ready`` gets the one-time token URL once the socket listens."""
     import uvicorn
 
@@ -62,7 +66,7 @@ def serve(bundle: Bundle, snapshot_dir: Path, *, host: str, port: int, open_brow
 
     token = secrets.token_urlsafe(32)
     allowed = (*LOOPBACK_NAMES, host) if not is_loopback(host) else LOOPBACK_NAMES
-    app = create_app(ResidentEncoder(bundle), snapshot_dir, token, allowed_hosts=allowed)
+    app = create_app(ResidentEncoder(bundle, language), snapshot_dir, token, allowed_hosts=allowed)
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{sock.getsockname()[1]}/?token={token}"
