@@ -9,10 +9,12 @@ One command, CPU only, no downloads:
 2. train a tiny CLIP teacher on it from scratch (``benchmarks/teacher_training.py``; the shape of
    ViT-B/32 in miniature: a 6-block ViT and a 12-block text tower, 64 wide);
 3. stage 1 (intra-modal contrastive KD) of a student with 3 of the 6 image blocks (copied
-   from the teacher) and a narrow text tower of 2, 4 or 6 blocks (random init, width 24);
+   from the teacher) and a narrow text tower of 4 blocks (random init, width 24); the 2- and
+   6-block text towers are distilled alone (their image tower would be the same one again);
 4. stage 2 (sequential fine-tuning: image then text, L_t2v + L_v2t + L_KD + L_HN with
    corpus-level hard negatives) from the 4-block stage-1 student, in full and without KD
-   or without HN; in full from the 2- and 6-block ones;
+   or without HN; the 2- and 6-block students take the full run's step-2a image tower and
+   fine-tune only their text tower (2b), since 2a never sees the student's text tower;
 5. export teacher and students as int8 bundles through the parity gate, and evaluate them
    all with ``compress.eval`` (the runtime path search uses) on the held-out images:
    Recall@1/5/10 both ways (5-caption protocol), parameters, and ONNX encode speed at
@@ -81,12 +83,18 @@ QUICK = Settings(images=240, unlabelled=120, val_fraction=0.25, teacher_epochs=2
 
 @dataclass(frozen=True)
 class Variant:
-    """One row of the ablation table: which stage-1 student, and stage 2 with which loss weights."""
+    """One row of the ablation table: which stage-1 student, and stage 2 with which loss weights.
+
+    ``image_from`` names the variant whose stage-2 image tower (step 2a) this one reuses: 2a
+    trains the image tower against the teacher's text embeddings, so it is the same for any
+    student text tower, and this variant runs only 2b on its own text tower.
+    """
 
     name: str
     label: str
     text_blocks: int
-    stage2: dict[str, Any] | None  # None: stage 1 only; else Stage2Config overrides (loss weights, steps)
+    stage2: dict[str, Any] | None  # None: stage 1 only; else Stage2Config overrides (loss weights)
+    image_from: str | None = None
 
 
 VARIANTS = (
@@ -94,12 +102,8 @@ VARIANTS = (
     Variant("s2-no-kd", "+ stage 2 without KD", MAIN_TEXT_BLOCKS, {"weight_kd": 0.0}),
     Variant("s2-no-hn", "+ stage 2 without HN", MAIN_TEXT_BLOCKS, {"weight_hn": 0.0}),
     Variant("full", "full (stage 1 + stage 2)", MAIN_TEXT_BLOCKS, {}),
-    Variant("full-t2", "full, 2-block text", 2, {}),
-    Variant("full-t6", "full, 6-block text", 6, {}),
-    # Beyond the paper, kept only if they help at equal size:
-    Variant("full-fd", "full + feature distillation (L_FD)", MAIN_TEXT_BLOCKS, {"weight_fd": 1.0}),
-    Variant("full-joint", "full + joint stage 3", MAIN_TEXT_BLOCKS, {"steps": ("image", "text", "joint"),
-                                                                    "epochs_joint": 2}),
+    Variant("full-t2", "full, 2-block text", 2, {}, image_from="full"),
+    Variant("full-t6", "full, 6-block text", 6, {}, image_from="full"),
 )
 MAIN = "full"
 
@@ -164,26 +168,77 @@ def train_teacher(out: Path, pairs: Path, s: Settings) -> Path:
 
 
 def stage1(out: Path, teacher: Path, images: Path, texts: Path, text_blocks: int, s: Settings) -> Path:
+    """Stage 1 of the main student trains both towers; another text depth trains only its text tower
+    (its image tower stays the teacher's, frozen, and is replaced by ``graft`` before stage 2)."""
     from clipgrep.compress import stage1 as stage
 
-    config = stage.Stage1Config(str(teacher), student_spec(text_blocks), str(images), str(texts),
+    main = text_blocks == MAIN_TEXT_BLOCKS
+    spec = student_spec(text_blocks) if main else f"text={text_blocks},text_width={TEXT_WIDTH}"
+    config = stage.Stage1Config(str(teacher), spec, str(images) if main else None, str(texts),
                                 str(out / f"stage1-t{text_blocks}"), epochs=s.stage1_epochs, lr=s.stage1_lr,
                                 warmup_steps=30, seed=s.seed, device="cpu", cache_dir=str(out / "stage1-cache"))
-    note(f"stage 1, {text_blocks}-block text student")
+    note(f"stage 1, {text_blocks}-block text student" + ("" if main else " (text tower only)"))
     return stage.run(config, progress(f"stage 1 t{text_blocks}"))
 
 
-def stage2(out: Path, teacher: Path, student: Path, pairs: Path, variant: Variant, s: Settings) -> Path:
+def graft(image_from: Path, text_from: Path, dest: Path) -> Path:
+    """A student with ``image_from``'s image tower and ``text_from``'s text tower, as a local dir.
+
+    Rewritten on every run: the same inputs give the same weights, so a stage 2 resuming from
+    it finds the student unchanged."""
+    from clipgrep.compress.checkpoint import load_local_dir, save_local_dir
+
+    image_model, image_cfg, preprocess = load_local_dir(image_from)
+    model, model_cfg, _ = load_local_dir(text_from)
+    model.visual = image_model.visual  # open_clip's CLIP keeps the whole image tower under .visual
+    model_cfg = {**model_cfg, "vision_cfg": image_cfg["vision_cfg"]}
+    return save_local_dir(model, model_cfg, preprocess, dest,
+                          {"graft": {"image_tower": str(image_from), "text_tower": str(text_from)}})
+
+
+def stage2(out: Path, teacher: Path, student: Path, pairs: Path, variant: Variant, s: Settings,
+           steps: tuple[str, ...] = ("image", "text")) -> Path:
     from clipgrep.compress import stage2 as stage
 
     config = stage.Stage2Config(str(teacher), str(student), str(pairs), str(out / f"stage2-{variant.name}"),
                                 epochs_image=s.stage2_epochs, epochs_text=s.stage2_epochs, lr=s.stage2_lr,
                                 warmup_steps=20, hard_negatives_k=s.hard_negatives_k,
                                 val_fraction=s.val_fraction, seed=s.seed, device="cpu",
-                                cache_dir=str(out / "stage2-cache"))
+                                cache_dir=str(out / "stage2-cache"), steps=steps)
     config = replace(config, **(variant.stage2 or {}))
-    note(f"stage 2, {variant.label}")
+    note(f"stage 2, {variant.label}" + ("" if steps == ("image", "text") else f" (steps: {', '.join(steps)})"))
     return stage.run(config, progress(f"stage 2 {variant.name}"))
+
+
+def timed(timings: dict[str, float], key: str, fn: Any, *a: Any, **kw: Any) -> Any:
+    """``fn(*a, **kw)``, adding its wall seconds to ``timings[key]``."""
+    t0 = time.perf_counter()
+    try:
+        return fn(*a, **kw)
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
+
+def train_models(out: Path, s: Settings, timings: dict[str, float]) -> tuple[Path, dict[str, Path]]:
+    """Data, teacher and every variant's student: the pairs file and each table row's checkpoint.
+
+    Each piece of training runs once: the 4-block stage-1 run distils the image tower that
+    the other text depths share, and the full stage-2 run's step 2a the image tower they share
+    in stage 2. ``timings`` gets the wall seconds per phase."""
+    pairs, images, texts = timed(timings, "data", prepare_data, out, s)
+    teacher = timed(timings, "teacher training", train_teacher, out, pairs, s)
+    depths = sorted({v.text_blocks for v in VARIANTS}, key=lambda k: k != MAIN_TEXT_BLOCKS)  # main first
+    stage1_dirs = {k: timed(timings, "stage 1", stage1, out, teacher, images, texts, k, s) for k in depths}
+    checkpoints = {"bench-teacher": teacher}
+    for v in VARIANTS:
+        student = stage1_dirs[v.text_blocks]
+        if v.stage2 is not None and v.image_from is None:
+            student = timed(timings, "stage 2", stage2, out, teacher, student, pairs, v, s)
+        elif v.stage2 is not None:
+            grafted = graft(checkpoints[f"bench-{v.image_from}"], student, out / f"graft-{v.name}")
+            student = timed(timings, "stage 2", stage2, out, teacher, grafted, pairs, v, s, steps=("text",))
+        checkpoints[f"bench-{v.name}"] = student
+    return pairs, checkpoints
 
 
 def export(name: str, checkpoint: Path) -> None:
@@ -262,27 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(s.threads)
     started = time.perf_counter()
     timings: dict[str, float] = {}
-
-    def timed(key: str, fn: Any, *a: Any) -> Any:
-        t0 = time.perf_counter()
-        result = fn(*a)
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
-        return result
-
-    pairs, images, texts = prepare_data(out, s)
-    teacher = timed("teacher training", train_teacher, out, pairs, s)
-    stage1_dirs = {k: timed(f"stage 1 ({len(TEXT_BLOCKS)} students)", stage1, out, teacher, images, texts, k, s)
-                   for k in TEXT_BLOCKS}
-    checkpoints = {"bench-teacher": teacher}
-    for v in VARIANTS:
-        student = stage1_dirs[v.text_blocks]
-        if v.stage2 is not None:
-            student = timed(f"stage 2 ({sum(x.stage2 is not None for x in VARIANTS)} runs)",
-                            stage2, out, teacher, student, pairs, v, s)
-        checkpoints[f"bench-{v.name}"] = student
+    pairs, checkpoints = train_models(out, s, timings)
     for name, checkpoint in checkpoints.items():
-        timed("export", export, name, checkpoint)
-    rows = timed("eval", evaluate, pairs, list(checkpoints), s)
+        timed(timings, "export", export, name, checkpoint)
+    rows = timed(timings, "eval", evaluate, pairs, list(checkpoints), s)
     by_name = {r["name"]: r for r in rows}
     labels = {"bench-teacher": "teacher (6-block ViT, 12-block text)",
               **{f"bench-{v.name}": v.label for v in VARIANTS}}
@@ -290,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps({"settings": s.__dict__, "rows": rows, "timings_s": timings,
                                                    "targets": checks}, indent=2) + "\n", encoding="utf-8")
 
-    teacher_meta = json.loads((teacher / "config.json").read_text(encoding="utf-8"))
+    teacher_meta = json.loads((checkpoints["bench-teacher"] / "config.json").read_text(encoding="utf-8"))
     val = rows[0]
     print(f"## clipgrep compress proof ({'quick' if args.quick else 'full'} run, {s.threads} threads)\n")
     print(f"- Data: {s.images} generated images, 5 captions each; held out: {val['n_images']} images / "

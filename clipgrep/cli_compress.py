@@ -106,10 +106,7 @@ def stage2(
     out: Annotated[Path, typer.Option(help="Output directory (checkpoints, cache, student/).")],
     epochs_image: Annotated[int, typer.Option(help="Step 2a: passes over the training images.")] = 5,
     epochs_text: Annotated[int, typer.Option(help="Step 2b: passes over the training images.")] = 5,
-    epochs_joint: Annotated[int, typer.Option(help="Step 3 (joint, beyond the paper): passes over the training "
-                                                   "images.")] = 0,
-    steps: Annotated[str, typer.Option(help="Which steps to run: image,text (2a then 2b), image or text; add "
-                                            "joint for a step 3 training both towers together (with --epochs-joint).")]
+    steps: Annotated[str, typer.Option(help="Which steps to run: image,text (2a then 2b), image or text.")]
     = "image,text",
     batch_size: Annotated[int, typer.Option(help="Pairs per step: distinct images, one caption each.")] = 64,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 2e-5,
@@ -120,8 +117,6 @@ def stage2(
     weight_v2t: Annotated[float, typer.Option(help="Weight of L_v2t.")] = 1.0,
     weight_kd: Annotated[float, typer.Option(help="Weight of L_KD, distilling the teacher's similarities.")] = 1.0,
     weight_hn: Annotated[float, typer.Option(help="Weight of L_HN, the mined hard negatives.")] = 1.0,
-    weight_fd: Annotated[float, typer.Option(help="Weight of L_FD, feature distillation (MSE to the teacher's "
-                                                  "embeddings; beyond the paper, off by default).")] = 0.0,
     hard_negatives: Annotated[int, typer.Option(help="K: training images mined per caption.")] = 8,
     refresh_every: Annotated[int, typer.Option(help="Epochs between re-minings (0: once per step).")] = 1,
     val_fraction: Annotated[float, typer.Option(help="Images held out (as for compress eval --split val).")]
@@ -147,9 +142,9 @@ def stage2(
 
     config = Stage2Config(
         teacher=teacher, student=str(student), pairs=str(pairs), out=str(out), epochs_image=epochs_image,
-        epochs_text=epochs_text, epochs_joint=epochs_joint, steps=tuple(s.strip() for s in steps.split(",")), batch_size=batch_size, lr=lr,
+        epochs_text=epochs_text, steps=tuple(s.strip() for s in steps.split(",")), batch_size=batch_size, lr=lr,
         temperature=temperature, kd_temperature=kd_temperature, weight_t2v=weight_t2v, weight_v2t=weight_v2t,
-        weight_kd=weight_kd, weight_hn=weight_hn, weight_fd=weight_fd, hard_negatives_k=hard_negatives, refresh_every=refresh_every,
+        weight_kd=weight_kd, weight_hn=weight_hn, hard_negatives_k=hard_negatives, refresh_every=refresh_every,
         val_fraction=val_fraction, seed=seed, checkpoint_every=checkpoint_every, device=device, max_steps=max_steps,
         image_root=str(image_root) if image_root else None)
     with render.training_progress(sys.stderr.isatty()) as on_progress:

@@ -110,12 +110,11 @@ class LossWeights:
     v2t: float = 1.0
     kd: float = 1.0
     hn: float = 1.0
-    fd: float = 0.0  # feature distillation (CLIP-KD's strongest single loss): beyond the paper, opt-in
 
     def __post_init__(self) -> None:
-        if min(self.t2v, self.v2t, self.kd, self.hn, self.fd) < 0:
+        if min(self.t2v, self.v2t, self.kd, self.hn) < 0:
             raise ValueError(f"loss weights must be >= 0, got {self}")
-        if max(self.t2v, self.v2t, self.kd, self.hn, self.fd) == 0:
+        if max(self.t2v, self.v2t, self.kd, self.hn) == 0:
             raise ValueError("at least one loss weight must be > 0")
 
 
@@ -123,7 +122,7 @@ def stage2_loss(text: Tensor, image: Tensor, temperature: Temperature, weights: 
                 *, teacher_text: Tensor | None = None, teacher_image: Tensor | None = None,
                 kd_temperature: Temperature | None = None, hard_negatives: Tensor | None = None,
                 hard_negative_mask: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
-    """L = w_t2v L_t2v + w_v2t L_v2t + w_kd L_KD + w_hn L_HN (+ w_fd L_FD) for one stage-2 batch.
+    """L = w_t2v L_t2v + w_v2t L_v2t + w_kd L_KD + w_hn L_HN for one stage-2 batch.
 
     ``text``/``image`` [N, D] are the pair being trained (one side frozen: teacher text
     in step 2a, the step-2a student image tower in step 2b). L_KD needs the teacher
@@ -148,10 +147,6 @@ def stage2_loss(text: Tensor, image: Tensor, temperature: Temperature, weights: 
             raise ValueError("the KD term needs teacher_text and teacher_image (or weights.kd = 0)")
         tau_kd = temperature if kd_temperature is None else kd_temperature
         terms["kd"] = similarity_distill_loss(text, image, teacher_text, teacher_image, tau_kd)
-    if weights.fd:
-        if teacher_text is None or teacher_image is None:
-            raise ValueError("the feature-distillation term needs teacher_text and teacher_image (or weights.fd = 0)")
-        terms["fd"] = feature_distill_loss(text, image, teacher_text, teacher_image)
     if weights.hn:
         if hard_negatives is None:
             raise ValueError("the hard-negative term needs hard_negatives (or weights.hn = 0)")
@@ -160,13 +155,6 @@ def stage2_loss(text: Tensor, image: Tensor, temperature: Temperature, weights: 
     parts = {name: float(value.detach()) for name, value in terms.items()}
     parts["total"] = float(total.detach())
     return total, parts
-
-
-def feature_distill_loss(text: Tensor, image: Tensor, teacher_text: Tensor, teacher_image: Tensor) -> Tensor:
-    """L_FD: mean squared distance between the student's and the teacher's unit embeddings, both towers
-    (CLIP-KD, Yang et al. 2024). The frozen side of a stage-2 step adds a constant, no gradient."""
-    return (F.mse_loss(text, teacher_text, reduction="sum") + F.mse_loss(image, teacher_image, reduction="sum")) \
-        / text.shape[0]
 
 
 def _diagonal_targets(rows: Tensor) -> Tensor:

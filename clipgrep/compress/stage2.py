@@ -108,11 +108,10 @@ from .training import (
 __all__ = ["CHECKPOINT", "STEPS", "HardNegativeProgress", "Stage2Config", "Stage2Progress", "run"]
 
 CHECKPOINT = "checkpoint.pt"
-STEPS = ("image", "text", "joint")  # 2a, 2b (the paper's order), then an opt-in joint step 3
-PAPER_STEPS = STEPS[:2]
+STEPS = ("image", "text")  # 2a, 2b: the paper's order
 RESUME_FREE = frozenset({"out", "cache_dir", "device", "checkpoint_every", "max_steps"})
 _CACHE_BATCH = 256
-_STEP_NAMES = {"image": "2a", "text": "2b", "joint": "3"}
+_STEP_NAMES = {"image": "2a", "text": "2b"}
 
 
 @dataclass(frozen=True)
@@ -140,8 +139,6 @@ class Stage2Config(JsonConfig):
     out: str
     epochs_image: int = 5
     epochs_text: int = 5
-    # Beyond the paper: a step 3 training both towers together against the teacher's similarities.
-    epochs_joint: int = 0
     batch_size: int = 64
     lr: float = 2e-5
     weight_decay: float = 0.05
@@ -152,7 +149,6 @@ class Stage2Config(JsonConfig):
     weight_v2t: float = 1.0
     weight_kd: float = 1.0
     weight_hn: float = 1.0
-    weight_fd: float = 0.0  # feature distillation, beyond the paper (opt-in)
     hard_negatives_k: int = 8
     refresh_every: int = 1
     val_fraction: float = 0.1
@@ -160,38 +156,35 @@ class Stage2Config(JsonConfig):
     checkpoint_every: int = 100
     device: str = "auto"
     max_steps: int | None = None
-    steps: tuple[str, ...] = PAPER_STEPS
+    steps: tuple[str, ...] = STEPS
     cache_dir: str | None = None
     image_root: str | None = None  # where the pairs' image paths start (default: the pairs file's dir)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(self.steps))  # JSON gives a list
-        check_counts(self, {"epochs_image": 1, "epochs_text": 1, "epochs_joint": 0, "batch_size": 2, "warmup_steps": 0,
+        check_counts(self, {"epochs_image": 1, "epochs_text": 1, "batch_size": 2, "warmup_steps": 0,
                             "hard_negatives_k": 1, "refresh_every": 0, "seed": 0, "checkpoint_every": 1})
         for name in ("lr", "temperature", "kd_temperature"):
             value = getattr(self, name)
             if not (value is None and name == "kd_temperature") and not (is_number(value) and value > 0):
                 raise ClipgrepError(f"{name} must be a positive number, not {value!r}",
                                     f"e.g. {name}={getattr(Stage2Config, name) or 0.01}")
-        for name in ("weight_decay", "weight_t2v", "weight_v2t", "weight_kd", "weight_hn", "weight_fd"):
+        for name in ("weight_decay", "weight_t2v", "weight_v2t", "weight_kd", "weight_hn"):
             if not is_number(getattr(self, name)) or getattr(self, name) < 0:
                 raise ClipgrepError(f"{name} must be a number >= 0, not {getattr(self, name)!r}", "0 switches it off")
-        if not any((self.weight_t2v, self.weight_v2t, self.weight_kd, self.weight_hn, self.weight_fd)):
+        if not any((self.weight_t2v, self.weight_v2t, self.weight_kd, self.weight_hn)):
             raise ClipgrepError("every loss weight is 0: nothing to train", "keep at least one term, e.g. t2v=1")
         if not (is_number(self.val_fraction) and 0 <= self.val_fraction < 1):
             raise ClipgrepError(f"val_fraction must be in [0, 1), not {self.val_fraction!r}", "e.g. 0.1")
         if not self.steps or self.steps != tuple(s for s in STEPS if s in self.steps):
-            raise ClipgrepError(f"steps must be some of image,text,joint in that order, not "
-                                f"{','.join(map(str, self.steps))!r}",
+            raise ClipgrepError(f"steps must be image, text or image,text, not {','.join(map(str, self.steps))!r}",
                                 "stage 2 trains the image tower first, then the text tower (paper §3.2.2)")
-        if "joint" in self.steps and not self.epochs_joint:
-            raise ClipgrepError("the joint step needs epochs", "pass --epochs-joint N (e.g. 2)")
         if not self.out:
             raise ClipgrepError("no output directory given", "pass --out DIR")
 
     @property
     def weights(self) -> LossWeights:
-        return LossWeights(self.weight_t2v, self.weight_v2t, self.weight_kd, self.weight_hn, self.weight_fd)
+        return LossWeights(self.weight_t2v, self.weight_v2t, self.weight_kd, self.weight_hn)
 
 
 @dataclass(frozen=True)
@@ -241,10 +234,7 @@ def run(config: Stage2Config, on_progress: Progress | None = None) -> Path:
     start_run_dir(out, config)
     seed_everything(config.seed)  # before the teacher: a random-init teacher draws from it
     teacher = load_teacher(config.teacher, config.device)
-    # teacher images only feed L_KD and L_FD
-    kinds = ("text", "image") if config.weight_kd or config.weight_fd else ("text",)
-    if "joint" in config.steps and "image" not in kinds:  # step 3's KD target is the teacher pair
-        kinds = ("text", "image")
+    kinds = ("text", "image") if config.weight_kd else ("text",)  # teacher images only feed L_KD
     items = {"text": train.captions, "image": train.images}
     # _resolve set cache_dir; kinds are "image"/"text"
     targets = {kind: cached_embeddings(teacher, kind, items[kind], config.cache_dir, _CACHE_BATCH,  # type: ignore[arg-type]
@@ -260,7 +250,7 @@ def run(config: Stage2Config, on_progress: Progress | None = None) -> Path:
         r.restore(resume)
     final_losses = _train(r, on_progress)
     extra = {"stage": 2, "config": asdict(config), "steps_run": list(config.steps),
-             "terms": {name: bool(getattr(config, f"weight_{name}")) for name in ("t2v", "v2t", "kd", "hn", "fd")},
+             "terms": {name: bool(getattr(config, f"weight_{name}")) for name in ("t2v", "v2t", "kd", "hn")},
              "teacher": teacher_info, "init": {"student": str(student_dir), "weights_blake2b": student_digest,
                                                "stage_config": _stage_config(student_dir)},
              "train_split": {"images": len(train.images), "captions": len(train.captions)},
@@ -378,7 +368,7 @@ class _Run:
         self.device = config.device
         self.batch = min(config.batch_size, len(train.images))
         self.steps_per_epoch = len(train.images) // self.batch
-        self.epochs = {"image": config.epochs_image, "text": config.epochs_text, "joint": config.epochs_joint}
+        self.epochs = {"image": config.epochs_image, "text": config.epochs_text}
         self.phase_steps = {phase: self.epochs[phase] * self.steps_per_epoch for phase in config.steps}
         self.total_steps = sum(self.phase_steps.values())
         self.captions_of = [train.caption_ids_of(i) for i in range(len(train.images))]
@@ -428,7 +418,7 @@ class _Run:
         phase, epoch, _ = self.position(step)
         if phase != self.phase:
             self.enter_phase(phase, pool)
-        if not self.config.weight_hn or phase == "joint":  # step 3 trains on in-batch negatives only
+        if not self.config.weight_hn:
             return
         every = self.config.refresh_every or self.epochs[phase]
         window = epoch - epoch % every
@@ -449,10 +439,9 @@ class _Run:
 
         c = self.config
         self.phase, self.hard_negatives, self.mined_for = phase, None, None
-        towers = ("image", "text") if phase == "joint" else (phase,)
         self.optimisation = Optimisation(self.student, lr=c.lr, weight_decay=c.weight_decay,
                                          warmup_steps=c.warmup_steps, total_steps=self.phase_steps[phase],
-                                         device=self.device, trains=lambda name: tower_of(name) in towers)
+                                         device=self.device, trains=lambda name: tower_of(name) == phase)
         self.image_bank = None
         if phase == "text":  # the 2a image tower is frozen now: embed every training image once
             bank = self.encode("image", np.arange(len(self.train.images)), pool)
@@ -518,9 +507,6 @@ class _Run:
         """The pairs and model inputs of ``step`` (runs one step ahead in a thread, within an epoch)."""
         phase = self.position(step)[0]
         images, captions = self.batch_ids(step)
-        if phase == "joint":
-            return _Batch(images, captions, None, images, (self.inputs("image", images, pool),
-                                                           self.inputs("text", captions, pool)))
         negatives = self.hard_negatives[captions] if self.config.weight_hn else None  # type: ignore[index]  # mined when weight_hn
         if phase == "text":
             return _Batch(images, captions, negatives, np.zeros(0, np.int64), self.inputs("text", captions, pool))
@@ -548,8 +534,6 @@ class _Run:
         c, n, optimisation, phase = self.config, len(batch.images), self.optimisation, self.phase
         assert optimisation is not None and phase is not None  # prepare() entered the phase
         optimisation.zero_grad()
-        if phase == "joint":
-            return self.joint_step(batch, optimisation)
         with optimisation.autocast():
             embeddings = self.forward(phase, batch.inputs)
         embeddings = F.normalize(embeddings.float(), dim=-1)
@@ -562,27 +546,8 @@ class _Run:
         negatives, mask = _gather_negatives(bank, bank_ids, batch.negatives, len(self.train.images))
         loss, parts = stage2_loss(
             text, image, c.temperature, c.weights, teacher_text=teacher_text,
-            teacher_image=self.target("image", batch.images) if c.weight_kd or c.weight_fd else None,
+            teacher_image=self.target("image", batch.images) if c.weight_kd else None,
             kd_temperature=c.kd_temperature, hard_negatives=negatives, hard_negative_mask=mask)
-        optimisation.step(loss)
-        self.step += 1
-        return parts
-
-    def joint_step(self, batch: _Batch, optimisation: Optimisation) -> dict[str, float]:
-        """Step 3: both towers train together; L_t2v + L_v2t + L_KD (symmetric, against the teacher
-        pair's similarities) + L_FD when weighted. No mined negatives: both sides move, so a bank
-        mined before the step would be stale within it."""
-        import torch.nn.functional as F
-
-        c = self.config
-        pixels, tokens = batch.inputs
-        with optimisation.autocast():
-            image = self.forward("image", pixels)
-            text = self.forward("text", tokens)
-        image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
-        weights = LossWeights(c.weight_t2v, c.weight_v2t, c.weight_kd, 0.0, c.weight_fd)
-        loss, parts = stage2_loss(text, image, c.temperature, weights, teacher_text=self.target("text", batch.captions),
-                                  teacher_image=self.target("image", batch.images), kd_temperature=c.kd_temperature)
         optimisation.step(loss)
         self.step += 1
         return parts

@@ -11,7 +11,6 @@ torch = pytest.importorskip("torch")
 from clipgrep.compress.losses import (
     LossWeights,
     contrastive_losses,
-    feature_distill_loss,
     hard_negative_loss,
     intra_modal_distill_loss,
     similarity_distill_loss,
@@ -189,28 +188,3 @@ def test_stage2_loss_refuses_missing_inputs_and_bad_weights() -> None:
         LossWeights(t2v=0, v2t=0, kd=0, hn=0)
     with pytest.raises(ValueError):
         LossWeights(kd=-1.0)
-
-
-def test_feature_distillation_matches_hand_computation() -> None:
-    """L_FD = (sum over rows of |t - t_T|^2 + |v - v_T|^2) / N; with unit vectors |a - b|^2 = 2 - 2 cos."""
-    text, image = tensor([unit(0), unit(90)], True), tensor([unit(10), unit(80)], True)
-    teacher_text, teacher_image = tensor([unit(30), unit(90)]), tensor([unit(10), unit(20)])
-    expected = sum(2 - 2 * math.cos(math.radians(d)) for d in (30, 0, 0, 60)) / 2
-    loss = feature_distill_loss(text, image, teacher_text, teacher_image)
-    assert loss.item() == pytest.approx(expected)
-    assert feature_distill_loss(teacher_text, teacher_image, teacher_text, teacher_image).item() == 0
-    loss.backward()
-    assert text.grad.abs().sum() > 0 and image.grad.abs().sum() > 0
-
-
-def test_feature_distillation_is_opt_in_and_weighted() -> None:
-    teacher_text, teacher_image = tensor([unit(15), unit(70), unit(110)]), tensor([unit(5), unit(60), unit(100)])
-    _, default = stage2_loss(tensor(TEXT), tensor(IMAGE), 0.2, LossWeights(hn=0.0), teacher_text=teacher_text,
-                             teacher_image=teacher_image)
-    assert "fd" not in default  # the paper's loss unless asked for
-    total, parts = stage2_loss(tensor(TEXT), tensor(IMAGE), 0.2, LossWeights(t2v=0, v2t=0, kd=0, hn=0, fd=2.0),
-                               teacher_text=teacher_text, teacher_image=teacher_image)
-    fd = feature_distill_loss(tensor(TEXT), tensor(IMAGE), teacher_text, teacher_image).item()
-    assert set(parts) == {"fd", "total"} and total.item() == pytest.approx(2.0 * fd)
-    with pytest.raises(ValueError, match="feature-distillation"):
-        stage2_loss(tensor(TEXT), tensor(IMAGE), 0.2, LossWeights(kd=0, hn=0, fd=1.0))

@@ -133,7 +133,7 @@ def test_2a_changes_only_the_image_tower_and_2b_only_the_text_tower(two_steps: d
     meta = json.loads((two_steps["out"] / "student" / "config.json").read_text())
     assert two_steps["after_2a"]["meta"]["final_losses"].keys() == {"image"}
     assert meta["stage"] == 2 and meta["complete"] and meta["resumed_from"] == 2 and meta["steps"] == 4
-    assert meta["terms"] == {"t2v": True, "v2t": True, "kd": True, "hn": True, "fd": False}
+    assert meta["terms"] == {"t2v": True, "v2t": True, "kd": True, "hn": True}
     assert meta["init"]["stage_config"] == {"seed": 0}
     assert meta["final_losses"]["text"].keys() == {"t2v", "v2t", "kd", "hn", "total"}
 
@@ -184,39 +184,8 @@ def test_terms_with_weight_zero_are_not_computed(teacher_dir: Path, stage1_dir: 
     assert [(e.phase, e.kind) for e in events if isinstance(e, HardNegativeProgress)] == [("text", "image")]
     assert {e.kind for e in events if isinstance(e, CacheProgress)} == {"text"}
     meta = json.loads((out / "student" / "config.json").read_text())
-    assert meta["terms"] == {"t2v": True, "v2t": True, "kd": False, "hn": False, "fd": False}
+    assert meta["terms"] == {"t2v": True, "v2t": True, "kd": False, "hn": False}
     assert all(losses.keys() == {"t2v", "v2t", "total"} for losses in meta["final_losses"].values())
-
-
-def test_feature_distillation_trains_with_teacher_images_and_is_reported(teacher_dir: Path, stage1_dir: Path,
-                                                                          pairs: Path, tmp_path: Path) -> None:
-    events: list[Any] = []
-    out = tmp_path / "out"
-    run(config(teacher_dir, stage1_dir, pairs, out, tmp_path / "cache", weight_kd=0, weight_hn=0, weight_fd=1.0),
-        events.append)
-    assert all({"fd", "t2v", "v2t", "total"} == set(e.losses) for e in steps_of(events))
-    assert {e.kind for e in events if isinstance(e, CacheProgress)} == {"text", "image"}  # L_FD needs them
-    meta = json.loads((out / "student" / "config.json").read_text())
-    assert meta["terms"]["fd"] is True and meta["config"]["weight_fd"] == 1.0
-
-
-def test_a_joint_step_3_trains_both_towers_against_the_teacher_pair(teacher_dir: Path, stage1_dir: Path,
-                                                                     pairs: Path, tmp_path: Path) -> None:
-    """Beyond the paper, opt-in: after 2a and 2b, both towers train together (no mined negatives)."""
-    out = tmp_path / "out"
-    events: list[Any] = []
-    run(config(teacher_dir, stage1_dir, pairs, out / "2ab", tmp_path / "cache"), events.append)
-    run(config(teacher_dir, stage1_dir, pairs, out / "3", tmp_path / "cache", steps=("image", "text", "joint"),
-               epochs_joint=1), events.append)
-    joint = [e for e in steps_of(events) if e.phase == "joint"]
-    assert [e.step for e in joint] == [5, 6] and all(set(e.losses) == {"t2v", "v2t", "kd", "total"} for e in joint)
-    after_2b, after_3 = weights(out / "2ab" / "student"), weights(out / "3" / "student")
-    moved = changed(after_2b, after_3)  # same seed and data: 2a and 2b are identical, step 3 moves both towers
-    assert any(k.startswith("visual.") for k in moved) and "token_embedding.weight" in moved
-    with pytest.raises(ClipgrepError, match="joint step needs epochs"):
-        config(teacher_dir, stage1_dir, pairs, out / "x", tmp_path / "cache", steps=("image", "text", "joint"))
-    with pytest.raises(ClipgrepError, match="in that order"):
-        config(teacher_dir, stage1_dir, pairs, out / "x", tmp_path / "cache", steps=("joint", "image"))
 
 
 # --- (e) resume --------------------------------------------------------------------------------------

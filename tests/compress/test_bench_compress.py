@@ -1,0 +1,75 @@
+"""The proof benchmark's training plan (benchmarks/bench_compress.py) on a tiny run: every image tower
+is trained once, and the shared one is what the per-depth path would have trained."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.convert
+torch = pytest.importorskip("torch")
+
+from benchmarks import bench_compress as bench
+from clipgrep.compress import stage1, stage2
+from clipgrep.compress.checkpoint import load_local_dir
+
+TINY = bench.Settings(images=24, unlabelled=8, val_fraction=0.25, teacher_epochs=1, stage1_epochs=1,
+                      stage2_epochs=1, hard_negatives_k=2, speed_repeats=1, threads=1)
+
+
+def record(student: Path) -> dict[str, Any]:
+    return json.loads((student / "config.json").read_text(encoding="utf-8"))
+
+
+def tower(student: Path, name: str) -> dict[str, Any]:
+    state = load_local_dir(student)[0].state_dict()
+    return {k: v for k, v in state.items() if k.startswith("visual.") == (name == "image")}
+
+
+def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    out = tmp_path_factory.mktemp("bench")
+    timings: dict[str, float] = {}
+    _, checkpoints = bench.train_models(out, TINY, timings)
+    assert {"data", "teacher training", "stage 1", "stage 2"} <= timings.keys()
+    return out, checkpoints
+
+
+def test_each_image_tower_is_trained_once(trained: tuple[Path, dict[str, Path]]) -> None:
+    out, checkpoints = trained
+    assert set(checkpoints) == {"bench-teacher", *(f"bench-{v.name}" for v in bench.VARIANTS)}
+    # Stage 1: only the main student distils an image tower; the other depths distil text alone.
+    stage1_towers = {k: record(out / f"stage1-t{k}" / "student")["towers"] for k in bench.TEXT_BLOCKS}
+    assert stage1_towers == {2: ["text"], 4: ["image", "text"], 6: ["text"]}
+    # Stage 2: step 2a runs once per loss variant (full, no KD, no HN), never again per text depth.
+    steps_run = {v.name: record(checkpoints[f"bench-{v.name}"])["steps_run"] for v in bench.VARIANTS
+                 if v.stage2 is not None}
+    assert steps_run == {"s2-no-kd": ["image", "text"], "s2-no-hn": ["image", "text"], "full": ["image", "text"],
+                         "full-t2": ["text"], "full-t6": ["text"]}
+    # The 2- and 6-block students carry the full run's image tower and their own text tower.
+    full_image = tower(checkpoints["bench-full"], "image")
+    for k in (2, 6):
+        student = checkpoints[f"bench-full-t{k}"]
+        assert same(tower(student, "image"), full_image)
+        assert record(student)["config"]["student"] == str(out / f"graft-full-t{k}")
+        assert load_local_dir(student)[1]["text_cfg"]["layers"] == k
+
+
+def test_the_shared_image_tower_is_the_one_each_depth_would_train(trained: tuple[Path, dict[str, Path]],
+                                                                    tmp_path: Path) -> None:
+    """The work skipped is identical work: a 2-block student run the per-depth way (stage 1 on both
+    towers, then 2a + 2b) ends with the very image tower the benchmark reuses."""
+    out, checkpoints = trained
+    main_stage1 = stage1.Stage1Config.from_json((out / "stage1-t4" / "config.json").read_text(encoding="utf-8"))
+    s1 = stage1.run(replace(main_stage1, student=bench.student_spec(2), out=str(tmp_path / "s1")))
+    assert same(tower(s1, "image"), tower(out / "stage1-t4" / "student", "image"))
+    full_stage2 = stage2.Stage2Config.from_json((out / "stage2-full" / "config.json").read_text(encoding="utf-8"))
+    s2 = stage2.run(replace(full_stage2, student=str(s1), out=str(tmp_path / "s2")))
+    assert same(tower(s2, "image"), tower(checkpoints["bench-full-t2"], "image"))
