@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
 # Lance's default is 1M rows per file, ~2 GB of vectors buffered per write task (512 dims).
 MIN_ROWS_PER_FILE = 65_536
-DECODE_RETRIES = 3
+DECODE_MEMORY = 300 * 2**20  # a decode worker's peak (index/decode.py: DecodeLimits)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class RayIndexReport:
     vector_index: bool = False
     skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
     problems: list[tuple[str, str]] = field(default_factory=list)  # walk problems (path, reason)
+    seconds: float = 0.0
 
 
 def index_with_ray(sources: Sequence[str], table_uri: str, bundle: Bundle, options: RayIndexOptions = RayIndexOptions(),
@@ -83,6 +85,7 @@ def index_with_ray(sources: Sequence[str], table_uri: str, bundle: Bundle, optio
     if not sources:
         raise ClipgrepError("--engine ray needs at least one SOURCE", "e.g. clipgrep index --engine ray s3://bucket/photos "
                             "--table s3://bucket/clipgrep/photos")
+    started = time.monotonic()
     location = parse_table_uri(table_uri)
     normalised = [normalise_source(s) for s in sources]
     report = RayIndexReport(location.uri)
@@ -109,6 +112,7 @@ def index_with_ray(sources: Sequence[str], table_uri: str, bundle: Bundle, optio
     table.refresh()  # Ray's sink committed from elsewhere: see its versions
     report.vector_index = table.ensure_vector_index(options.vector_index_min_rows)
     report.rows = table.count()
+    report.seconds = time.monotonic() - started
     return report
 
 
@@ -142,10 +146,11 @@ class _RayJob:
         blocks = max(1, min(len(items) // self.options.decode_batch, 64))
         gpu_args: dict[str, Any] = {"num_gpus": 1} if self.gpus else {"num_cpus": self.encoder_cpus}
         encoded = (self.ray.data.from_items(items, override_num_blocks=blocks)
-                   # max_retries: a decode task whose worker dies is run again. Being a remote arg the
-                   # actors lack, it also keeps Ray from fusing decoding into the encoder actors.
+                   # A decode task whose worker dies is run again (Ray retries tasks 3 times). The memory a
+                   # decode holds is reserved; as a resource the actors lack, it also keeps Ray from fusing
+                   # decoding into the encoder actors, which would serialise the two.
                    .map_batches(decode_batch, fn_kwargs={"config": self.config}, batch_size=self.options.decode_batch,
-                                num_cpus=1, max_retries=DECODE_RETRIES)
+                                num_cpus=1, memory=DECODE_MEMORY)
                    .map_batches(OrtEncoder, batch_size=self.options.encode_batch,
                                 fn_constructor_kwargs={"bundle_files": self.bundle_files, "schema": self.table.schema,
                                                        "threads": self.encoder_cpus},
@@ -171,7 +176,10 @@ def connect(address: str | None) -> Any:
         raise ClipgrepError("--engine ray needs the ray extra", "pip install 'clipgrep[ray]'") from None
     if not ray.is_initialized():
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            with warnings.catch_warnings():
+                # ray.init forks; lancedb, imported already, warns about forks it cannot see the end of.
+                warnings.filterwarnings("ignore", message="lancedb fork support", category=RuntimeWarning)
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
         except (ConnectionError, ValueError, RuntimeError) as e:
             raise ClipgrepError(f"cannot reach the Ray cluster at {address or 'a new local cluster'}: {e}",
                                 "start it with: ray start --head, and pass --address HOST:6379") from None
