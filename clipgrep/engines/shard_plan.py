@@ -100,7 +100,7 @@ def make_shard_plan(listed: Iterable[SourceFile], rows: Iterable[RowState], sour
     for f in sorted(listed, key=lambda f: os.fsencode(f.path)):
         found = by_path.pop(f.path, [])
         current = [r for r in found if is_current(f, r) and not (r.skipped and retry_skipped)]
-        # One row survives: an image row before a skip record, then the latest shard.
+        # One row survives: an image row before a skip record, then (any fixed rule) the greatest shard id.
         keep = max(current, key=lambda r: (not r.skipped, r.shard), default=None)
         plan.stale += [r for r in found if r is not keep]
         if keep is None:
