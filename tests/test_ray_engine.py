@@ -144,8 +144,8 @@ def test_installed_ray_sink_replays_its_input_on_a_retried_write() -> None:
 
 def test_local_table_round_trip_incremental_and_search(bundle, photos: Path, tmp_path: Path) -> None:
     uri = str(tmp_path / "db" / "photos")
-    report = index_with_ray([str(photos)], uri, bundle, RayIndexOptions(shard_size=80))
-    assert (report.encoded, report.shards, report.rows) == (IMAGES, 3, IMAGES)
+    report = index_with_ray([str(photos)], uri, bundle, RayIndexOptions(shard_size=120))
+    assert (report.encoded, report.shards, report.rows) == (IMAGES, 2, IMAGES)
     assert report.skipped_files == [(str(photos / "broken.jpg"), "not an image")]
     assert_exactly_once(uri, all_images(photos))
 
@@ -160,11 +160,11 @@ def test_local_table_round_trip_incremental_and_search(bundle, photos: Path, tmp
     changed.write_bytes(png_bytes((1, 2, 3)))
     (photos / "03" / "new.png").write_bytes(png_bytes((9, 9, 9)))
     age(changed, photos / "03" / "new.png")  # else they are racy, and encoded once more by the next run
-    again = index_with_ray([str(photos)], uri, bundle, RayIndexOptions(shard_size=80))
+    again = index_with_ray([str(photos)], uri, bundle, RayIndexOptions(shard_size=120))
     assert (again.encoded, again.removed, again.unchanged, again.skipped_before) == (2, 1, IMAGES - 2, 1)
     assert_exactly_once(uri, all_images(photos))
 
-    nothing = index_with_ray([str(photos)], uri, bundle, RayIndexOptions(shard_size=80))
+    nothing = index_with_ray([str(photos)], uri, bundle, RayIndexOptions(shard_size=120))
     assert (nothing.encoded, nothing.shards, nothing.rows) == (0, 0, IMAGES)
 
 
@@ -198,21 +198,21 @@ def test_a_killed_driver_resumes_without_loss_or_duplicates(bundle, photos: Path
     uri = str(tmp_path / "db" / "photos")
     driver = subprocess.Popen(
         [sys.executable, "-m", "clipgrep", "index", "--engine", "ray", "--address", cluster, str(photos),
-         "--table", uri, "--model", "tiny", "--shard-size", "40"],
+         "--table", uri, "--model", "tiny", "--shard-size", "100"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and driver.poll() is None and _committed_rows(uri) == 0:
             time.sleep(0.2)
         assert driver.poll() is None, driver.stderr.read().decode() if driver.stderr else ""
-        driver.send_signal(signal.SIGKILL)  # after the first shard's commit, with the next in flight
+        driver.send_signal(signal.SIGKILL)  # after the first shard's commit, with the second in flight
         driver.wait()
     finally:
         if driver.poll() is None:
             driver.kill()
     committed = _committed_rows(uri)
     assert 0 < committed < IMAGES
-    report = index_with_ray([str(photos)], uri, bundle, RayIndexOptions(shard_size=40))
+    report = index_with_ray([str(photos)], uri, bundle, RayIndexOptions(shard_size=100))
     assert report.unchanged == committed and report.encoded == IMAGES - committed
     assert_exactly_once(uri, all_images(photos))
 
@@ -228,7 +228,7 @@ def test_object_store_sources_and_table(bundle, s3_endpoint: str) -> None:
     source, uri = f"s3://{BUCKET}/photos", f"s3://{BUCKET}/db/photos"
     expected = {f"s3://{BUCKET}/photos/{i:03d}.png" for i in range(count)}
 
-    report = index_with_ray([source], uri, bundle, RayIndexOptions(shard_size=25))
+    report = index_with_ray([source], uri, bundle, RayIndexOptions(shard_size=count))
     assert (report.encoded, report.rows) == (count, count)
     assert_exactly_once(uri, expected)
     assert search_table_cli(uri, "--paths", "-k", "1", "text:anything")  # the CLI reaches the bucket too
@@ -236,7 +236,7 @@ def test_object_store_sources_and_table(bundle, s3_endpoint: str) -> None:
     # same size and (second-resolution) time, new content: found by its ETag
     s3.put_object(Bucket=BUCKET, Key="photos/005.png", Body=png_bytes((7, 7, 7)))
     s3.delete_object(Bucket=BUCKET, Key="photos/006.png")
-    again = index_with_ray([source], uri, bundle, RayIndexOptions(shard_size=25))
+    again = index_with_ray([source], uri, bundle, RayIndexOptions(shard_size=count))
     assert (again.encoded, again.removed) == (1, 1)
     assert_exactly_once(uri, expected - {f"s3://{BUCKET}/photos/006.png"})
 
