@@ -64,7 +64,8 @@ def env(home: Path) -> dict[str, str]:
 
 def clipgrep(home: Path, *args: str) -> float:
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "clipgrep", *args], env=env(home), capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "clipgrep", *args], env=env(home), capture_output=True, text=True,
+                          check=False)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"clipgrep {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")

@@ -120,7 +120,7 @@ def index(
       clipgrep index                       # refresh every root indexed before
       clipgrep index . -x 'raw/' -x '*.png'  # remembered for this root
       clipgrep index . --remove-exclude '*.png'
-      clipgrep index --engine ray --address head:6379 s3://bucket/photos --table s3://bucket/clipgrep/photos
+      clipgrep index --engine ray s3://bkt/photos --table s3://bkt/db/photos
     """
     if engine == Engine.ray or table is not None or address is not None:
         _index_with_ray(roots or [], model, engine, address, table, shard_size, exclude, hidden, follow_symlinks,

@@ -15,7 +15,16 @@ import numpy as np
 
 from .errors import ClipgrepError
 from .query import parse_query
-from .ranking import DEFAULT_TOP, BundleQueryEncoder, Hit, Hits, QueryEncoder, _check_limits, _indexed_bundle, query_vector
+from .ranking import (
+    DEFAULT_TOP,
+    BundleQueryEncoder,
+    Hit,
+    Hits,
+    QueryEncoder,
+    _check_limits,
+    _indexed_bundle,
+    query_vector,
+)
 from .table_uri import parse_table_uri
 
 NPROBES = 20

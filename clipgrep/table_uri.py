@@ -61,13 +61,11 @@ def parse_table_uri(uri: str) -> TableLocation:
     TableLocation(database='s3://bucket/db', name='photos')
     """
     check_scheme(uri, "--table")
-    if uri.startswith("file://"):
-        uri = uri[len("file://"):]
+    uri = uri.removeprefix("file://")
     remote = is_object_uri(uri)
     text = uri.rstrip("/") if remote else os.path.abspath(os.path.expanduser(uri))
     database, _, name = text.rpartition("/")
-    if name.endswith(_SUFFIX):
-        name = name[:-len(_SUFFIX)]
+    name = name.removesuffix(_SUFFIX)
     bucket_only = remote and "/" not in text.partition("://")[2]
     if not name or bucket_only or not database:
         raise ClipgrepError(f"--table {uri} does not name a table",

@@ -22,13 +22,13 @@ from typer.testing import CliRunner
 pytest.importorskip("ray")
 pytest.importorskip("lance")
 
-from clipgrep import models  # noqa: E402
-from clipgrep.cli import app  # noqa: E402
-from clipgrep.engines.ray_index import RayIndexOptions, index_with_ray  # noqa: E402
-from clipgrep.engines.sharded_table import ShardedTable  # noqa: E402
-from clipgrep.table_uri import parse_table_uri  # noqa: E402
+from clipgrep import models
+from clipgrep.cli import app
+from clipgrep.engines.ray_index import RayIndexOptions, index_with_ray
+from clipgrep.engines.sharded_table import ShardedTable
+from clipgrep.table_uri import parse_table_uri
 
-from .factories import make_contract_bundle  # noqa: E402
+from .factories import make_contract_bundle
 
 pytestmark = pytest.mark.ray
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -53,7 +53,7 @@ DECODE_MEMORY = 300 * 2**20  # a decode worker's peak (index/decode.py: DecodeLi
 class RayIndexOptions:
     address: str | None = None  # None: start a local cluster (or use the one this process started)
     shard_size: int = 10_000  # files per commit: a killed run redoes at most one shard
-    scan: ScanOptions = ScanOptions()
+    scan: ScanOptions = field(default_factory=ScanOptions)
     retry_skipped: bool = False
     vector_index_min_rows: int = 50_000
     decode_batch: int = 32

@@ -23,8 +23,7 @@ from .shard_plan import SourceFile
 def normalise_source(source: str) -> str:
     """An object prefix without its trailing slash, or an absolute local path."""
     check_scheme(source, "source")
-    if source.startswith("file://"):
-        source = source[len("file://"):]
+    source = source.removeprefix("file://")
     if is_object_uri(source):
         return source.rstrip("/")
     return os.path.abspath(os.path.expanduser(source))
