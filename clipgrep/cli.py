@@ -164,8 +164,10 @@ def _index_with_ray(sources: list[str], model: str | None, engine: Engine, addre
     from .index.scan import ScanOptions
     from .models import load_model
 
-    if engine != Engine.ray or table is None:
-        raise ClipgrepError("--table and --address go with --engine ray, which needs both --engine ray and --table",
+    if engine != Engine.ray:
+        raise ClipgrepError("--table and --address go with --engine ray", "add --engine ray")
+    if table is None:
+        raise ClipgrepError("--engine ray writes to a table named by --table",
                             "e.g. clipgrep index --engine ray ~/Pictures --table /data/clipgrep/photos")
     options = RayIndexOptions(address=address, shard_size=shard_size, retry_skipped=retry_skipped,
                               scan=ScanOptions(excludes=tuple(exclude or ()), include_hidden=hidden,

@@ -1,4 +1,4 @@
-"""The Ray engine's plan (change detection, stale rows, deterministic shards) and --table URIs.
+"""The Ray engine's plan (change detection, stale rows, deterministic shards), --table URIs and options.
 
 Pure functions: no Ray, no LanceDB; they run in every install.
 """
@@ -110,3 +110,16 @@ def test_storage_options_follow_the_aws_environment(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     assert storage_options() == {"aws_endpoint": "http://127.0.0.1:9000", "allow_http": "true",
                                  "aws_region": "eu-west-1"}
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--table", "/tmp/t", "photos"], "--table and --address go with --engine ray"),
+    (["--engine", "ray", "photos"], "--engine ray writes to a table named by --table"),
+])
+def test_index_options_of_the_ray_engine_go_together(args: list[str], message: str) -> None:
+    from typer.testing import CliRunner
+
+    from clipgrep.cli import app
+
+    result = CliRunner().invoke(app, ["index", *args])
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1
