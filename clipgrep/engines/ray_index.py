@@ -156,11 +156,11 @@ class _RayJob:
                                                        "threads": self.encoder_cpus},
                                 compute=ActorPoolStrategy(size=self.encoders), **gpu_args)
                    .materialize())
-        skipped = [r for r in encoded.map_batches(_skip_records, batch_format="pyarrow").take_all()]
+        skipped = encoded.map_batches(_skip_records, batch_format="pyarrow").take_all()
         self.table.add_skipped(skipped)  # before the commit: a skip is never lost, and is harmless if redone
-        images = encoded.map_batches(_image_rows, fn_kwargs={"schema": self.table.schema}, batch_format="pyarrow")
-        rows = images.count()
+        rows = encoded.count() - len(skipped)  # materialized: a count from block metadata, no job
         if rows:
+            images = encoded.map_batches(_image_rows, fn_kwargs={"schema": self.table.schema}, batch_format="pyarrow")
             images.write_lance(self.table.location.uri, schema=self.table.schema, mode="append",
                                min_rows_per_file=MIN_ROWS_PER_FILE, data_storage_version=self.storage_version,
                                storage_options=self.table.location.storage_options() or None)

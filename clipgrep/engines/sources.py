@@ -97,9 +97,9 @@ def read_object(uri: str) -> bytes:
     """An object's bytes; raises OSError (or the client's error) when it cannot be read."""
     if uri.lower().startswith("s3://"):
         bucket, key = _split(uri)
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()  # type: ignore[no-any-return]
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
     from pyarrow import fs
 
     filesystem, path = fs.FileSystem.from_uri(uri)
     with filesystem.open_input_stream(path) as stream:
-        return stream.read()  # type: ignore[no-any-return]
+        return stream.read()
