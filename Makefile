@@ -15,7 +15,9 @@ SIZE_VENV ?= .venv-size
 # with constraints.txt on Linux x86_64, Python 3.11): see check-size.
 BASE_BUDGET_MIB ?= 645
 
-.PHONY: test lint check-wheel test-base test-latest check-size golden bench bench-compress clean
+RAY_VENV ?= .venv-ray
+
+.PHONY: test lint check-wheel test-base test-latest check-size test-ray golden bench bench-ray bench-compress clean
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
@@ -64,6 +66,20 @@ $(BASE_VENV)/.installed: pyproject.toml constraints.txt
 		echo "error: the base install pulled in torch (above)" >&2; exit 1; fi
 	touch $@
 
+# index --engine ray and search --table: the ray extra without torch (its own venv, so the other
+# runs keep showing that the ray tests skip cleanly without it), and only the tests marked ray.
+test-ray: $(RAY_VENV)/.installed
+	$(RAY_VENV)/bin/python -m pytest -q -m ray
+
+$(RAY_VENV)/.installed: pyproject.toml constraints.txt
+	rm -rf $(RAY_VENV)
+	$(PYTHON) -m venv $(RAY_VENV)
+	$(RAY_VENV)/bin/python -m pip install -q -c constraints.txt -e '.[test,ray,ray-test]'
+	$(RAY_VENV)/bin/python -m pip install -q -c constraints.txt --no-deps open_clip_torch
+	@if $(RAY_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^torch'; then \
+		echo "error: the ray extra pulled in torch (above)" >&2; exit 1; fi
+	touch $@
+
 # The newest versions pyproject.toml allows, without constraints.txt: what pipx and uv
 # users get. Always a fresh venv, so that new releases are picked up.
 test-latest:
@@ -93,6 +109,10 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_index.py
 	$(PY) benchmarks/bench_import.py
 	$(PY) benchmarks/bench_ui.py
+
+# --engine ray against the local index on the same 2,000 images, and the shard-resume cost.
+bench-ray: $(RAY_VENV)/.installed
+	$(RAY_VENV)/bin/python benchmarks/bench_ray.py
 
 # The compression proof: tiny teacher, stage 1 + 2, ablations; about 50 minutes on 2 cores.
 bench-compress: $(VENV)/.installed

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -69,12 +70,18 @@ LangOption = Annotated[str | None, typer.Option(
     "--lang", help="Query language (fr, ja...) for models that take one (NLLB); others ignore it.")]
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 @app.command("index")
 @handle_errors
 def index(
-    roots: Annotated[list[Path] | None, typer.Argument(
+    roots: Annotated[list[str] | None, typer.Argument(
         help="Directories or image files to index (a file is remembered as a file, not a root). "
-             "Default: every root and file indexed before, else the current dir.",
+             "Default: every root and file indexed before, else the current dir. With --engine ray: "
+             "folders (on every node) or object-store prefixes (s3://, gs://, az://).",
         show_default=False)] = None,
     model: ModelOption = None,
     exclude: Annotated[list[str] | None, typer.Option("--exclude", "-x", help=(
@@ -101,6 +108,16 @@ def index(
         "Instead of walking ROOTS, import image embeddings computed elsewhere: clip-retrieval's inference "
         "output (img_emb/*.npy with metadata/*.parquet). Their paths may be URLs; no walk ever drops them."))]
     = None,
+    engine: Annotated[Engine, typer.Option(help=(
+        "local: this machine, into the local index. ray: a Ray cluster, into the table --table names "
+        "(needs the ray extra)."))] = Engine.local,
+    address: Annotated[str | None, typer.Option(help=(
+        "With --engine ray: the cluster's head (HOST:6379, or 'auto' on a node of it)."),
+        show_default="a new local cluster")] = None,
+    table: Annotated[str | None, typer.Option(help=(
+        "With --engine ray: the LanceDB table to write, a local path or s3://, gs://, az:// URI."))] = None,
+    shard_size: Annotated[int, typer.Option(min=1, help=(
+        "With --engine ray: images per commit; a killed run redoes at most one shard."))] = 10_000,
 ) -> None:
     """Index images under ROOTS, or update the index: only new, changed, moved and deleted files cost work.
 
@@ -111,7 +128,15 @@ def index(
       clipgrep index . -x 'raw/' -x '*.png'  # remembered for this root
       clipgrep index . --remove-exclude '*.png'
       clipgrep index --from-embeddings clip-out/ --model vit-b-32
+      clipgrep index --engine ray s3://bkt/photos --table s3://bkt/db/photos
     """
+    if engine == Engine.ray or table is not None or address is not None:
+        if from_embeddings is not None:
+            raise ClipgrepError("--from-embeddings imports into the local index, not with --engine ray",
+                                "drop --engine, --table and --address")
+        _index_with_ray(roots or [], model, engine, address, table, shard_size, exclude, hidden, follow_symlinks,
+                        retry_skipped, verbose, json_output)
+        return
     from .index.build import IndexOptions, update_index
     from .index.interrupt import IndexInterrupted
     from .index.scan import ScanOptions
@@ -162,6 +187,31 @@ def index(
         render.note(f"{ready} thumbnails ready" + (f", {failed} could not be made" if failed else ""))
 
 
+def _index_with_ray(sources: list[str], model: str | None, engine: Engine, address: str | None, table: str | None,
+                    shard_size: int, exclude: list[str] | None, hidden: bool, follow_symlinks: bool,
+                    retry_skipped: bool, verbose: bool, json_output: bool) -> None:
+    from .engines.ray_index import RayIndexOptions, index_with_ray
+    from .index.scan import ScanOptions
+    from .models import load_model
+
+    if engine != Engine.ray:
+        raise ClipgrepError("--table and --address go with --engine ray", "add --engine ray")
+    if table is None:
+        raise ClipgrepError("--engine ray writes to a table named by --table",
+                            "e.g. clipgrep index --engine ray ~/Pictures --table /data/clipgrep/photos")
+    options = RayIndexOptions(address=address, shard_size=shard_size, retry_skipped=retry_skipped,
+                              scan=ScanOptions(excludes=tuple(exclude or ()), include_hidden=hidden,
+                                               follow_symlinks=follow_symlinks))
+    with render.step_progress("adding the default model", ("load model", "export ONNX", "quantize",
+                                                             "check parity", "install")) as on_step:
+        bundle = load_model(model, on_progress=on_step)
+    report = index_with_ray(sources, table, bundle, options,
+                            on_shard=lambda done, total: render.note(f"shard {done}/{total} committed"))
+    if json_output:
+        render.json_line(asdict(report))
+    render.ray_index_summary(report, verbose)
+
+
 class PreviewProtocol(str, Enum):
     auto = "auto"
     kitty = "kitty"
@@ -199,6 +249,9 @@ def search(
     preview_height: Annotated[int, typer.Option(min=1, max=100, help="Thumbnail height in text rows.")] = 8,
     preview_grid: Annotated[bool, typer.Option("--preview-grid", help="Thumbnails in a grid (implies --preview).")]
     = False,
+    table: Annotated[str | None, typer.Option(help=(
+        "Search this LanceDB table ('clipgrep index --engine ray' wrote it: a local path or s3://, gs://, az:// "
+        "URI) instead of the local index."))] = None,
 ) -> None:
     """Search the index: prints 'score<TAB>path' lines, best first. Exit 0 with results, 1 without, 2 on error.
 
@@ -215,8 +268,16 @@ def search(
         raise ClipgrepError("--paths and --json exclude each other", "pick one output format")
     show_preview = render.wants_preview(preview or preview_grid or preview_protocol != PreviewProtocol.auto,
                                         paths or json_output or null)
-    hits = run_search(query, add=add or (), sub=sub or (), model=model, k=top, threshold=threshold,
-                      under=under, language=lang)
+    if table is not None:
+        from .table_search import search_table
+
+        if under is not None:
+            raise ClipgrepError("--under does not work with --table yet", "drop --under, or search the local index")
+        hits = search_table(table, query, add=add or (), sub=sub or (), model=model, k=top, threshold=threshold,
+                            language=lang)
+    else:
+        hits = run_search(query, add=add or (), sub=sub or (), model=model, k=top, threshold=threshold,
+                          under=under, language=lang)
     if show_preview:
         render.preview_hits(hits, preview_protocol.value, preview_height, preview_grid)
     else:

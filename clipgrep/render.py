@@ -16,6 +16,7 @@ from .errors import ClipgrepError
 if TYPE_CHECKING:
     from .bundle import Bundle
     from .catalogue import CatalogueEntry
+    from .engines.ray_index import RayIndexReport
     from .index.build import IndexProgress, IndexReport
     from .index.forget import Forgotten
     from .index.imported import ImportProgress, ImportReport
@@ -299,6 +300,20 @@ def index_summary(report: IndexReport, verbose: bool) -> None:
         for item in report.skipped_files:
             print(f"  skipped {os.fsdecode(os.fsencode(item.path))}: {item.reason}", file=sys.stderr)
     for path, reason in report.scan_problems:
+        print(f"  warning: {path}: {reason}", file=sys.stderr)
+
+
+def ray_index_summary(report: RayIndexReport, verbose: bool) -> None:
+    parts = [f"{report.encoded} added or updated", f"{report.removed} removed", f"{report.unchanged} unchanged"]
+    if report.skipped:
+        parts.append(f"{report.skipped} skipped" + ("" if verbose else " (--verbose lists them)"))
+    if report.shards_committed_before:
+        parts.append(f"{report.shards_committed_before} shards committed before")
+    note(f"{report.rows} images in {report.table} ({', '.join(parts)}) in {report.seconds:.1f} s")
+    if verbose:
+        for path, reason in report.skipped_files:
+            print(f"  skipped {path}: {reason}", file=sys.stderr)
+    for path, reason in report.problems:
         print(f"  warning: {path}: {reason}", file=sys.stderr)
 
 

@@ -174,6 +174,22 @@ def test_mixed_batch_in_two_workers_matches_in_process(images: tuple[Path, dict[
         assert _same_pixels(a.pixels, b.pixels)
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_bytes_from_an_object_store_decode_as_the_file_does(images: tuple[Path, dict[str, str | None]]) -> None:
+    d, expected = images
+    regular = [n for n in sorted(expected) if (d / n).is_file() and not (d / n).is_symlink()]
+    assert len(regular) > 5
+    for name in regular:
+        try:
+            data = (d / name).read_bytes()
+        except OSError:
+            continue  # unreadable: a file-system reason, not the bytes'
+        from_file = decode.decode_file(str(d / name), CFG, limits=LIMITS)
+        from_bytes = decode.decode_bytes(data, CFG, limits=LIMITS)
+        assert from_bytes[1] == from_file[1], name
+        assert _same_pixels(from_bytes[0], from_file[0]), name
+
+
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # load_image's, not decode_images'
 def test_good_files_match_load_image(images: tuple[Path, dict[str, str | None]]) -> None:
     d, expected = images

@@ -33,6 +33,7 @@ bad file and never waits forever on one:
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import multiprocessing
 import os
@@ -165,11 +166,30 @@ def decode_file(path: str, config: PreprocessConfig, *, draft: bool = True,
                 limits: DecodeLimits = DecodeLimits()) -> Outcome:
     """``(load_image's array, None)`` for a good file, ``(None, reason)`` for any other. Never raises."""
     try:
-        with _open_regular(path, limits) as f, _strict_quiet_pil(limits):
-            _check_image_header(f, limits)
-            return load_image(f, config, draft=draft, max_pixels=limits.max_decoded_pixels), None
+        with _open_regular(path, limits) as f:
+            return _decode_stream(f, config, draft, limits), None
     except Exception as e:  # noqa: BLE001 - every failure of one file becomes its skip reason
         return None, classify_error(e)
+
+
+def decode_bytes(data: bytes, config: PreprocessConfig, *, draft: bool = True,
+                 limits: DecodeLimits = DecodeLimits()) -> Outcome:
+    """``decode_file`` for a file's bytes fetched from elsewhere (an object store): the same
+    checks and skip reasons, but no file-system ones. Never raises."""
+    try:
+        if not data:
+            raise SkipImage("empty file")
+        if len(data) > limits.max_file_bytes:
+            raise SkipImage(f"file too large ({_bytes(len(data))} > {_bytes(limits.max_file_bytes)})")
+        return _decode_stream(io.BytesIO(data), config, draft, limits), None
+    except Exception as e:  # noqa: BLE001 - every failure of one file becomes its skip reason
+        return None, classify_error(e)
+
+
+def _decode_stream(f: BinaryIO, config: PreprocessConfig, draft: bool, limits: DecodeLimits) -> np.ndarray:
+    with _strict_quiet_pil(limits):
+        _check_image_header(f, limits)
+        return load_image(f, config, draft=draft, max_pixels=limits.max_decoded_pixels)
 
 
 @contextlib.contextmanager
@@ -481,5 +501,5 @@ def _kill_workers(pool: ProcessPoolExecutor) -> None:
 
 __all__ = [
     "CORRUPT", "CRASHED", "NEEDS_HEIF", "SMALL_JOB", "DecodeLimits", "Decoded", "Outcome", "SkipImage",
-    "classify_error", "decode_file", "decode_images", "map_ordered",
+    "classify_error", "decode_bytes", "decode_file", "decode_images", "map_ordered",
 ]

@@ -1,0 +1,1 @@
+"""Indexing engines other than the local one (clipgrep.index): Ray Data into LanceDB."""
