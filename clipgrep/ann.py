@@ -17,9 +17,11 @@ Layout, inside a snapshot generation (numpy + stdlib, memory-mapped)::
         rows.npy           int64 [N]: the snapshot row of each grouped row
         codes.npy          int8 [N, D]: round(vector / scales), grouped
         scales.npy         float32 [D]: per-dimension step, so q . v ~= (q * scales) . codes
-        meta.json          format, rows, partitions, nprobe, exact_max_rows
+        meta.json          format, rows, partitions, nprobe, exact_max_rows, trained_rows
 
-A generation without ``ivf/`` (small, or its build was interrupted) is searched
+The next generation's build reuses the centroids and scales (no k-means: one assignment pass
+and the int8 encoding) while its rows stay within ``REUSE_GROWTH``x of the rows they were
+trained on (``trained_rows``); past that it trains afresh. A generation without ``ivf/`` (small, or its build was interrupted) is searched
 exactly; so is one whose ``ivf/`` does not match it. Nothing here ever fails a search.
 """
 from __future__ import annotations
@@ -54,6 +56,10 @@ RESCORE_PER_RESULT = 20
 KMEANS_SAMPLE_PER_PARTITION = 32
 KMEANS_ITERATIONS = 8
 CHUNK_ROWS = 65_536  # rows per step of assignment and encoding: bounded memory whatever N is
+# Reused centroids keep their count, so 2x growth doubles the rows a query reads (mean partition
+# 1024 rows) and 2x shrinkage halves them (recall then rests on fewer candidates); beyond that, or
+# when new rows drift to other topics, the partitions would fit the library poorly: train afresh.
+REUSE_GROWTH = 2.0
 
 
 def exact_max_rows() -> int:
@@ -73,6 +79,7 @@ class Ivf:
     scales: np.ndarray
     nprobe: int
     exact_max_rows: int
+    trained_rows: int  # the rows its centroids and scales were fitted to (maybe an older generation's)
 
     @property
     def partitions(self) -> int:
@@ -187,7 +194,34 @@ def load_ivf(generation: Path | None, rows: int, dim: int) -> Ivf | None:
             and arrays["offsets"][-1] == rows):
         return None
     return Ivf(arrays["centroids"], arrays["offsets"], arrays["rows"], arrays["codes"], arrays["scales"],
-               int(meta.get("nprobe", MIN_NPROBE)), int(meta.get("exact_max_rows", EXACT_MAX_ROWS)))
+               int(meta.get("nprobe", MIN_NPROBE)), int(meta.get("exact_max_rows", EXACT_MAX_ROWS)),
+               int(meta.get("trained_rows", rows)))
+
+
+@dataclass(frozen=True)
+class Training:
+    """What an inverted file's build fitted to the rows (k-means centroids, int8 scales), in memory:
+    the next generation's build reuses it while the library has not grown or shrunk too much."""
+
+    centroids: np.ndarray
+    scales: np.ndarray
+    rows: int
+
+    def fits(self, rows: int, dim: int) -> bool:
+        return self.centroids.shape[1] == dim and self.rows / REUSE_GROWTH <= rows <= self.rows * REUSE_GROWTH
+
+
+def live_training(snapshot_directory: Path) -> Training | None:
+    """The training of the live generation's inverted file, copied out of it (the snapshot write that
+    follows deletes the generation), or None when it has none."""
+    from .snapshot import read_snapshot
+
+    try:
+        snapshot = read_snapshot(snapshot_directory)
+    except Exception:  # noqa: BLE001 - damaged: the next build trains afresh
+        return None
+    ivf = None if snapshot is None else load_ivf(snapshot.generation, len(snapshot), snapshot.vectors.shape[1])
+    return None if ivf is None else Training(np.array(ivf.centroids), np.array(ivf.scales), ivf.trained_rows)
 
 
 def ensure_ivf(snapshot_directory: Path) -> bool:
@@ -198,9 +232,11 @@ def ensure_ivf(snapshot_directory: Path) -> bool:
     return snapshot is not None and snapshot.generation is not None and build_ivf(snapshot.generation)
 
 
-def build_ivf(generation: Path, *, seed: int = 0, rows_per_partition: int = ROWS_PER_PARTITION) -> bool:
+def build_ivf(generation: Path, previous: Training | None = None, *, seed: int = 0,
+              rows_per_partition: int = ROWS_PER_PARTITION) -> bool:
     """Add an inverted file to ``generation`` if it has more rows than ``exact_max_rows()``;
-    True when it has one afterwards. Reads the vectors memory-mapped, in chunks.
+    True when it has one afterwards. Reads the vectors memory-mapped, in chunks. Reuses the
+    ``previous`` generation's training when it ``fits``, else runs k-means.
 
     Written to a temporary directory and renamed into place, so a search sees a complete
     inverted file or none; a killed build leaves only a temporary directory, which the
@@ -214,15 +250,18 @@ def build_ivf(generation: Path, *, seed: int = 0, rows_per_partition: int = ROWS
     if load_ivf(generation, len(vectors), vectors.shape[1]) is not None:
         return True
     n = len(vectors)
-    partitions = max(1, min(n // rows_per_partition, 65_536))  # capped: every query reads all centroids
-    centroids = _kmeans(vectors, partitions, np.random.default_rng(seed))
-    labels = np.concatenate([_nearest(vectors[a:a + CHUNK_ROWS], centroids) for a in range(0, n, CHUNK_ROWS)])
+    training = previous if previous is not None and previous.fits(n, vectors.shape[1]) else None
+    if training is None:
+        partitions = max(1, min(n // rows_per_partition, 65_536))  # capped: every query reads all centroids
+        training = Training(_kmeans(vectors, partitions, np.random.default_rng(seed)), _scales(vectors), n)
+    labels = np.concatenate([_nearest(vectors[a:a + CHUNK_ROWS], training.centroids)
+                             for a in range(0, n, CHUNK_ROWS)])
     for stale in generation.glob(f".{DIRECTORY}-*"):  # left by killed builds
         shutil.rmtree(stale, ignore_errors=True)
     tmp = generation / f".{DIRECTORY}-{os.getpid()}"
     tmp.mkdir()
     try:
-        _write_ivf(tmp, vectors, centroids, labels, limit)
+        _write_ivf(tmp, vectors, training, labels, limit)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -231,14 +270,19 @@ def build_ivf(generation: Path, *, seed: int = 0, rows_per_partition: int = ROWS
     return True
 
 
-def _write_ivf(tmp: Path, vectors: np.ndarray, centroids: np.ndarray, labels: np.ndarray, limit: int) -> None:
-    n, partitions = len(vectors), len(centroids)
-    grouped = np.argsort(labels, kind="stable").astype(np.int64)  # by partition, then by snapshot row
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=partitions))]).astype(np.int64)
-    # Per-dimension steps from a sample: CLIP embeddings have a few dims far wider than the rest.
-    sample = np.asarray(vectors[_sample_rows(n, 65_536, np.random.default_rng(n))], dtype=np.float32)
+def _scales(vectors: np.ndarray) -> np.ndarray:
+    """Per-dimension int8 steps from a sample: CLIP embeddings have a few dims far wider than the rest."""
+    sample = np.asarray(vectors[_sample_rows(len(vectors), 65_536, np.random.default_rng(len(vectors)))],
+                        dtype=np.float32)
     scales = (np.abs(sample).max(axis=0) * 1.05 / 127).astype(np.float32)  # headroom for unseen rows
     scales[scales == 0] = 1.0
+    return scales
+
+
+def _write_ivf(tmp: Path, vectors: np.ndarray, training: Training, labels: np.ndarray, limit: int) -> None:
+    n, partitions, scales = len(vectors), len(training.centroids), training.scales
+    grouped = np.argsort(labels, kind="stable").astype(np.int64)  # by partition, then by snapshot row
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=partitions))]).astype(np.int64)
     codes = np.lib.format.open_memmap(tmp / "codes.npy", mode="w+", dtype=np.int8, shape=vectors.shape)
     for a in range(0, n, CHUNK_ROWS):
         take = grouped[a:a + CHUNK_ROWS]
@@ -250,8 +294,8 @@ def _write_ivf(tmp: Path, vectors: np.ndarray, centroids: np.ndarray, labels: np
     del codes
     nprobe = min(partitions, max(MIN_NPROBE, math.ceil(partitions * NPROBE_FRACTION)))
     meta: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "rows": n, "partitions": partitions,
-                            "nprobe": nprobe, "exact_max_rows": limit}
-    for name, array in (("centroids", centroids), ("offsets", offsets), ("rows", grouped), ("scales", scales)):
+                            "nprobe": nprobe, "exact_max_rows": limit, "trained_rows": training.rows}
+    for name, array in (("centroids", training.centroids), ("offsets", offsets), ("rows", grouped), ("scales", scales)):
         np.save(tmp / f"{name}.npy", array, allow_pickle=False)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     for entry in tmp.iterdir():

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from clipgrep import ann
 from clipgrep.ann import EXACT_MAX_ROWS_ENV, approximate_index, build_ivf, ensure_ivf, load_ivf, search_mode
+from clipgrep.paths import snapshot_dir
 from clipgrep.ranking import rank
 from clipgrep.snapshot import Snapshot, read_snapshot, write_snapshot
 
@@ -124,6 +126,74 @@ def test_status_says_which_search_is_used(big, tmp_path: Path) -> None:
     snap, _ = big
     assert search_mode(snap).startswith("approximate")
     assert search_mode(read_snapshot(tmp_path / "none")) == "exact"
+
+
+def republish(snap: Snapshot, extra: np.ndarray, directory: Path) -> Snapshot:
+    """The next generation: ``snap``'s rows plus ``extra`` rows under /lib/new, written like publish does."""
+    paths = snap.paths + [f"/lib/new/{i:06d}.jpg" for i in range(len(extra))]
+    vectors = np.concatenate([np.asarray(snap.vectors), extra])
+    zeros = np.zeros(len(paths), np.int64)
+    previous = ann.live_training(directory)
+    generation = write_snapshot(directory, paths, vectors, zeros, zeros, zeros, ["00"] * len(paths), snap.meta)
+    assert build_ivf(generation, previous, rows_per_partition=ROWS_PER_PARTITION)
+    grown = read_snapshot(directory)
+    assert grown is not None
+    return grown
+
+
+def near(vectors: np.ndarray, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    rows = vectors[rng.choice(len(vectors), n)] + rng.standard_normal((n, vectors.shape[1])) * (0.5 / np.sqrt(DIM))
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_a_rebuild_after_adding_rows_reuses_the_centroids_and_keeps_its_recall(big, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    snap, queries = big
+    assert snap.generation is not None
+    trained = {name: (snap.generation / "ivf" / f"{name}.npy").read_bytes() for name in ("centroids", "scales")}
+
+    def no_kmeans(*args: object) -> None:
+        raise AssertionError("k-means ran")
+    monkeypatch.setattr(ann, "_kmeans", no_kmeans)
+    extra = near(np.asarray(snap.vectors), ROWS // 100, seed=2)  # 1% more rows, in the same clusters
+    grown = republish(snap, extra, tmp_path / "snap")
+    assert grown.generation is not None and grown.generation != snap.generation
+    assert {name: (grown.generation / "ivf" / f"{name}.npy").read_bytes() for name in trained} == trained
+    ivf = approximate_index(grown, len(grown), 10)
+    assert ivf is not None and ivf.trained_rows == ROWS and len(ivf.rows) == len(grown)
+    queries = np.concatenate([queries, near(extra, 20, seed=3)])  # some near the new rows
+    found = [[h.path for h in rank(grown, q, k=10)] for q in queries]
+    assert recall(found, [exact(grown, q, 10) for q in queries]) >= 0.95
+
+
+def test_a_library_grown_past_the_bound_is_trained_afresh(big, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    snap, _ = big
+    kmeans_runs: list[int] = []
+    kmeans = ann._kmeans
+    monkeypatch.setattr(ann, "_kmeans", lambda *args: kmeans_runs.append(len(args[0])) or kmeans(*args))
+    extra = near(np.asarray(snap.vectors), int(ROWS * (ann.REUSE_GROWTH - 1)) + 1, seed=2)  # just past 2x
+    grown = republish(snap, extra, tmp_path / "snap")
+    ivf = approximate_index(grown, len(grown), 10)
+    assert kmeans_runs == [len(grown)] and ivf is not None and ivf.trained_rows == len(grown)
+    assert ivf.partitions == len(grown) // ROWS_PER_PARTITION
+
+
+def test_each_index_run_that_writes_reuses_the_previous_inverted_file(bundle, photos: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(EXACT_MAX_ROWS_ENV, "1")
+    index(photos, bundle)
+    first = read_snapshot(snapshot_dir(bundle.index_id))
+    assert first is not None and first.generation is not None
+    centroids = (first.generation / "ivf" / "centroids.npy").read_bytes()
+    monkeypatch.setattr(ann, "_kmeans", lambda *args: pytest.fail("k-means ran"))
+    test_index.write_image(photos / "yellow.png", test_index.YELLOW)
+    assert index(photos, bundle).rows == 4  # a new generation, built from the first one's centroids
+    second = read_snapshot(snapshot_dir(bundle.index_id))
+    assert second is not None and second.generation not in (None, first.generation)
+    assert (second.generation / "ivf" / "centroids.npy").read_bytes() == centroids
+    assert search_mode(second).startswith("approximate")
 
 
 KILLED_BUILD = """

@@ -139,7 +139,7 @@ def _no_vectors(store: IndexStore) -> Any:  # an np.ndarray; numpy is imported l
 def publish(store: IndexStore, vector_index: bool | None = None) -> tuple[int, dict[str, Skipped]]:
     """Export the table's indexed rows as the search snapshot, stamped with the version they were
     read at; returns the rows and the skip notes it recorded."""
-    from ..ann import build_ivf
+    from ..ann import build_ivf, live_training
     from ..snapshot import write_snapshot
     from .freshness import snapshot_meta
     from .roots import RootSet
@@ -148,8 +148,9 @@ def publish(store: IndexStore, vector_index: bool | None = None) -> tuple[int, d
     if vector_index is None:
         vector_index = store.has_vector_index()
     meta = snapshot_meta(store.bundle_id, version, vector_index, RootSet.load(store.directory), skipped)
+    previous = live_training(snapshot_dir(store.bundle_id))  # read before the write deletes its generation
     generation = commit("publish", lambda: write_snapshot(snapshot_dir(store.bundle_id), *rows, meta=meta))
-    build_ivf(generation)  # a big snapshot's inverted file; search is exact until it is complete
+    build_ivf(generation, previous)  # a big snapshot's inverted file; search is exact until it is complete
     return len(rows.paths), skipped
 
 
