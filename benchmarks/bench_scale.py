@@ -12,6 +12,9 @@ written in chunks as a real snapshot generation (never all in RAM), and measures
   ``EXACT_MAX_ROWS``;
 - ``LanceDB IVF_PQ`` (nprobes 20, refine_factor 10) and ``LanceDB IVF_HNSW_SQ``.
 
+With ``--rebuild``, also the cost of the inverted file's rebuild when an index run adds 1% rows:
+k-means afresh vs the previous generation's centroids and scales reused (what ``publish`` does).
+
 Per method: build time, recall@10 against exact (``--queries`` queries, in-process), warm
 latency in-process (median ms), and a **fresh process** that imports what the method needs,
 opens the index and answers one query: its wall time with the page cache warm, and "cold"
@@ -23,7 +26,7 @@ RSS (``VmHWM``). Query encoding is not included: it costs the same for every met
 Usage (from the repository root)::
 
     .venv/bin/python benchmarks/bench_scale.py [--sizes 100000,1000000] [--out bench-out/scale]
-        [--methods exact,int8,ivf,ivf_pq,hnsw_sq] [--queries 50] [--runs 3]
+        [--methods exact,int8,ivf,ivf_pq,hnsw_sq] [--queries 50] [--runs 3] [--rebuild]
 
 The markdown table goes to stdout, progress to stderr. Data is kept under ``--out`` and reused.
 """
@@ -33,6 +36,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,8 +64,6 @@ def log(message: str) -> None:
 
 def generate(directory: Path, n: int, seed: int = 0) -> Path:
     """A snapshot directory (CURRENT + one generation) of ``n`` clustered rows, written in chunks."""
-    from clipgrep.snapshot import FORMAT, FORMAT_VERSION
-
     generation = directory / "g1-bench"
     if (directory / "CURRENT").exists():
         return generation
@@ -80,7 +82,15 @@ def generate(directory: Path, n: int, seed: int = 0) -> Path:
         vectors[a:a + m] = _unit(clusters[rng.integers(len(clusters), size=m)] + noise)
     vectors.flush()
     del vectors
-    # Paths sorted by construction: /lib/<dir of 1000>/<row>.jpg
+    _write_rows(generation, n)
+    (directory / "CURRENT").write_text(generation.name)
+    return generation
+
+
+def _write_rows(generation: Path, n: int) -> None:
+    """Everything but the vectors. Paths sorted by construction: /lib/<dir of 1000>/<row>.jpg"""
+    from clipgrep.snapshot import FORMAT, FORMAT_VERSION
+
     names = [f"/lib/{i // 1000:07d}/{i:09d}.jpg".encode() for i in range(n)]
     lengths = np.fromiter(map(len, names), np.int64, n)
     np.save(generation / "path_bytes.npy", np.frombuffer(b"".join(names), np.uint8))
@@ -90,8 +100,26 @@ def generate(directory: Path, n: int, seed: int = 0) -> Path:
     np.save(generation / "fingerprints.npy", np.full(n, b"00", dtype="S2"))
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "rows": n, "embed_dim": D, "bundle_id": "bench"}
     (generation / "meta.json").write_text(json.dumps(meta))
-    (directory / "CURRENT").write_text(generation.name)
-    return generation
+
+
+def grow(generation: Path, directory: Path, extra: int) -> Path:
+    """A snapshot directory holding ``generation``'s rows plus ``extra`` new ones near them (new
+    photos of the same subjects), as the next index run would publish it."""
+    grown = directory / "g2-bench"
+    if (directory / "CURRENT").exists():
+        return grown
+    grown.mkdir(parents=True, exist_ok=True)
+    old = np.load(generation / "vectors.npy", mmap_mode="r")
+    n = len(old)
+    vectors = np.lib.format.open_memmap(grown / "vectors.npy", "w+", np.float32, (n + extra, D))
+    for a in range(0, n, CHUNK):
+        vectors[a:a + CHUNK] = old[a:a + CHUNK]
+    vectors[n:] = queries(old, extra, seed=2)
+    vectors.flush()
+    del vectors
+    _write_rows(grown, n + extra)
+    (directory / "CURRENT").write_text(grown.name)
+    return grown
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -324,6 +352,40 @@ def measure(n: int, out: Path, methods: list[str], nq: int, runs: int) -> list[d
     return rows
 
 
+def rebuild(n: int, out: Path, nq: int) -> list[dict]:
+    """Rebuild of the inverted file after 1% more rows: k-means afresh vs reused training."""
+    from clipgrep.ann import DIRECTORY, build_ivf, live_training
+
+    log(f"== rebuild after adding 1% to {n:,} rows")
+    os.environ["CLIPGREP_EXACT_MAX_ROWS"] = "0"
+    base = out / f"n{n}"
+    build_ivf(generate(base / "snapshot", n))  # the previous generation's inverted file (kept if built)
+    previous = live_training(base / "snapshot")
+    grown = grow(base / "snapshot" / "g1-bench", base / "grown", n // 100)
+    vectors = np.load(grown / "vectors.npy", mmap_mode="r")
+    q = np.concatenate([queries(vectors[:n], nq - nq // 2), queries(vectors[n:], nq // 2, seed=3)])  # half near new
+    truth = ground_truth(vectors, q)
+    del vectors
+    rows = []
+    for label, reuse in (("k-means afresh", None), ("previous centroids reused", previous)):
+        shutil.rmtree(grown / DIRECTORY, ignore_errors=True)
+        t = time.perf_counter()
+        build_ivf(grown, reuse)
+        seconds = time.perf_counter() - t
+        search = snapshot_search(base / "grown")
+        row = {"rows": n, "rebuild": label, "build_s": seconds, "recall": recall([search(x) for x in q], truth)}
+        del search
+        log(json.dumps(row))
+        rows.append(row)
+    return rows
+
+
+def rebuild_table(rows: list[dict]) -> str:
+    lines = ["| rows before +1% | IVF rebuild | build s | recall@10 |", "|---|---|---|---|"]
+    lines += [f"| {r['rows']:,} | {r['rebuild']} | {r['build_s']:.1f} | {r['recall']:.3f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     header = ("| rows | method | build s | recall@10 | in-process ms | process warm s | process cold s "
               "| (open+search cold s) | peak RSS MB |")
@@ -342,7 +404,11 @@ def main() -> None:
     parser.add_argument("--methods", default="exact,int8,ivf,ivf_pq,hnsw_sq")
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rebuild", action="store_true", help="only the rebuild after adding 1%% rows")
     args = parser.parse_args()
+    if args.rebuild:
+        print(rebuild_table([r for n in args.sizes.split(",") for r in rebuild(int(n), args.out, args.queries)]))
+        return
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
         rows += measure(n, args.out, args.methods.split(","), args.queries, args.runs)

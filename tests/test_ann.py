@@ -128,10 +128,10 @@ def test_status_says_which_search_is_used(big, tmp_path: Path) -> None:
     assert search_mode(read_snapshot(tmp_path / "none")) == "exact"
 
 
-def republish(snap: Snapshot, extra: np.ndarray, directory: Path) -> Snapshot:
-    """The next generation: ``snap``'s rows plus ``extra`` rows under /lib/new, written like publish does."""
-    paths = snap.paths + [f"/lib/new/{i:06d}.jpg" for i in range(len(extra))]
-    vectors = np.concatenate([np.asarray(snap.vectors), extra])
+def republish(snap: Snapshot, vectors: np.ndarray, directory: Path) -> Snapshot:
+    """The next generation: ``snap``'s rows (with ``vectors``), then rows under /lib/new for the
+    vectors beyond them, written like publish does."""
+    paths = snap.paths + [f"/lib/new/{i:06d}.jpg" for i in range(len(vectors) - len(snap))]
     zeros = np.zeros(len(paths), np.int64)
     previous = ann.live_training(directory)
     generation = write_snapshot(directory, paths, vectors, zeros, zeros, zeros, ["00"] * len(paths), snap.meta)
@@ -156,8 +156,14 @@ def test_a_rebuild_after_adding_rows_reuses_the_centroids_and_keeps_its_recall(b
     def no_kmeans(*args: object) -> None:
         raise AssertionError("k-means ran")
     monkeypatch.setattr(ann, "_kmeans", no_kmeans)
-    extra = near(np.asarray(snap.vectors), ROWS // 100, seed=2)  # 1% more rows, in the same clusters
-    grown = republish(snap, extra, tmp_path / "snap")
+    scored: list[int] = []  # rows scored against every centroid
+    nearest = ann._nearest
+    monkeypatch.setattr(ann, "_nearest", lambda rows, centroids: scored.append(len(rows)) or nearest(rows, centroids))
+    vectors = np.array(snap.vectors)
+    vectors[:50] = near(vectors, 50, seed=4)  # 50 files changed
+    extra = near(vectors, ROWS // 100, seed=2)  # and 1% more rows, in the same clusters
+    grown = republish(snap, np.concatenate([vectors, extra]), tmp_path / "snap")
+    assert sum(scored) == 50 + len(extra)  # the unchanged rows kept their partitions
     assert grown.generation is not None and grown.generation != snap.generation
     assert {name: (grown.generation / "ivf" / f"{name}.npy").read_bytes() for name in trained} == trained
     ivf = approximate_index(grown, len(grown), 10)
@@ -174,7 +180,7 @@ def test_a_library_grown_past_the_bound_is_trained_afresh(big, tmp_path: Path,
     kmeans = ann._kmeans
     monkeypatch.setattr(ann, "_kmeans", lambda *args: kmeans_runs.append(len(args[0])) or kmeans(*args))
     extra = near(np.asarray(snap.vectors), int(ROWS * (ann.REUSE_GROWTH - 1)) + 1, seed=2)  # just past 2x
-    grown = republish(snap, extra, tmp_path / "snap")
+    grown = republish(snap, np.concatenate([np.asarray(snap.vectors), extra]), tmp_path / "snap")
     ivf = approximate_index(grown, len(grown), 10)
     assert kmeans_runs == [len(grown)] and ivf is not None and ivf.trained_rows == len(grown)
     assert ivf.partitions == len(grown) // ROWS_PER_PARTITION
