@@ -367,7 +367,7 @@ def rebuild(n: int, out: Path, nq: int) -> list[dict]:
     truth = ground_truth(vectors, q)
     del vectors
     rows = []
-    for label, reuse in (("k-means afresh", None), ("previous centroids reused", previous)):
+    for label, reuse in (("k-means afresh", None), ("previous centroids, scales and partitions reused", previous)):
         shutil.rmtree(grown / DIRECTORY, ignore_errors=True)
         t = time.perf_counter()
         build_ivf(grown, reuse)

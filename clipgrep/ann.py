@@ -361,10 +361,9 @@ def _row_hashes(vectors: np.ndarray) -> np.ndarray:
     """A 64-bit hash of each row's float32 bytes (a fixed random linear form, wrapping): equal
     vectors, equal hashes. A collision would only cost that row some recall, never a wrong score."""
     weights = np.random.default_rng(HASH_SEED).integers(1, 2**63, size=vectors.shape[1], dtype=np.uint64)
-    step = HASH_ROWS
-    return np.concatenate([(np.ascontiguousarray(vectors[a:a + step], dtype=np.float32).view(np.uint32)
+    return np.concatenate([(np.ascontiguousarray(vectors[a:a + HASH_ROWS], dtype=np.float32).view(np.uint32)
                             .astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
-                           for a in range(0, len(vectors), step)] or [np.zeros(0, np.uint64)])
+                           for a in range(0, len(vectors), HASH_ROWS)])
 
 
 def _nearest(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
