@@ -129,9 +129,9 @@ def test_status_says_which_search_is_used(big, tmp_path: Path) -> None:
 
 
 def republish(snap: Snapshot, vectors: np.ndarray, directory: Path) -> Snapshot:
-    """The next generation: ``snap``'s rows (with ``vectors``), then rows under /lib/new for the
-    vectors beyond them, written like publish does."""
-    paths = snap.paths + [f"/lib/new/{i:06d}.jpg" for i in range(len(vectors) - len(snap))]
+    """The next generation: ``snap``'s first rows (with ``vectors``), then rows under /lib/new for
+    the vectors beyond them, written like publish does."""
+    paths = (snap.paths + [f"/lib/new/{i:06d}.jpg" for i in range(len(vectors) - len(snap))])[:len(vectors)]
     zeros = np.zeros(len(paths), np.int64)
     previous = ann.live_training(directory)
     generation = write_snapshot(directory, paths, vectors, zeros, zeros, zeros, ["00"] * len(paths), snap.meta)
@@ -173,14 +173,16 @@ def test_a_rebuild_after_adding_rows_reuses_the_centroids_and_keeps_its_recall(b
     assert recall(found, [exact(grown, q, 10) for q in queries]) >= 0.95
 
 
-def test_a_library_grown_past_the_bound_is_trained_afresh(big, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("rows", [int(ROWS * ann.REUSE_GROWTH) + 1, int(ROWS / ann.REUSE_GROWTH) - 1])
+def test_a_library_grown_or_shrunk_past_the_bound_is_trained_afresh(big, tmp_path: Path, rows: int,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     snap, _ = big
     kmeans_runs: list[int] = []
     kmeans = ann._kmeans
     monkeypatch.setattr(ann, "_kmeans", lambda *args: kmeans_runs.append(len(args[0])) or kmeans(*args))
-    extra = near(np.asarray(snap.vectors), int(ROWS * (ann.REUSE_GROWTH - 1)) + 1, seed=2)  # just past 2x
-    grown = republish(snap, np.concatenate([np.asarray(snap.vectors), extra]), tmp_path / "snap")
+    vectors = np.asarray(snap.vectors)
+    vectors = np.concatenate([vectors, near(vectors, rows - ROWS, seed=2)]) if rows > ROWS else vectors[:rows]
+    grown = republish(snap, vectors, tmp_path / "snap")
     ivf = approximate_index(grown, len(grown), 10)
     assert kmeans_runs == [len(grown)] and ivf is not None and ivf.trained_rows == len(grown)
     assert ivf.partitions == len(grown) // ROWS_PER_PARTITION
