@@ -157,18 +157,19 @@ def write_snapshot_batches(directory: Path, batches: Iterable[RowBatch], embed_d
     generation.mkdir()
     scratch = generation / ".vectors-unsorted"  # a killed writer's generation goes with the next write
     encoded: list[bytes] = []
-    columns: dict[str, list[np.ndarray]] = {name: [] for name in _ROW_ARRAYS}
+    columns: dict[str, list[np.ndarray]] = {name: [np.zeros(0, np.int64)] for name in _ROW_ARRAYS[:3]}
+    columns["fingerprints"] = [_fingerprint_array([])]
     with open(scratch, "wb") as f:
-        for paths, vectors, sizes, mtimes_ns, indexed_ns, fingerprints in batches:
+        for paths, vectors, *ints, fingerprints in batches:  # ints: sizes, mtimes_ns, indexed_ns
             vectors = np.ascontiguousarray(vectors, dtype=np.float32)
             if vectors.shape != (len(paths), embed_dim):
                 raise ValueError(f"expected {len(paths)} vectors of {embed_dim}, got an array of shape {vectors.shape}")
             encoded.extend(os.fsencode(p) for p in paths)
             f.write(vectors.tobytes())
-            for name, column in zip(_ROW_ARRAYS[:3], (sizes, mtimes_ns, indexed_ns), strict=True):
+            for name, column in zip(_ROW_ARRAYS[:3], ints, strict=True):
                 columns[name].append(np.asarray(column, dtype=np.int64))
             columns["fingerprints"].append(_fingerprint_array(fingerprints))
-    take, arrays = _sorted_rows(encoded, *(np.concatenate(columns[name]) if columns[name] else [] for name in _ROW_ARRAYS))
+    take, arrays = _sorted_rows(encoded, *(np.concatenate(columns[name]) for name in _ROW_ARRAYS))
     del encoded, columns
     n = len(take)
     full_meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "rows": n, "embed_dim": embed_dim}

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from clipgrep.errors import ClipgrepError
 from clipgrep.store import (
     IndexStore,
     StoredFile,
+    TableRows,
     _pq_sub_vectors,
     list_bundle_ids,
     path_key,
@@ -250,7 +252,7 @@ def test_publish_streams_the_table_into_the_snapshot_an_in_memory_export_gives(m
     batches: list[int] = []
     export_batches = store.export_batches
 
-    def spy(batch_rows: int | None = None):  # noqa: ANN202
+    def spy(batch_rows: int | None = None) -> Iterator[TableRows]:
         for batch in export_batches(3):
             batches.append(len(batch.paths))
             yield batch
