@@ -49,7 +49,7 @@ SCHEMA_VERSION = "2"  # 2: skip rows (skip_reason) and origin; tables of version
 _FILE_COLUMNS = ["path", "size", "mtime_ns", "fingerprint", "indexed_ns"]
 _INDEXED = "skip_reason IS NULL"
 _SKIPPED = "skip_reason IS NOT NULL"
-EXPORT_BATCH_ROWS = 65_536  # rows per batch of a streamed export: ~140 MB at 512 dims
+EXPORT_BATCH_ROWS = 16_384  # rows per query of a streamed export: 32 MB of vectors at 512 dims
 # PQ trains 2**num_bits centroids per sub-vector; fewer rows than that cannot train it.
 _MIN_PQ_ROWS = 256
 _CLEANUP_WARNING = r"optimize\(cleanup_older_than=0\)"
@@ -251,23 +251,27 @@ class IndexStore:
         return rows, skipped, version
 
     def export_batches(self, batch_rows: int | None = None) -> Iterator[TableRows]:
-        """The indexed rows in batches of at most ``batch_rows``, from one streamed scan: memory
-        bounded by a batch, whatever the table holds. The caller holds the index lock, so no
-        commit lands during the scan (``export`` reads one version without it)."""
+        """The indexed rows in batches of at most ``batch_rows``: memory bounded by a batch, whatever
+        the table holds. The caller holds the index lock, so no commit lands in between (``export``
+        reads one version without it).
+
+        One query per batch (``offset``/``limit``): one streamed scan (``to_batches``) reads ahead
+        without bound (3.4 GB peak RSS at 10^6 x 512); a query of 16,384 rows takes ~0.03 s.
+        """
         if not self.exists():
             return
-        import pyarrow as pa
-
         batch_rows = batch_rows or EXPORT_BATCH_ROWS
+        table, where = self._open(), self._indexed_only()
+        total = table.count_rows(where)
         columns = ["path", "size", "mtime_ns", "indexed_ns", "fingerprint", "vector"]
-        query = self._open().search().select(columns).limit(None)
-        where = self._indexed_only()
-        for batch in (query.where(where) if where else query).to_batches(batch_size=batch_rows):
-            for start in range(0, batch.num_rows, batch_rows):  # in case the reader ignores batch_size
-                part = pa.Table.from_batches([batch.slice(start, batch_rows)])
-                ints = {c: part.column(c).to_numpy() for c in ("size", "mtime_ns", "indexed_ns")}
-                yield TableRows(part.column("path").to_pylist(), self._matrix(part), ints["size"],
-                                ints["mtime_ns"], ints["indexed_ns"], part.column("fingerprint").to_pylist())
+        for start in range(0, total, batch_rows):
+            query = table.search().select(columns).offset(start).limit(batch_rows)
+            part = (query.where(where) if where else query).to_arrow()
+            if part.num_rows != min(batch_rows, total - start):  # a scan order that changed between queries
+                raise RuntimeError(f"the table changed while it was exported ({part.num_rows} rows at {start})")
+            ints = {c: part.column(c).to_numpy() for c in ("size", "mtime_ns", "indexed_ns")}
+            yield TableRows(part.column("path").to_pylist(), self._matrix(part), ints["size"],
+                            ints["mtime_ns"], ints["indexed_ns"], part.column("fingerprint").to_pylist())
 
     def disk_bytes(self) -> int:
         """Bytes the table takes on disk, including old versions and orphaned files."""
