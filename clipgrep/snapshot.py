@@ -155,7 +155,19 @@ def write_snapshot_batches(directory: Path, batches: Iterable[RowBatch], embed_d
     directory.mkdir(parents=True, exist_ok=True)
     generation = directory / f"g{time.time_ns()}-{os.getpid()}"
     generation.mkdir()
-    scratch = generation / ".vectors-unsorted"  # a killed writer's generation goes with the next write
+    try:
+        _write_generation(generation, batches, embed_dim, meta)
+    except BaseException:
+        shutil.rmtree(generation, ignore_errors=True)  # a killed writer's goes with the next write
+        raise
+    _fsync_dir(generation)
+    _switch_pointer(directory, generation.name)
+    _remove_other_generations(directory, keep=generation.name)
+    return generation
+
+
+def _write_generation(generation: Path, batches: Iterable[RowBatch], embed_dim: int, meta: dict[str, Any]) -> None:
+    scratch = generation / ".vectors-unsorted"
     encoded: list[bytes] = []
     columns: dict[str, list[np.ndarray]] = {name: [np.zeros(0, np.int64)] for name in _ROW_ARRAYS[:3]}
     columns["fingerprints"] = [_fingerprint_array([])]
@@ -179,10 +191,6 @@ def write_snapshot_batches(directory: Path, batches: Iterable[RowBatch], embed_d
     for name, array in arrays.items():
         _write_durably(generation / f"{name}.npy", lambda f, a=array: np.save(f, a, allow_pickle=False))
     _write_durably(generation / "meta.json", lambda f: f.write(json.dumps(full_meta, indent=1).encode()))
-    _fsync_dir(generation)
-    _switch_pointer(directory, generation.name)
-    _remove_other_generations(directory, keep=generation.name)
-    return generation
 
 
 def _write_permuted(f: Any, scratch: Path, take: np.ndarray, dim: int) -> None:
