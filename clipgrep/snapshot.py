@@ -125,7 +125,6 @@ class Snapshot:
 
 RowBatch = tuple[Sequence[str | bytes], np.ndarray, IntColumn, IntColumn, IntColumn, Sequence[str]]
 """Some rows, column-wise: paths, vectors, sizes, mtimes_ns, indexed_ns, fingerprints (as ``store.TableRows``)."""
-_PERMUTE_ROWS = 16_384  # vectors put in path order per step: 32 MB at 512 dims, whatever N is
 
 
 def write_snapshot(directory: Path, paths: Sequence[str | bytes], vectors: np.ndarray, sizes: IntColumn,
@@ -195,21 +194,12 @@ def _write_generation(generation: Path, batches: Iterable[RowBatch], embed_dim: 
 
 def _write_permuted(f: Any, scratch: Path, take: np.ndarray, dim: int) -> None:
     """Write the .npy of the float32 rows ``take`` of the raw [N, dim] file ``scratch``, in that order."""
-    from .ann import read_rows
+    from .ann import write_permuted
 
-    n = len(take)
-    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
-                                             "fortran_order": False, "shape": (n, dim)})
-    if n == 0:
-        return
-    unsorted = np.memmap(scratch, dtype=np.float32, mode="r", shape=(n, dim))  # read by pread, never paged in
-    for a in range(0, n, _PERMUTE_ROWS):
-        rows = take[a:a + _PERMUTE_ROWS]
-        by_file = np.argsort(rows, kind="stable")  # read forward through the scratch file, in runs
-        chunk = np.empty((len(rows), dim), np.float32)
-        chunk[by_file] = read_rows(unsorted, rows[by_file])
-        f.write(chunk.tobytes())
-    del unsorted
+    # An empty file cannot be mapped; with no rows there is nothing to read.
+    unsorted = np.memmap(scratch, dtype=np.float32, mode="r", shape=(len(take), dim)) if len(take) \
+        else np.zeros((0, dim), np.float32)
+    write_permuted(f, unsorted, take)
 
 
 def snapshot_in_memory(paths: Sequence[str | bytes], vectors: np.ndarray, sizes: IntColumn, mtimes_ns: IntColumn,

@@ -236,7 +236,7 @@ def test_the_version_read_from_the_file_system_is_lancedbs(store: IndexStore) ->
 def test_publish_streams_the_table_into_the_snapshot_an_in_memory_export_gives(monkeypatch) -> None:
     """Batches of 3 rows from the table and 2 vectors per step into path order: the published
     snapshot equals the old whole-table export, non-UTF-8 paths included, skip rows left out."""
-    from clipgrep import snapshot as snapshot_module
+    from clipgrep import ann
     from clipgrep.index import protocol
     from clipgrep.index.freshness import snapshot_meta
     from clipgrep.index.roots import RootSet
@@ -258,7 +258,7 @@ def test_publish_streams_the_table_into_the_snapshot_an_in_memory_export_gives(m
             yield batch
 
     monkeypatch.setattr(store, "export_batches", spy)
-    monkeypatch.setattr(snapshot_module, "_PERMUTE_ROWS", 2)
+    monkeypatch.setattr(ann, "PERMUTE_ROWS", 2)
     assert protocol.publish(store)[0] == len(paths)
     assert max(batches) == 3 and sum(batches) == len(paths)
 
