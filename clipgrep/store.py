@@ -267,7 +267,8 @@ class IndexStore:
         for start in range(0, total, batch_rows):
             query = table.search().select(columns).offset(start).limit(batch_rows)
             part = (query.where(where) if where else query).to_arrow()
-            if part.num_rows != min(batch_rows, total - start):  # a scan order that changed between queries
+            # Queries of one version scan in one order; a row seen twice would be refused by write_snapshot.
+            if part.num_rows != min(batch_rows, total - start):
                 raise RuntimeError(f"the table changed while it was exported ({part.num_rows} rows at {start})")
             ints = {c: part.column(c).to_numpy() for c in ("size", "mtime_ns", "indexed_ns")}
             yield TableRows(part.column("path").to_pylist(), self._matrix(part), ints["size"],
