@@ -369,8 +369,8 @@ class IndexStore:
             table = self._open()
             table.optimize(cleanup_older_than=datetime.timedelta(0), delete_unverified=delete_unverified)
             # optimize prunes versions before it updates a vector index (tables indexed by older
-            # clipgreps have one), so an index update
-            # leaves one stale version behind; a second pass (~5 ms) prunes it.
+            # clipgreps have one), so an index update leaves one stale version behind; a second
+            # pass (~5 ms) prunes it.
             if len(table.list_versions()) > 1:
                 table.optimize(cleanup_older_than=datetime.timedelta(0))
 
