@@ -35,11 +35,13 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .snapshot import Snapshot
 
 FORMAT = "clipgrep-ivf"
@@ -58,7 +60,9 @@ RESCORE = 200  # candidates rescored exactly, at least RESCORE_PER_RESULT * k
 RESCORE_PER_RESULT = 20
 KMEANS_SAMPLE_PER_PARTITION = 32
 KMEANS_ITERATIONS = 8
-CHUNK_ROWS = 65_536  # rows per step of assignment and encoding: bounded memory whatever N is
+CHUNK_ROWS = 16_384  # rows per step of the assignment: bounded memory whatever N is
+SCORE_ROWS = 8_192  # rows scored against every centroid at once: 64 MB at 2,000 partitions
+PERMUTE_ROWS = 16_384  # rows read, encoded and written per step of write_permuted: 32 MB at 512 dims
 # Reused centroids keep their count, so 2x growth doubles the rows a query reads (mean partition
 # 1024 rows) and 2x shrinkage halves them (recall then rests on fewer candidates); beyond that, or
 # when new rows drift to other topics, the partitions would fit the library poorly: train afresh.
@@ -112,13 +116,13 @@ class Ivf:
             best = np.argpartition(-approx, keep - 1)[:keep]
             candidates = candidates[best]
         candidates = np.sort(candidates)  # ascending rows: the float32 reads go forward through the file
-        exact = _read_ranges(vectors, [(int(r), int(r) + 1) for r in candidates]) @ query
+        exact = read_ranges(vectors, [(int(r), int(r) + 1) for r in candidates]) @ query
         return candidates, np.asarray(exact, dtype=np.float32)
 
     def _scan(self, partitions: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ranges = [(int(self.offsets[p]), int(self.offsets[p + 1])) for p in partitions]
-        codes = _read_ranges(self.codes, ranges)
-        return _read_ranges(self.rows, ranges), codes.astype(np.float32) @ (query * self.scales)
+        codes = read_ranges(self.codes, ranges)
+        return read_ranges(self.rows, ranges), codes.astype(np.float32) @ (query * self.scales)
 
     def _scan_within(self, order: np.ndarray, query: np.ndarray, within: slice) -> tuple[np.ndarray, np.ndarray]:
         """Probe partitions nearest first until as many rows of the subtree were scored as an
@@ -136,7 +140,7 @@ class Ivf:
         return np.concatenate(found_rows), np.concatenate(found_scores)
 
 
-def _read_ranges(array: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
+def read_ranges(array: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
     """``array[a:b]`` for each range, concatenated; from a memory-mapped file, one ``pread`` per
     range. Page faults read ahead in small steps: cold, 200 single rows of a 10^6-row file took
     0.9 s through the mapping and 0.05 s by pread."""
@@ -229,7 +233,7 @@ class Training:
             labels[known] = self.labels[at[known]]
         new = np.flatnonzero(~known)
         for a in range(0, len(new), CHUNK_ROWS):
-            labels[new[a:a + CHUNK_ROWS]] = _nearest(vectors[new[a:a + CHUNK_ROWS]], self.centroids)
+            labels[new[a:a + CHUNK_ROWS]] = _nearest(read_rows(vectors, new[a:a + CHUNK_ROWS]), self.centroids)
         return labels
 
 
@@ -307,8 +311,7 @@ def build_ivf(generation: Path, previous: Training | None = None, *, seed: int =
 
 def _scales(vectors: np.ndarray) -> np.ndarray:
     """Per-dimension int8 steps from a sample: CLIP embeddings have a few dims far wider than the rest."""
-    sample = np.asarray(vectors[_sample_rows(len(vectors), 65_536, np.random.default_rng(len(vectors)))],
-                        dtype=np.float32)
+    sample = read_rows(vectors, _sample_rows(len(vectors), 65_536, np.random.default_rng(len(vectors))))
     scales = (np.abs(sample).max(axis=0) * 1.05 / 127).astype(np.float32)  # headroom for unseen rows
     scales[scales == 0] = 1.0
     return scales
@@ -319,15 +322,8 @@ def _write_ivf(tmp: Path, vectors: np.ndarray, training: Training, labels: np.nd
     n, partitions, scales = len(vectors), len(training.centroids), training.scales
     grouped = np.argsort(labels, kind="stable").astype(np.int64)  # by partition, then by snapshot row
     offsets = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=partitions))]).astype(np.int64)
-    codes = np.lib.format.open_memmap(tmp / "codes.npy", mode="w+", dtype=np.int8, shape=vectors.shape)
-    for a in range(0, n, CHUNK_ROWS):
-        take = grouped[a:a + CHUNK_ROWS]
-        order = np.argsort(take)  # read the float32 rows in file order, write them grouped
-        chunk = np.empty((len(take), vectors.shape[1]), np.float32)
-        chunk[order] = vectors[take[order]]
-        codes[a:a + len(take)] = np.clip(np.rint(chunk / scales), -127, 127).astype(np.int8)
-    codes.flush()
-    del codes
+    with open(tmp / "codes.npy", "wb") as f:
+        write_permuted(f, vectors, grouped, np.int8, lambda rows: np.clip(np.rint(rows / scales), -127, 127))
     nprobe = min(partitions, max(MIN_NPROBE, math.ceil(partitions * NPROBE_FRACTION)))
     meta: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "rows": n, "partitions": partitions,
                             "nprobe": nprobe, "exact_max_rows": limit, "trained_rows": training.rows}
@@ -342,8 +338,7 @@ def _write_ivf(tmp: Path, vectors: np.ndarray, training: Training, labels: np.nd
 
 def _kmeans(vectors: np.ndarray, partitions: int, rng: np.random.Generator) -> np.ndarray:
     """Spherical k-means on a sample: unit centroids maximising the dot product."""
-    sample = np.asarray(vectors[_sample_rows(len(vectors), partitions * KMEANS_SAMPLE_PER_PARTITION, rng)],
-                        dtype=np.float32)
+    sample = read_rows(vectors, _sample_rows(len(vectors), partitions * KMEANS_SAMPLE_PER_PARTITION, rng))
     centroids = sample[rng.choice(len(sample), partitions, replace=False)].copy()
     for _ in range(KMEANS_ITERATIONS):
         labels = _nearest(sample, centroids)
@@ -361,13 +356,44 @@ def _row_hashes(vectors: np.ndarray) -> np.ndarray:
     """A 64-bit hash of each row's float32 bytes (a fixed random linear form, wrapping): equal
     vectors, equal hashes. A collision would only cost that row some recall, never a wrong score."""
     weights = np.random.default_rng(HASH_SEED).integers(1, 2**63, size=vectors.shape[1], dtype=np.uint64)
-    return np.concatenate([(np.ascontiguousarray(vectors[a:a + HASH_ROWS], dtype=np.float32).view(np.uint32)
-                            .astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
-                           for a in range(0, len(vectors), HASH_ROWS)])
+    n = len(vectors)
+    return np.concatenate([(np.ascontiguousarray(read_ranges(vectors, [(a, min(a + HASH_ROWS, n))]), dtype=np.float32)
+                            .view(np.uint32).astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
+                           for a in range(0, n, HASH_ROWS)] or [np.zeros(0, np.uint64)])
 
 
 def _nearest(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    return np.argmax(np.asarray(vectors, dtype=np.float32) @ centroids.T, axis=1).astype(np.int64)
+    """Each row's best centroid, scoring ``SCORE_ROWS`` rows at a time (the scores of all rows at
+    once would take rows x partitions x 4 bytes: 0.5 GB for a 10^6-row k-means sample)."""
+    return np.concatenate([np.argmax(np.asarray(vectors[a:a + SCORE_ROWS], dtype=np.float32) @ centroids.T, axis=1)
+                           for a in range(0, len(vectors), SCORE_ROWS)] or [np.zeros(0, np.int64)]).astype(np.int64)
+
+
+def write_permuted(f: BinaryIO, vectors: np.ndarray, take: np.ndarray, dtype: type[np.generic] = np.float32,
+                   encode: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+    """Write to ``f`` the .npy of ``encode(vectors[take])`` as ``dtype``, ``PERMUTE_ROWS`` rows at a
+    time, by plain reads (``read_rows``) and writes: the pages of a memory map that are read or
+    written count as the process's RSS (4 GB to permute 10^6 x 512 float32 rows through maps)."""
+    n, dim = len(take), vectors.shape[1]
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                             "fortran_order": False, "shape": (n, dim)})
+    for a in range(0, n, PERMUTE_ROWS):
+        rows = take[a:a + PERMUTE_ROWS]
+        by_file = np.argsort(rows, kind="stable")  # read forward through the file, in runs
+        chunk = np.empty((len(rows), dim), np.float32)
+        chunk[by_file] = read_rows(vectors, rows[by_file])
+        f.write((encode(chunk) if encode else chunk).astype(dtype).tobytes())
+
+
+def read_rows(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``vectors[rows]`` for ascending ``rows``, read by ``read_ranges`` (a run of consecutive rows
+    in one read): pages of a memory-mapped file that are touched count as the process's RSS."""
+    if len(rows) == 0:
+        return np.zeros((0, *vectors.shape[1:]), np.float32)
+    breaks = (np.flatnonzero(np.diff(rows) != 1) + 1).tolist()
+    starts, stops = [0, *breaks], [*breaks, len(rows)]
+    return np.asarray(read_ranges(vectors, [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops)]),
+                      dtype=np.float32)
 
 
 def _sample_rows(n: int, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -299,7 +299,7 @@ def status(
     null: Annotated[bool, typer.Option("--null", "-0", help="With --skipped: end records with NUL, not newline.")]
     = False,
 ) -> None:
-    """Show indexed roots (with excludes) and files, model, rows, skipped files, size, last run, vector index, search mode.
+    """Show indexed roots (with excludes) and files, model, rows, skipped files, size, last run, search mode.
 
     \b
     Examples:

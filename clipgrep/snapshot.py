@@ -35,7 +35,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import pairwise
@@ -123,6 +123,10 @@ class Snapshot:
         return slice(start, bisect.bisect_left(rows, upper, lo=start, key=self.raw_path))
 
 
+RowBatch = tuple[Sequence[str | bytes], np.ndarray, IntColumn, IntColumn, IntColumn, Sequence[str]]
+"""Some rows, column-wise: paths, vectors, sizes, mtimes_ns, indexed_ns, fingerprints (as ``store.TableRows``)."""
+
+
 def write_snapshot(directory: Path, paths: Sequence[str | bytes], vectors: np.ndarray, sizes: IntColumn,
                    mtimes_ns: IntColumn, indexed_ns: IntColumn, fingerprints: Sequence[str],
                    meta: dict[str, Any]) -> Path:
@@ -131,56 +135,110 @@ def write_snapshot(directory: Path, paths: Sequence[str | bytes], vectors: np.nd
     Rows may come in any order; they are sorted by path bytes here. Call under the index
     lock: two concurrent writers would delete each other's generations.
     """
-    encoded = [os.fsencode(p) for p in paths]
-    order = sorted(range(len(encoded)), key=encoded.__getitem__)
-    arrays = _row_arrays(encoded, order, vectors, sizes, mtimes_ns, indexed_ns, fingerprints)
-    full_meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "rows": len(encoded),
-                 "embed_dim": int(arrays["vectors"].shape[1])}
-    full_meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2:
+        raise ValueError(f"expected {len(paths)} vectors, got an array of shape {vectors.shape}")
+    batch = (paths, vectors, sizes, mtimes_ns, indexed_ns, fingerprints)
+    return write_snapshot_batches(directory, [batch], vectors.shape[1], meta)
+
+
+def write_snapshot_batches(directory: Path, batches: Iterable[RowBatch], embed_dim: int,
+                           meta: dict[str, Any]) -> Path:
+    """``write_snapshot`` for rows that come in batches, in memory bounded by the paths.
+
+    Only the paths (and the small per-row columns) are held to sort; the vectors go to a
+    scratch file in the new generation as they come, then into ``vectors.npy`` in path order
+    a chunk at a time. Plain reads and writes, not memory maps: mapped pages count as the
+    process's own (RSS), and at 10^6 x 512 they would be 4 GB.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     generation = directory / f"g{time.time_ns()}-{os.getpid()}"
     generation.mkdir()
-    for name, array in arrays.items():
-        _write_durably(generation / f"{name}.npy", lambda f, a=array: np.save(f, a, allow_pickle=False))
-    _write_durably(generation / "meta.json", lambda f: f.write(json.dumps(full_meta, indent=1).encode()))
+    try:
+        _write_generation(generation, batches, embed_dim, meta)
+    except BaseException:
+        shutil.rmtree(generation, ignore_errors=True)  # a killed writer's goes with the next write
+        raise
     _fsync_dir(generation)
     _switch_pointer(directory, generation.name)
     _remove_other_generations(directory, keep=generation.name)
     return generation
 
 
+def _write_generation(generation: Path, batches: Iterable[RowBatch], embed_dim: int, meta: dict[str, Any]) -> None:
+    scratch = generation / ".vectors-unsorted"
+    encoded: list[bytes] = []
+    columns: dict[str, list[np.ndarray]] = {name: [np.zeros(0, np.int64)] for name in _ROW_ARRAYS[:3]}
+    columns["fingerprints"] = [_fingerprint_array([])]
+    with open(scratch, "wb") as f:
+        for paths, vectors, *ints, fingerprints in batches:  # ints: sizes, mtimes_ns, indexed_ns
+            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+            if vectors.shape != (len(paths), embed_dim):
+                raise ValueError(f"expected {len(paths)} vectors of {embed_dim}, got an array of shape {vectors.shape}")
+            encoded.extend(os.fsencode(p) for p in paths)
+            f.write(vectors.tobytes())
+            for name, column in zip(_ROW_ARRAYS[:3], ints, strict=True):
+                columns[name].append(np.asarray(column, dtype=np.int64))
+            columns["fingerprints"].append(_fingerprint_array(fingerprints))
+    take, arrays = _sorted_rows(encoded, *(np.concatenate(columns[name]) for name in _ROW_ARRAYS))
+    del encoded, columns
+    n = len(take)
+    full_meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "rows": n, "embed_dim": embed_dim}
+    full_meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    _write_durably(generation / "vectors.npy", lambda f: _write_permuted(f, scratch, take, embed_dim))
+    scratch.unlink()
+    for name, array in arrays.items():
+        _write_durably(generation / f"{name}.npy", lambda f, a=array: np.save(f, a, allow_pickle=False))
+    _write_durably(generation / "meta.json", lambda f: f.write(json.dumps(full_meta, indent=1).encode()))
+
+
+def _write_permuted(f: Any, scratch: Path, take: np.ndarray, dim: int) -> None:
+    """Write the .npy of the float32 rows ``take`` of the raw [N, dim] file ``scratch``, in that order."""
+    from .ann import write_permuted
+
+    # An empty file cannot be mapped; with no rows there is nothing to read.
+    unsorted = np.memmap(scratch, dtype=np.float32, mode="r", shape=(len(take), dim)) if len(take) \
+        else np.zeros((0, dim), np.float32)
+    write_permuted(f, unsorted, take)
+
+
 def snapshot_in_memory(paths: Sequence[str | bytes], vectors: np.ndarray, sizes: IntColumn, mtimes_ns: IntColumn,
                        indexed_ns: IntColumn, fingerprints: Sequence[str], meta: dict[str, Any]) -> Snapshot:
     """What ``write_snapshot`` would write, as a Snapshot in memory (for a reader that found the table ahead)."""
-    encoded = [os.fsencode(p) for p in paths]
-    order = sorted(range(len(encoded)), key=encoded.__getitem__)
-    a = _row_arrays(encoded, order, vectors, sizes, mtimes_ns, indexed_ns, fingerprints)
-    full_meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "rows": len(encoded),
-                 "embed_dim": int(a["vectors"].shape[1])}
-    return Snapshot(a["path_bytes"], a["path_offsets"], a["vectors"], a["sizes"], a["mtimes_ns"], a["indexed_ns"],
-                    a["fingerprints"], full_meta)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or len(vectors) != len(paths):
+        raise ValueError(f"expected {len(paths)} vectors, got an array of shape {vectors.shape}")
+    take, a = _sorted_rows([os.fsencode(p) for p in paths], sizes, mtimes_ns, indexed_ns,
+                           _fingerprint_array(fingerprints))
+    full_meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "rows": len(take),
+                 "embed_dim": int(vectors.shape[1])}
+    return Snapshot(a["path_bytes"], a["path_offsets"], np.ascontiguousarray(vectors[take]), a["sizes"],
+                    a["mtimes_ns"], a["indexed_ns"], a["fingerprints"], full_meta)
 
 
-def _row_arrays(encoded: list[bytes], order: list[int], vectors: np.ndarray, sizes: IntColumn,
-                mtimes_ns: IntColumn, indexed_ns: IntColumn,
-                fingerprints: Sequence[str]) -> dict[str, np.ndarray]:
+def _fingerprint_array(fingerprints: Sequence[str]) -> np.ndarray:
+    # np.bytes_ strips trailing NULs only; hex fingerprints have none.
+    n = len(fingerprints)
+    return np.array([f.encode("ascii") for f in fingerprints] or [b""], dtype=np.bytes_)[:n]
+
+
+def _sorted_rows(encoded: list[bytes], sizes: IntColumn, mtimes_ns: IntColumn, indexed_ns: IntColumn,
+                 fingerprints: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The row order by path bytes, and every array but the vectors in that order."""
     n = len(encoded)
+    order = sorted(range(n), key=encoded.__getitem__)
     if any(encoded[a] == encoded[b] for a, b in pairwise(order)):
         raise ValueError("snapshot rows must have distinct paths")
-    vectors = np.asarray(vectors, dtype=np.float32)
-    if vectors.ndim != 2 or len(vectors) != n:
-        raise ValueError(f"expected {n} vectors, got an array of shape {vectors.shape}")
-    lengths = np.fromiter((len(encoded[i]) for i in order), dtype=np.int64, count=n)
     take = np.asarray(order, dtype=np.int64)
-    return {
-        "vectors": np.ascontiguousarray(vectors[take]),
-        "path_bytes": np.frombuffer(b"".join(encoded[i] for i in order), dtype=np.uint8),
+    del order
+    lengths = np.fromiter((len(encoded[i]) for i in take), dtype=np.int64, count=n)
+    return take, {
+        "path_bytes": np.frombuffer(b"".join([encoded[i] for i in take]), dtype=np.uint8),
         "path_offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         "sizes": np.asarray(sizes, dtype=np.int64)[take],
         "mtimes_ns": np.asarray(mtimes_ns, dtype=np.int64)[take],
         "indexed_ns": np.asarray(indexed_ns, dtype=np.int64)[take],
-        # np.bytes_ strips trailing NULs only; hex fingerprints have none.
-        "fingerprints": np.array([fingerprints[i].encode("ascii") for i in order] or [b""], dtype=np.bytes_)[:n],
+        "fingerprints": np.asarray(fingerprints, dtype=np.bytes_)[take],
     }
 
 

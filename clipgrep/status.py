@@ -25,7 +25,7 @@ def disk_bytes(path: Path) -> int:
 
 def index_status(model: str | None = None) -> dict[str, Any]:
     """Roots (with their excludes), files, model, row count, skipped count, size on disk, last run,
-    vector index, how search searches."""
+    how search searches."""
     from .ann import search_mode
     from .errors import ModelNotFound
     from .index.freshness import current_snapshot, skipped_in
@@ -53,8 +53,6 @@ def index_status(model: str | None = None) -> dict[str, Any]:
         "skipped": len(skipped_in(snapshot)) if snapshot is not None else 0,
         "disk_bytes": disk_bytes(directory) if directory.exists() else 0,
         "last_run": run.get("finished", "never"),
-        # Recorded by the last index run, so status need not load LanceDB (~1 s).
-        "vector_index": bool(snapshot.meta.get("vector_index")) if snapshot is not None else False,
         "search": search_mode(snapshot),  # exact, or approximate above ann.EXACT_MAX_ROWS rows
     })
     return info

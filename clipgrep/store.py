@@ -29,7 +29,7 @@ import hashlib
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -49,6 +49,7 @@ SCHEMA_VERSION = "2"  # 2: skip rows (skip_reason) and origin; tables of version
 _FILE_COLUMNS = ["path", "size", "mtime_ns", "fingerprint", "indexed_ns"]
 _INDEXED = "skip_reason IS NULL"
 _SKIPPED = "skip_reason IS NOT NULL"
+EXPORT_BATCH_ROWS = 16_384  # rows per query of a streamed export: 32 MB of vectors at 512 dims
 # PQ trains 2**num_bits centroids per sub-vector; fewer rows than that cannot train it.
 _MIN_PQ_ROWS = 256
 _CLEANUP_WARNING = r"optimize\(cleanup_older_than=0\)"
@@ -249,6 +250,30 @@ class IndexStore:
                          ints["mtime_ns"], ints["indexed_ns"], data.column("fingerprint").to_pylist())
         return rows, skipped, version
 
+    def export_batches(self, batch_rows: int | None = None) -> Iterator[TableRows]:
+        """The indexed rows in batches of at most ``batch_rows``: memory bounded by a batch, whatever
+        the table holds. The caller holds the index lock, so no commit lands in between (``export``
+        reads one version without it).
+
+        One query per batch (``offset``/``limit``): one streamed scan (``to_batches``) reads ahead
+        without bound (3.4 GB peak RSS at 10^6 x 512); a query of 16,384 rows takes ~0.03 s.
+        """
+        if not self.exists():
+            return
+        batch_rows = batch_rows or EXPORT_BATCH_ROWS
+        table, where = self._open(), self._indexed_only()
+        total = table.count_rows(where)
+        columns = ["path", "size", "mtime_ns", "indexed_ns", "fingerprint", "vector"]
+        for start in range(0, total, batch_rows):
+            query = table.search().select(columns).offset(start).limit(batch_rows)
+            part = (query.where(where) if where else query).to_arrow()
+            # Queries of one version scan in one order; a row seen twice would be refused by write_snapshot.
+            if part.num_rows != min(batch_rows, total - start):
+                raise RuntimeError(f"the table changed while it was exported ({part.num_rows} rows at {start})")
+            ints = {c: part.column(c).to_numpy() for c in ("size", "mtime_ns", "indexed_ns")}
+            yield TableRows(part.column("path").to_pylist(), self._matrix(part), ints["size"],
+                            ints["mtime_ns"], ints["indexed_ns"], part.column("fingerprint").to_pylist())
+
     def disk_bytes(self) -> int:
         """Bytes the table takes on disk, including old versions and orphaned files."""
         total = 0
@@ -308,7 +333,7 @@ class IndexStore:
         return True
 
     def maintain(self) -> None:
-        """Compact fragments, fold new rows into the vector index and drop old versions.
+        """Compact fragments and drop old versions.
 
         Dropping every old version would break a concurrent reader of an older one; index
         runs are the only writers and ``search`` reads the snapshot, so nobody is.
@@ -343,58 +368,11 @@ class IndexStore:
             warnings.filterwarnings("ignore", message=_CLEANUP_WARNING, category=UserWarning)
             table = self._open()
             table.optimize(cleanup_older_than=datetime.timedelta(0), delete_unverified=delete_unverified)
-            # optimize prunes versions before it updates the vector index, so an index update
-            # leaves one stale version behind; a second pass (~5 ms) prunes it.
+            # optimize prunes versions before it updates a vector index (tables indexed by older
+            # clipgreps have one), so an index update leaves one stale version behind; a second
+            # pass (~5 ms) prunes it.
             if len(table.list_versions()) > 1:
                 table.optimize(cleanup_older_than=datetime.timedelta(0))
-
-    # -- vector index ----------------------------------------------------------------------
-
-    def has_vector_index(self) -> bool:
-        return self._vector_index_name() is not None
-
-    def ensure_vector_index(self, min_rows: int = 50_000) -> bool:
-        """Build an IVF_PQ (cosine) index once the table has ``min_rows`` rows; returns whether one exists.
-
-        ``clipgrep search`` scans the numpy snapshot and never uses this index; it serves
-        Python-API users of the table and very large tables. Such users must search with
-        ``refine_factor`` (e.g. 10): PQ alone reaches recall@10 of only ~0.3 (stack.md section 7).
-        The index is retrained when the table has grown ~4x since training (its ideal
-        partition count, sqrt(rows), doubled); rows added in between are folded in by
-        ``maintain``, so call this before ``maintain`` at the end of an index run.
-        Costs ~35 s per 100k rows of 512 dims on 2 cores.
-        """
-        if not self.exists():
-            return False
-        rows = self.count()
-        current = self._vector_index_name()
-        if rows < max(min_rows, _MIN_PQ_ROWS):
-            return current is not None
-        partitions = _ivf_partitions(rows)
-        if current is not None and partitions < 2 * _trained_partitions(current):
-            return True
-        try:
-            self._build_vector_index(partitions, current)
-        except Exception:  # noqa: BLE001 - an optional accelerator must never fail an index run
-            # e.g. k-means finding fewer distinct vectors than partitions (a library of duplicates)
-            return current is not None
-        return True
-
-    def _build_vector_index(self, partitions: int, old_name: str | None) -> None:
-        from lancedb.index import IvfPq
-
-        config = IvfPq(distance_type="cosine", num_partitions=partitions,
-                       num_sub_vectors=_pq_sub_vectors(self.embed_dim))
-        table = self._open()
-        table.create_index("vector", config=config, replace=True, name=f"vector_ivfpq_p{partitions}")
-        if old_name is not None and old_name != f"vector_ivfpq_p{partitions}":
-            table.drop_index(old_name)
-
-    def _vector_index_name(self) -> str | None:
-        if not self.exists():
-            return None
-        names = [ix.name for ix in self._open().list_indices() if list(ix.columns) == ["vector"]]
-        return names[0] if names else None
 
     # -- internals -------------------------------------------------------------------------
 
@@ -547,16 +525,13 @@ def _small_table(directory: Path, name: str, schema: pa.Schema) -> Any:
     return db.create_table(name, schema=schema, exist_ok=True)
 
 
+# The Ray engine's table index (engines/sharded_table.py) is sized by these; the local index has
+# none: search reads the snapshot.
+
+
 def _ivf_partitions(rows: int) -> int:
     # LanceDB's documented default: about sqrt(rows), i.e. ~316 rows per partition at 100k.
     return max(1, round(math.sqrt(rows)))
-
-
-def _trained_partitions(index_name: str) -> int:
-    # Our index names record the partition count they were trained with; anything else
-    # (an index made by hand) counts as 1 and is retrained once.
-    _, _, tail = index_name.rpartition("_p")
-    return int(tail) if tail.isdigit() else 1
 
 
 def _pq_sub_vectors(embed_dim: int) -> int:

@@ -194,7 +194,7 @@ import_embeddings(sys.argv[1], bundle=load_model("tiny"), options=ImportOptions(
 
 
 # Every write step of an import (see clipgrep/index/protocol.py), "rows#2" in the middle of the rows.
-IMPORT_STEPS = ("orphans", "rows", "rows#2", "vector-index", "maintain", "publish", "run")
+IMPORT_STEPS = ("orphans", "rows", "rows#2", "maintain", "publish", "run")
 
 
 @pytest.mark.parametrize("step", IMPORT_STEPS)

@@ -64,8 +64,12 @@ def test_an_empty_snapshot_round_trips(tmp_path: Path) -> None:
 
 
 def test_duplicate_paths_are_refused(tmp_path: Path) -> None:
+    write(tmp_path, ["/p/a.jpg"])
+    live = read_snapshot(tmp_path)
     with pytest.raises(ValueError, match="distinct"):
         write(tmp_path, ["/p/a.jpg", "/p/a.jpg"])
+    # The refused generation (and its scratch file of unsorted vectors) is gone; the live one stays.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([POINTER, live.generation.name])
 
 
 def test_subtree_respects_directory_boundaries(tmp_path: Path) -> None:

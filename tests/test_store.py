@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,8 @@ from clipgrep.errors import ClipgrepError
 from clipgrep.store import (
     IndexStore,
     StoredFile,
+    TableRows,
     _pq_sub_vectors,
-    _trained_partitions,
     list_bundle_ids,
     path_key,
 )
@@ -54,7 +55,6 @@ def test_a_new_store_is_empty_and_creates_nothing(store: IndexStore) -> None:
     store.delete(["/x"])
     store.maintain()
     assert store.snapshot_rows().vectors.shape == (0, DIM)
-    assert not store.has_vector_index() and not store.ensure_vector_index(min_rows=1)
     assert list_bundle_ids(store.directory) == []
 
 
@@ -148,31 +148,8 @@ def test_a_table_with_other_dimensions_is_refused(store: IndexStore) -> None:
     assert "clipgrep index" in info.value.hint
 
 
-def test_ensure_vector_index_builds_only_for_large_tables(tmp_path: Path) -> None:
-    # 2000 rows around 20 centres (roughly how CLIP embeddings cluster); 32 dims = 2 PQ sub-vectors.
-    store, dim, rng = IndexStore(tmp_path, "b1", 32), 32, np.random.default_rng(0)
-    centres = rng.normal(size=(20, dim))
-    vectors = (centres[rng.integers(0, 20, 2000)] + 0.1 * rng.normal(size=(2000, dim))).astype(np.float32)
-    store.upsert([stored(f"/p/{i}.jpg") for i in range(2000)], vectors)
-    assert not store.ensure_vector_index(min_rows=5000) and not store.has_vector_index()
-    assert store.ensure_vector_index(min_rows=1000) and store.has_vector_index()
-    [index] = store._open().list_indices()
-    assert index.index_type == "IvfPq" and index.name == "vector_ivfpq_p45"  # round(sqrt(2000))
-    # Cosine, and exact after re-ranking: what Python-API users of the table get.
-    hits = (store._open().search(vectors[7] * 3).distance_type("cosine").nprobes(10).refine_factor(10)
-            .limit(1).select(["path", "_distance"]).to_list())
-    assert hits[0]["path"] == b"/p/7.jpg"
-    store.upsert([stored("/p/new.jpg")], vectors[:1])
-    assert store.ensure_vector_index(min_rows=1000)  # small growth: kept, folded in by maintain
-    store.maintain()
-    assert store._open().index_stats(index.name).num_unindexed_rows == 0
-    assert len(store._open().list_versions()) == 1
-
-
-def test_vector_index_parameters() -> None:
+def test_vector_index_parameters() -> None:  # of the Ray engine's table index
     assert [_pq_sub_vectors(d) for d in (512, 768, 8, 24, 7)] == [32, 48, 1, 3, 1]
-    # Retrained once sqrt(rows) doubles; a hand-made index (no _p<N> suffix) counts as 1 partition.
-    assert (_trained_partitions("vector_ivfpq_p316"), _trained_partitions("vector_idx")) == (316, 1)
 
 
 WRITER = """
@@ -211,21 +188,6 @@ def test_a_writer_killed_mid_upsert_leaves_an_exact_prefix_of_batches(tmp_path: 
 def test_importing_the_store_does_not_import_lancedb() -> None:
     code = "import sys, clipgrep.store; assert 'lancedb' not in sys.modules and 'pyarrow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_vector_index_failure_never_fails_the_run(tmp_path) -> None:
-    """A library of duplicates has fewer distinct vectors than IVF partitions, so k-means fails
-    (seen at 100k rows of 10 images); the index is optional, so the run goes on without it."""
-    import numpy as np
-
-    from clipgrep.store import IndexStore, StoredFile
-
-    store = IndexStore(tmp_path, "dupes", 16)
-    distinct = np.eye(16, dtype=np.float32)[:3]
-    files = [StoredFile(f"/p/{i}.jpg", 1, 1, "f", 1) for i in range(70_000)]
-    store.upsert(files, distinct[np.arange(len(files)) % 3])
-    assert store.ensure_vector_index(min_rows=1) is False
-    assert store.count() == 70_000
 
 
 # --- skip notes, schema upgrade, and the version read without lancedb -------------------------------
@@ -269,3 +231,58 @@ def test_the_version_read_from_the_file_system_is_lancedbs(store: IndexStore) ->
     store.delete(["/p/0.jpg"])
     store.maintain()  # compaction and pruning of old versions
     assert table_version(store.table_dir) == IndexStore.existing(store.directory, "b1").version() > 3
+
+
+def test_publish_streams_the_table_into_the_snapshot_an_in_memory_export_gives(monkeypatch) -> None:
+    """Batches of 3 rows from the table and 2 vectors per step into path order: the published
+    snapshot equals the old whole-table export, non-UTF-8 paths included, skip rows left out."""
+    from clipgrep import ann
+    from clipgrep.index import protocol
+    from clipgrep.index.freshness import snapshot_meta
+    from clipgrep.index.roots import RootSet
+    from clipgrep.paths import index_dir, snapshot_dir
+    from clipgrep.snapshot import read_snapshot, snapshot_in_memory
+    from clipgrep.store import Skipped
+
+    store = IndexStore(index_dir(), "b1", DIM)
+    paths = [*AWKWARD, *(f"/p/{i:02d}.jpg" for i in range(20))]
+    order = np.random.default_rng(1).permutation(len(paths))  # rows reach the table unsorted
+    store.upsert([stored(paths[i], int(i) + 1, fingerprint=f"{i:04x}") for i in order], unit_rows(len(paths)),
+                 [Skipped(os.fsdecode(b"/p/broken-\xff.jpg"), 1, 2, "truncated"), Skipped("/p/zz.jpg", 3, 4, "empty")])
+    batches: list[int] = []
+    export_batches = store.export_batches
+
+    def spy(batch_rows: int | None = None) -> Iterator[TableRows]:
+        for batch in export_batches(3):
+            batches.append(len(batch.paths))
+            yield batch
+
+    monkeypatch.setattr(store, "export_batches", spy)
+    monkeypatch.setattr(ann, "PERMUTE_ROWS", 2)
+    assert protocol.publish(store)[0] == len(paths)
+    assert max(batches) == 3 and sum(batches) == len(paths)
+
+    rows, skipped, version = store.export()
+    expected = snapshot_in_memory(*rows, meta=snapshot_meta("b1", version, RootSet.load(index_dir()), skipped))
+    published = read_snapshot(snapshot_dir("b1"))
+    assert published is not None and published.meta["skipped"] == expected.meta["skipped"]
+    assert [n for n in os.listdir(published.generation) if n.startswith(".")] == []  # no scratch file left
+    for name in ("path_bytes", "path_offsets", "vectors", "sizes", "mtimes_ns", "indexed_ns", "fingerprint_bytes"):
+        assert np.array_equal(getattr(published, name), getattr(expected, name)), name
+    assert published.paths == sorted(paths, key=os.fsencode) and published.find(AWKWARD[0]) is not None
+    assert not store._open().list_indices()  # nothing built a LanceDB vector index either
+
+
+def test_an_index_run_builds_no_lancedb_vector_index(monkeypatch) -> None:
+    """Search reads the snapshot, so finish() spends nothing on an IVF_PQ index for the table
+    (727 s at 10^6 rows): compaction and the snapshot only."""
+    from clipgrep.index import protocol
+    from clipgrep.paths import index_dir
+
+    store = IndexStore(index_dir(), "b1", DIM)
+    store.upsert([stored(f"/p/{i}.jpg", i + 1) for i in range(300)], unit_rows(300))
+    steps: list[str] = []
+    real_commit = protocol.commit
+    monkeypatch.setattr(protocol, "commit", lambda step, write: (steps.append(step), real_commit(step, write))[1])
+    assert protocol.finish(store, upkeep=True)[0] == 300
+    assert steps == ["maintain", "publish"] and not store._open().list_indices()

@@ -63,7 +63,6 @@ class IndexOptions:
     wait_for_lock: bool = True
     retry_skipped: bool = False          # decode previously skipped files again even if unchanged
     draft: bool = True                   # reduced-size JPEG decoding
-    vector_index_min_rows: int = 50_000
 
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 0:  # checked before the lock, the model and the scan
@@ -97,7 +96,6 @@ class IndexReport:
     scan_problems: list[tuple[str, str]] = field(default_factory=list)
     rows: int = 0
     seconds: float = 0.0
-    vector_index: bool = False
 
 
 Progress = Callable[[IndexProgress], None]
@@ -486,8 +484,7 @@ class _Run:
     def _finish(self, store: IndexStore) -> None:
         self._tick(phase="finishing")
         # An interrupted run leaves the slow upkeep to the next one.
-        self.report.vector_index, self.report.rows, skipped = finish(
-            store, self.options.vector_index_min_rows, upkeep=self.stop.signum is None)
+        self.report.rows, skipped = finish(store, upkeep=self.stop.signum is None)
         self.report.skipped_total = len(skipped)
         self.report.skipped_files = sorted(skipped.values(), key=lambda s: s.path)
 

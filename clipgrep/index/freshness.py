@@ -94,16 +94,15 @@ def snapshot_from_table(index_id: str) -> Snapshot:
 
     store = IndexStore.existing(index_dir(), index_id)
     rows, skipped, version = store.export()
-    meta = snapshot_meta(store.bundle_id, version, store.has_vector_index(), RootSet.load(index_dir()), skipped)
+    meta = snapshot_meta(store.bundle_id, version, RootSet.load(index_dir()), skipped)
     return snapshot_in_memory(*rows, meta=meta)
 
 
-def snapshot_meta(index_id: str, version: int, vector_index: bool, tracked: Any,
-                  skipped: dict[str, Skipped]) -> dict[str, Any]:
+def snapshot_meta(index_id: str, version: int, tracked: Any, skipped: dict[str, Skipped]) -> dict[str, Any]:
     """What a snapshot records beside its rows: the table version it shows, the remembered roots
     and files (for ``search --under``, and so an index run that changed them publishes again), and
     the skip notes (so that the no-op fast path of ``clipgrep index`` needs no lancedb)."""
-    return {"bundle_id": index_id, "table_version": version, "vector_index": vector_index,
+    return {"bundle_id": index_id, "table_version": version,
             "roots": tracked.paths(),
             "skipped": [[s.path, s.size, s.mtime_ns, s.reason] for s in sorted(skipped.values(), key=_by_path)]}
 

@@ -58,7 +58,6 @@ _PATH_COLUMN = "image_path"
 class ImportOptions:
     commit_rows: int = 20_000            # rows per LanceDB commit: bounds memory and what a crash redoes
     wait_for_lock: bool = True
-    vector_index_min_rows: int = 50_000
 
 
 @dataclass
@@ -79,7 +78,6 @@ class ImportReport:
     problems: list[tuple[str, str]] = field(default_factory=list)  # (file, why) of shards left out
     rows: int = 0                        # rows in the index afterwards
     seconds: float = 0.0
-    vector_index: bool = False
 
 
 @dataclass(frozen=True)
@@ -203,8 +201,7 @@ def import_embeddings(source: str | os.PathLike[str], *, bundle: Bundle | None =
         report.skipped = {reason: n for reason, n in skipped.items() if n}
         progress.phase = "finishing"
         on_progress(progress)
-        report.vector_index, report.rows, _ = finish(store, options.vector_index_min_rows,
-                                                     upkeep=stop.signum is None)
+        report.rows, _ = finish(store, upkeep=stop.signum is None)
         report.seconds = round(time.time() - started, 3)
         if stop.signum is not None:
             raise IndexInterrupted(stop.signum, report, report.added + report.updated)

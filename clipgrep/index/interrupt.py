@@ -3,7 +3,7 @@
 ``stop_on_signals()`` turns SIGINT and SIGTERM into a flag that the run polls. The run then
 commits what it has encoded, publishes the snapshot and raises ``IndexInterrupted``, so the
 work done is kept and searchable and a rerun resumes. A second signal acts as it would have
-without this (the first may take a while to honour, e.g. during a vector index build).
+without this (the first may take a while to honour, e.g. during compaction).
 Signals can be caught only in the main thread; elsewhere the flag simply never rises.
 
 Example::

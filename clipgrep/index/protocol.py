@@ -8,7 +8,7 @@ and the roots cache are derived copies stamped with the table version they show
 
 - index: recover -> roots -> orphans -> racy / reuse -> remove -> rows (commit after commit: new
   rows with the skip notes of files that stopped decoding, one merge_insert each) ->
-  vector-index -> maintain -> publish -> roots (devices) -> run;
+  maintain -> publish -> roots (devices) -> run;
 - forget: recover -> forget (delete the rows under the path, per table) -> maintain -> roots -> publish;
 - models remove --purge: trash-snapshot -> trash-table -> drop-run -> clear-trash.
 
@@ -20,6 +20,7 @@ step (default the first): the kill tests use it to stop a run between every two 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import tempfile
@@ -36,7 +37,7 @@ T = TypeVar("T")
 
 CRASH_ENV = "CLIPGREP_CRASH_AT"
 CRASH_EXIT = 86
-INDEX_STEPS = ("roots", "orphans", "racy", "reuse", "remove", "rows", "vector-index", "maintain", "publish", "run")
+INDEX_STEPS = ("roots", "orphans", "racy", "reuse", "remove", "rows", "maintain", "publish", "run")
 FORGET_STEPS = ("forget", "maintain", "roots", "publish")
 PURGE_STEPS = ("trash-snapshot", "trash-table", "drop-run", "clear-trash")
 MIGRATE_STEPS = ("upgrade", "roots", "run", "skip-notes", "legacy-removed", "orphans", "publish")
@@ -136,42 +137,39 @@ def _no_vectors(store: IndexStore) -> Any:  # an np.ndarray; numpy is imported l
 # -- the snapshot ---------------------------------------------------------------------------------
 
 
-def publish(store: IndexStore, vector_index: bool | None = None) -> tuple[int, dict[str, Skipped]]:
+def publish(store: IndexStore) -> tuple[int, dict[str, Skipped]]:
     """Export the table's indexed rows as the search snapshot, stamped with the version they were
-    read at; returns the rows and the skip notes it recorded."""
+    read at (streamed: memory bounded by the paths, not the vectors); returns the rows and the
+    skip notes it recorded."""
     from ..ann import build_ivf, live_training
-    from ..snapshot import write_snapshot
+    from ..snapshot import write_snapshot_batches
     from .freshness import snapshot_meta
     from .roots import RootSet
 
-    rows, skipped, version = store.export()
-    if vector_index is None:
-        vector_index = store.has_vector_index()
-    meta = snapshot_meta(store.bundle_id, version, vector_index, RootSet.load(store.directory), skipped)
+    # Under the index lock nothing commits between these reads: they show one version.
+    version, skipped = store.version(), store.skipped()
+    meta = snapshot_meta(store.bundle_id, version, RootSet.load(store.directory), skipped)
     previous = live_training(snapshot_dir(store.bundle_id))  # read before the write deletes its generation
-    generation = commit("publish", lambda: write_snapshot(snapshot_dir(store.bundle_id), *rows, meta=meta))
+    generation = commit("publish", lambda: write_snapshot_batches(
+        snapshot_dir(store.bundle_id), store.export_batches(), store.embed_dim, meta=meta))
     build_ivf(generation, previous)  # a big snapshot's inverted file; search is exact until it is complete
-    return len(rows.paths), skipped
+    return int(json.loads((generation / "meta.json").read_bytes())["rows"]), skipped
 
 
-def publish_snapshot(store: IndexStore, *, vector_index: bool | None = None) -> int:
+def publish_snapshot(store: IndexStore) -> int:
     """Export the table's indexed rows as the search snapshot; returns its rows."""
-    return publish(store, vector_index)[0]
+    return publish(store)[0]
 
 
-def finish(store: IndexStore, vector_index_min_rows: int, upkeep: bool) -> tuple[bool, int, dict[str, Skipped]]:
-    """The end of an index run: vector index and compaction (unless interrupted), then publish.
+def finish(store: IndexStore, upkeep: bool) -> tuple[int, dict[str, Skipped]]:
+    """The end of an index run: compaction (unless interrupted), then publish.
 
-    Returns whether a vector index exists, the snapshot's rows and the skip notes.
+    Returns the snapshot's rows and the skip notes. No LanceDB vector index: search reads the
+    snapshot (and its own inverted file past ``ann.exact_max_rows()``), never the table's.
     """
     if upkeep:
-        # Index first: maintain() then folds the newest rows into it and prunes old versions.
-        vector_index = commit("vector-index", lambda: store.ensure_vector_index(vector_index_min_rows))
         commit("maintain", store.maintain)
-    else:
-        vector_index = store.has_vector_index()
-    rows, skipped = publish(store, vector_index)
-    return vector_index, rows, skipped
+    return publish(store)
 
 
 # -- forget ---------------------------------------------------------------------------------------
