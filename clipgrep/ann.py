@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
+from .snapshot import fsync_path
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -305,7 +307,7 @@ def build_ivf(generation: Path, previous: Training | None = None, *, seed: int =
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     os.replace(tmp, generation / DIRECTORY)
-    _fsync(generation)
+    fsync_path(generation)
     return True
 
 
@@ -332,8 +334,8 @@ def _write_ivf(tmp: Path, vectors: np.ndarray, training: Training, labels: np.nd
         np.save(tmp / f"{name}.npy", array, allow_pickle=False)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     for entry in tmp.iterdir():
-        _fsync(entry)
-    _fsync(tmp)
+        fsync_path(entry)
+    fsync_path(tmp)
 
 
 def _kmeans(vectors: np.ndarray, partitions: int, rng: np.random.Generator) -> np.ndarray:
@@ -400,11 +402,3 @@ def _sample_rows(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.arange(n) if n <= size else np.sort(rng.choice(n, size, replace=False))
 
 
-def _fsync(path: Path) -> None:
-    if path.is_dir() and os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

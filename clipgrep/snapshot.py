@@ -159,7 +159,7 @@ def write_snapshot_batches(directory: Path, batches: Iterable[RowBatch], embed_d
     except BaseException:
         shutil.rmtree(generation, ignore_errors=True)  # a killed writer's goes with the next write
         raise
-    _fsync_dir(generation)
+    fsync_path(generation)
     _switch_pointer(directory, generation.name)
     _remove_other_generations(directory, keep=generation.name)
     return generation
@@ -249,10 +249,11 @@ def _write_durably(path: Path, write: Any) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(directory: Path) -> None:
-    if os.name == "nt":  # Windows cannot open a directory; its renames need no directory fsync
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (so that the renames in it are durable)."""
+    if os.name == "nt" and path.is_dir():  # Windows cannot open a directory; its renames need no directory fsync
         return
-    fd = os.open(directory, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -263,7 +264,7 @@ def _switch_pointer(directory: Path, generation: str) -> None:
     tmp = directory / f".{POINTER}.{os.getpid()}.tmp"
     _write_durably(tmp, lambda f: f.write(generation.encode()))
     os.replace(tmp, directory / POINTER)
-    _fsync_dir(directory)
+    fsync_path(directory)
 
 
 def _remove_other_generations(directory: Path, keep: str) -> None:

@@ -211,7 +211,7 @@ import clipgrep.ann as ann
 def stall(path):  # everything is written, nothing renamed yet: hang here until killed
     print("stalled", flush=True)
     time.sleep(600)
-ann._fsync = stall
+ann.fsync_path = stall
 ann.build_ivf(Path(sys.argv[1]), rows_per_partition=50)
 """
 
