@@ -48,7 +48,7 @@ check-wheel: $(VENV)/.installed
 	$(PY) -m pip wheel -q --no-deps . -w build/wheel
 	$(PY) -m zipfile -l build/wheel/clipgrep-*.whl > build/wheel/contents.txt
 	@for f in completions/clipgrep.bash completions/clipgrep.zsh completions/clipgrep.fish \
-			clipgrep/py.typed licenses/LICENSE; do \
+			clipgrep/py.typed licenses/LICENSE licenses/third_party_licenses/onnx-LICENSE; do \
 		grep -q "$$f" build/wheel/contents.txt || { echo "error: the wheel lacks $$f" >&2; exit 1; }; done
 
 # The base install alone (no extras, so no torch) must pass the runtime tests.
