@@ -191,8 +191,13 @@ def search(queries: Sequence[str], *, add: Sequence[str] = (), sub: Sequence[str
         raise ClipgrepError("the index does not match the model", f"rebuild it: clipgrep index --model {bundle.name}")
     terms = parse_query(queries, add, sub)
     vector = query_vector(terms, encoder or BundleQueryEncoder(bundle, language), snapshot)
-    limit = k if k is not None else None if threshold is not None else DEFAULT_TOP
+    limit = result_limit(k, threshold)
     return rank(snapshot, vector, k=limit, threshold=threshold, under=directory)
+
+
+def result_limit(k: int | None, threshold: float | None) -> int | None:
+    """How many results a search returns: ``k``; else every match of a threshold; else 10."""
+    return k if k is not None else None if threshold is not None else DEFAULT_TOP
 
 
 def _check_limits(k: int | None, threshold: float | None) -> None:

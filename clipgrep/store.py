@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -50,8 +49,6 @@ _FILE_COLUMNS = ["path", "size", "mtime_ns", "fingerprint", "indexed_ns"]
 _INDEXED = "skip_reason IS NULL"
 _SKIPPED = "skip_reason IS NOT NULL"
 EXPORT_BATCH_ROWS = 16_384  # rows per query of a streamed export: 32 MB of vectors at 512 dims
-# PQ trains 2**num_bits centroids per sub-vector; fewer rows than that cannot train it.
-_MIN_PQ_ROWS = 256
 _CLEANUP_WARNING = r"optimize\(cleanup_older_than=0\)"
 
 
@@ -523,22 +520,3 @@ def _small_table(directory: Path, name: str, schema: pa.Schema) -> Any:
         return db.open_table(name)
     Path(directory).mkdir(parents=True, exist_ok=True)
     return db.create_table(name, schema=schema, exist_ok=True)
-
-
-# The Ray engine's table index (engines/sharded_table.py) is sized by these; the local index has
-# none: search reads the snapshot.
-
-
-def _ivf_partitions(rows: int) -> int:
-    # LanceDB's documented default: about sqrt(rows), i.e. ~316 rows per partition at 100k.
-    return max(1, round(math.sqrt(rows)))
-
-
-def _pq_sub_vectors(embed_dim: int) -> int:
-    # 16 (else 8) dims per sub-vector keep Lance on its SIMD path (IvfPq docstring). 32
-    # sub-vectors at 512 dims build in ~35 s per 100k rows vs ~58 s for 64, with equal
-    # recall once refine_factor re-ranks (0.997 vs 0.999, stack.md section 7).
-    for width in (16, 8):
-        if embed_dim % width == 0:
-            return embed_dim // width
-    return 1

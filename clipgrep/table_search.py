@@ -2,7 +2,7 @@
 
 Queries are parsed and encoded exactly as for the local snapshot (``ranking``), and results
 come back as ``ranking.Hits``, so the CLI renders them the same way. Below the table's vector
-index (built by the index run past ``vector_index_min_rows``) the search is exact (a flat scan);
+index (built by the index run past ``RayIndexOptions.vector_index_min_rows``) the search is exact (a flat scan);
 with one it is IVF_PQ re-ranked on the exact vectors (``refine_factor``), which measured
 recall@10 0.997 on clustered vectors (stack.md section 7).
 """
@@ -16,7 +16,6 @@ import numpy as np
 from .errors import ClipgrepError
 from .query import parse_query
 from .ranking import (
-    DEFAULT_TOP,
     BundleQueryEncoder,
     Hit,
     Hits,
@@ -24,6 +23,7 @@ from .ranking import (
     _check_limits,
     _indexed_bundle,
     query_vector,
+    result_limit,
 )
 from .table_uri import parse_table_uri
 
@@ -44,8 +44,8 @@ def search_table(table_uri: str, queries: Sequence[str], *, add: Sequence[str] =
         raise ClipgrepError(f"{table_uri} was indexed with another model than {bundle.name}",
                             "pass the model it was indexed with: --model NAME")
     vector = query_vector(parse_query(queries, add, sub), encoder or BundleQueryEncoder(bundle, language))
-    limit = k if k is not None else None if threshold is not None else DEFAULT_TOP
-    return rank_table(table.images, vector, k=limit, threshold=threshold, indexed=table.has_vector_index())
+    return rank_table(table.images, vector, k=result_limit(k, threshold), threshold=threshold,
+                      indexed=table.has_vector_index())
 
 
 def rank_table(images: object, query: np.ndarray, *, k: int | None, threshold: float | None, indexed: bool) -> Hits:

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from clipgrep.engines.sharded_table import _pq_sub_vectors
 from clipgrep.errors import ClipgrepError
 from clipgrep.store import (
     IndexStore,
     StoredFile,
     TableRows,
-    _pq_sub_vectors,
     list_bundle_ids,
     path_key,
 )
