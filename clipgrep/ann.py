@@ -18,7 +18,16 @@ Layout, inside a snapshot generation (numpy + stdlib, memory-mapped)::
         codes.npy          int8 [N, D]: round(vector / scales), grouped
         scales.npy         float32 [D]: per-dimension step, so q . v ~= (q * scales) . codes
         hashes.npy         uint64 [N]: a hash of each grouped row's vector bytes
+        coarse.npy         float32 [C, D]: the coarse k-means level the partitions were split from
+        cells.npy          int64 [C + 1]: coarse cell c holds partitions cells[c]:cells[c + 1]
         meta.json          format, rows, partitions, nprobe, exact_max_rows, trained_rows
+
+Past ``FLAT_MAX_PARTITIONS`` the k-means is two-level (C ~ sqrt(P) coarse cells, each split into
+partitions in proportion to its rows; a row goes to the best partition of its ``SPILL_CELLS`` best
+cells), so a build scores each row against ~4 sqrt(P) centroids instead of P: flat k-means and
+assignment at 10^7 rows (~20,000 partitions) would be ~10^14 multiply-adds, hours on 2 cores.
+Below it there is one coarse cell. Search scores every partition's centroid either way (the
+coarse level serves only the build).
 
 The next generation's build (``publish`` passes it ``live_training``) reuses the centroids and
 scales while its rows stay within ``REUSE_GROWTH``x of the rows they were trained on
@@ -33,7 +42,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -58,13 +67,24 @@ EXACT_MAX_ROWS_ENV = "CLIPGREP_EXACT_MAX_ROWS"
 ROWS_PER_PARTITION = 512  # ~2*sqrt(N) partitions at 10^6: a cheap centroid scan, small ranges to read
 NPROBE_FRACTION = 1 / 64  # with MIN_NPROBE: recall@10 1.0 / 0.999 at 10^5 / 10^6 clustered rows (16: 0.98 / 0.97)
 MIN_NPROBE = 32
+# At 10^7 rows (19,530 partitions) 1/64 is 306 probes, 260 ms per query warm, for recall 1.0; 32, 64
+# and 128 probes gave 0.998 (31, 56, 121 ms; 16 gave 0.982). 128 keeps a margin for harder data.
+MAX_NPROBE = 128
+SCAN_ROWS = 32_768  # probed rows scored per step (64 MB of float32 at 512 dims)
 RESCORE = 200  # candidates rescored exactly, at least RESCORE_PER_RESULT * k
 RESCORE_PER_RESULT = 20
 KMEANS_SAMPLE_PER_PARTITION = 32
+KMEANS_SAMPLE_MAX = 1 << 19  # rows held in memory for k-means (1 GB at 512 dims): ~27 per partition at 10^7
+COARSE_SAMPLE_PER_CELL = 256  # of that sample, for the coarse level
+SPILL_CELLS = 3  # coarse cells whose partitions a row is scored against when assigned
+# Up to this many partitions (~2*10^6 rows) k-means is flat: the build stays well under a minute per
+# 10^6 rows, and two levels cost a little recall (test clusters, 60 queries x 3 seeds: 0.995 vs 1.0).
+FLAT_MAX_PARTITIONS = 4_096
 KMEANS_ITERATIONS = 8
-CHUNK_ROWS = 16_384  # rows per step of the assignment: bounded memory whatever N is
+REFINE_ITERATIONS = 3  # rounds over the whole sample after the two levels (see _train)
+CHUNK_ROWS = 65_536  # rows per step of the assignment (128 MB at 512 dims): bounded memory whatever N is
 SCORE_ROWS = 8_192  # rows scored against every centroid at once: 64 MB at 2,000 partitions
-PERMUTE_ROWS = 16_384  # rows read, encoded and written per step of write_permuted: 32 MB at 512 dims
+PERMUTE_ROWS = 32_768  # rows read, encoded and written per step of write_permuted: 64 MB at 512 dims
 # Reused centroids keep their count, so 2x growth doubles the rows a query reads (mean partition
 # 1024 rows) and 2x shrinkage halves them (recall then rests on fewer candidates); beyond that, or
 # when new rows drift to other topics, the partitions would fit the library poorly: train afresh.
@@ -122,9 +142,14 @@ class Ivf:
         return candidates, np.asarray(exact, dtype=np.float32)
 
     def _scan(self, partitions: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of ``partitions`` and their approximate scores, codes read and scored about
+        ``SCAN_ROWS`` rows at a time (a float32 copy of all 150,000 probed at 10^7 would be 300 MB)."""
         ranges = [(int(self.offsets[p]), int(self.offsets[p + 1])) for p in partitions]
-        codes = read_ranges(self.codes, ranges)
-        return read_ranges(self.rows, ranges), codes.astype(np.float32) @ (query * self.scales)
+        weights = query * self.scales
+        ends = np.cumsum([b - a for a, b in ranges]) // SCAN_ROWS
+        groups = np.split(np.arange(len(ranges)), np.flatnonzero(np.diff(ends)) + 1)
+        scores = [read_ranges(self.codes, [ranges[i] for i in group]).astype(np.float32) @ weights for group in groups]
+        return read_ranges(self.rows, ranges), np.concatenate(scores)
 
     def _scan_within(self, order: np.ndarray, query: np.ndarray, within: slice) -> tuple[np.ndarray, np.ndarray]:
         """Probe partitions nearest first until as many rows of the subtree were scored as an
@@ -215,9 +240,11 @@ class Training:
     partitions it gave vectors (by hash, sorted), in memory: the next generation's build reuses it
     while the library has not grown or shrunk too much."""
 
-    centroids: np.ndarray
+    centroids: np.ndarray  # [P, D], grouped by coarse cell
     scales: np.ndarray
     rows: int
+    coarse: np.ndarray  # [C, D]
+    cells: np.ndarray  # [C + 1]: coarse cell c holds partitions cells[c]:cells[c + 1]
     hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
@@ -226,7 +253,7 @@ class Training:
 
     def assign(self, vectors: np.ndarray, hashes: np.ndarray) -> np.ndarray:
         """Each row's partition: a vector seen before keeps its own (its nearest centroid is the
-        same); only the others are scored against every centroid."""
+        same); only the others are scored, ``CHUNK_ROWS`` at a time."""
         labels = np.empty(len(vectors), np.int64)
         known = np.zeros(len(vectors), bool)
         if len(self.hashes):
@@ -235,7 +262,25 @@ class Training:
             labels[known] = self.labels[at[known]]
         new = np.flatnonzero(~known)
         for a in range(0, len(new), CHUNK_ROWS):
-            labels[new[a:a + CHUNK_ROWS]] = _nearest(read_rows(vectors, new[a:a + CHUNK_ROWS]), self.centroids)
+            labels[new[a:a + CHUNK_ROWS]] = self.partition_of(read_rows(vectors, new[a:a + CHUNK_ROWS]))
+        return labels
+
+    def partition_of(self, vectors: np.ndarray) -> np.ndarray:
+        """The partition of each row: the nearest centroid among those of its ``SPILL_CELLS`` nearest
+        coarse cells (its nearest cell's alone misses the nearest centroid for rows near a border)."""
+        nearest_cells = _top(vectors, self.coarse, SPILL_CELLS)
+        best = np.full(len(vectors), -np.inf, np.float32)
+        labels = np.zeros(len(vectors), np.int64)
+        rows_by_cell = np.argsort(nearest_cells.ravel(), kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(nearest_cells.ravel(), minlength=len(self.coarse)))])
+        for c in np.flatnonzero(np.diff(bounds)):
+            mine = rows_by_cell[bounds[c]:bounds[c + 1]] // nearest_cells.shape[1]
+            first, last = int(self.cells[c]), int(self.cells[c + 1])
+            scores = np.asarray(vectors[mine], dtype=np.float32) @ self.centroids[first:last].T
+            top = np.argmax(scores, axis=1)
+            score = scores[np.arange(len(mine)), top]
+            better = score > best[mine]
+            best[mine[better]], labels[mine[better]] = score[better], first + top[better]
         return labels
 
 
@@ -253,16 +298,25 @@ def live_training(snapshot_directory: Path) -> Training | None:
     ivf = load_ivf(snapshot.generation, len(snapshot), snapshot.vectors.shape[1])
     if ivf is None:
         return None
-    training = Training(np.array(ivf.centroids), np.array(ivf.scales), ivf.trained_rows)
+    directory = snapshot.generation / DIRECTORY
+    centroids = np.array(ivf.centroids)
+    try:  # absent from older inverted files: each partition is then its own coarse cell
+        coarse, cells = (np.load(directory / f"{name}.npy", allow_pickle=False) for name in ("coarse", "cells"))
+        if not (coarse.ndim == 2 and coarse.shape[1] == centroids.shape[1] and cells.shape == (len(coarse) + 1,)
+                and cells[0] == 0 and cells[-1] == len(centroids) and np.all(np.diff(cells) > 0)):
+            raise ValueError("coarse level does not match the partitions")
+    except (OSError, ValueError):
+        coarse, cells = centroids, np.arange(len(centroids) + 1, dtype=np.int64)
+    training = Training(centroids, np.array(ivf.scales), ivf.trained_rows, coarse, cells)
     try:  # absent from older inverted files: every row is then assigned afresh
-        hashes = np.load(snapshot.generation / DIRECTORY / "hashes.npy", allow_pickle=False)
+        hashes = np.load(directory / "hashes.npy", allow_pickle=False)
     except (OSError, ValueError):
         return training
     if hashes.shape != (len(ivf.rows),) or hashes.dtype != np.uint64:
         return training
     order = np.argsort(hashes)
     labels = np.repeat(np.arange(ivf.partitions, dtype=np.int64), np.diff(ivf.offsets))
-    return Training(training.centroids, training.scales, training.rows, hashes[order], labels[order])
+    return replace(training, hashes=hashes[order], labels=labels[order])
 
 
 def ensure_ivf(snapshot_directory: Path) -> bool:
@@ -295,7 +349,7 @@ def build_ivf(generation: Path, previous: Training | None = None, *, seed: int =
     training = previous if previous is not None and previous.fits(n, vectors.shape[1]) else None
     if training is None:
         partitions = max(1, min(n // rows_per_partition, 65_536))  # capped: every query reads all centroids
-        training = Training(_kmeans(vectors, partitions, np.random.default_rng(seed)), _scales(vectors), n)
+        training = _train(vectors, partitions, np.random.default_rng(seed))
     labels = training.assign(vectors, hashes)
     for stale in generation.glob(f".{DIRECTORY}-*"):  # left by killed builds
         shutil.rmtree(stale, ignore_errors=True)
@@ -326,11 +380,11 @@ def _write_ivf(tmp: Path, vectors: np.ndarray, training: Training, labels: np.nd
     offsets = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=partitions))]).astype(np.int64)
     with open(tmp / "codes.npy", "wb") as f:
         write_permuted(f, vectors, grouped, np.int8, lambda rows: np.clip(np.rint(rows / scales), -127, 127))
-    nprobe = min(partitions, max(MIN_NPROBE, math.ceil(partitions * NPROBE_FRACTION)))
+    nprobe = min(partitions, MAX_NPROBE, max(MIN_NPROBE, math.ceil(partitions * NPROBE_FRACTION)))
     meta: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "rows": n, "partitions": partitions,
                             "nprobe": nprobe, "exact_max_rows": limit, "trained_rows": training.rows}
     for name, array in (("centroids", training.centroids), ("offsets", offsets), ("rows", grouped), ("scales", scales),
-                        ("hashes", hashes[grouped])):
+                        ("hashes", hashes[grouped]), ("coarse", training.coarse), ("cells", training.cells)):
         np.save(tmp / f"{name}.npy", array, allow_pickle=False)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     for entry in tmp.iterdir():
@@ -338,12 +392,49 @@ def _write_ivf(tmp: Path, vectors: np.ndarray, training: Training, labels: np.nd
     fsync_path(tmp)
 
 
-def _kmeans(vectors: np.ndarray, partitions: int, rng: np.random.Generator) -> np.ndarray:
-    """Spherical k-means on a sample: unit centroids maximising the dot product."""
-    sample = read_rows(vectors, _sample_rows(len(vectors), partitions * KMEANS_SAMPLE_PER_PARTITION, rng))
-    centroids = sample[rng.choice(len(sample), partitions, replace=False)].copy()
-    for _ in range(KMEANS_ITERATIONS):
-        labels = _nearest(sample, centroids)
+def _train(vectors: np.ndarray, partitions: int, rng: np.random.Generator) -> Training:
+    """K-means on one sample of the rows: flat up to ``FLAT_MAX_PARTITIONS``, else two-level,
+    ~sqrt(partitions) coarse cells, each cell's share of the sample split into partitions in
+    proportion to it (so ~equal rows per partition)."""
+    sample = read_rows(vectors, _sample_rows(len(vectors), min(partitions * KMEANS_SAMPLE_PER_PARTITION,
+                                                              KMEANS_SAMPLE_MAX), rng))
+    partitions = min(partitions, len(sample))
+    cells = 1 if partitions <= FLAT_MAX_PARTITIONS else math.ceil(math.sqrt(partitions))
+    coarse = _kmeans(sample[rng.choice(len(sample), min(len(sample), cells * COARSE_SAMPLE_PER_CELL), replace=False)],
+                     cells, rng)
+    cell_of = _nearest(sample, coarse)
+    counts = np.bincount(cell_of, minlength=cells)
+    if not counts.all():  # a coarse cell no sample row is nearest to would have no partitions: drop it
+        coarse = coarse[counts > 0]
+        cell_of = _nearest(sample, coarse)
+        counts = np.bincount(cell_of, minlength=len(coarse))
+    quota = np.clip(np.rint(counts * (partitions / len(sample))), 1, counts).astype(np.int64)
+    order = np.argsort(cell_of, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    centroids = [_kmeans(sample[order[starts[c]:starts[c + 1]]], int(quota[c]), rng) for c in range(len(coarse))]
+    training = Training(np.concatenate(centroids), _scales(vectors), len(vectors), coarse,
+                        np.concatenate([[0], np.cumsum(quota)]).astype(np.int64))
+    if cells == 1:
+        return training
+    # Each cell's partitions were fitted to its own rows only; a few rounds over the whole sample, each
+    # row assigned as the build assigns it, move the partitions at the cells' borders to fit all rows.
+    refined = _lloyd(sample, training.centroids, rng, REFINE_ITERATIONS,
+                     lambda rows, centroids: replace(training, centroids=centroids).partition_of(rows))
+    return replace(training, centroids=refined)
+
+
+def _kmeans(sample: np.ndarray, partitions: int, rng: np.random.Generator) -> np.ndarray:
+    """Spherical k-means of the rows of ``sample`` (in memory): unit centroids maximising the dot product."""
+    initial = sample[rng.choice(len(sample), partitions, replace=False)]
+    return _lloyd(sample, initial, rng, KMEANS_ITERATIONS, _nearest)
+
+
+def _lloyd(sample: np.ndarray, centroids: np.ndarray, rng: np.random.Generator, iterations: int,
+           assign: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    """``iterations`` rounds of spherical Lloyd: ``assign`` each row a centroid, move each to its rows' mean."""
+    partitions = len(centroids)
+    for _ in range(iterations):
+        labels = assign(sample, centroids)
         counts = np.bincount(labels, minlength=partitions)
         sums = np.empty_like(centroids)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -364,6 +455,14 @@ def _row_hashes(vectors: np.ndarray) -> np.ndarray:
                            for a in range(0, n, HASH_ROWS)] or [np.zeros(0, np.uint64)])
 
 
+def _top(vectors: np.ndarray, centroids: np.ndarray, k: int) -> np.ndarray:
+    """Each row's ``k`` best centroids [rows, min(k, C)], ``SCORE_ROWS`` rows at a time."""
+    k = min(k, len(centroids))
+    return np.concatenate([np.argpartition(-(np.asarray(vectors[a:a + SCORE_ROWS], dtype=np.float32) @ centroids.T),
+                                           k - 1, axis=1)[:, :k] for a in range(0, len(vectors), SCORE_ROWS)]
+                          or [np.zeros((0, k), np.int64)]).astype(np.int64)
+
+
 def _nearest(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Each row's best centroid, scoring ``SCORE_ROWS`` rows at a time (the scores of all rows at
     once would take rows x partitions x 4 bytes: 0.5 GB for a 10^6-row k-means sample)."""
@@ -373,18 +472,31 @@ def _nearest(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 def write_permuted(f: BinaryIO, vectors: np.ndarray, take: np.ndarray, dtype: type[np.generic] = np.float32,
                    encode: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
-    """Write to ``f`` the .npy of ``encode(vectors[take])`` as ``dtype``, ``PERMUTE_ROWS`` rows at a
-    time, by plain reads (``read_rows``) and writes: the pages of a memory map that are read or
-    written count as the process's RSS (4 GB to permute 10^6 x 512 float32 rows through maps)."""
+    """Write to ``f`` (opened for writing, empty) the .npy of ``encode(vectors[take])`` as ``dtype``,
+    where ``take`` holds distinct rows. Reads ``vectors`` forward, ``PERMUTE_ROWS`` rows at a time,
+    and writes each row to its place with ``pwrite`` (one call per run of consecutive places):
+    reading in ``take`` order instead costs a random read per row, at 10^7 rows mostly from disk,
+    and the pages of a memory map that are read or written count as the process's RSS."""
     n, dim = len(take), vectors.shape[1]
     np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
                                              "fortran_order": False, "shape": (n, dim)})
-    for a in range(0, n, PERMUTE_ROWS):
-        rows = take[a:a + PERMUTE_ROWS]
-        by_file = np.argsort(rows, kind="stable")  # read forward through the file, in runs
-        chunk = np.empty((len(rows), dim), np.float32)
-        chunk[by_file] = read_rows(vectors, rows[by_file])
-        f.write((encode(chunk) if encode else chunk).astype(dtype).tobytes())
+    f.flush()
+    start, row_bytes = f.tell(), np.dtype(dtype).itemsize * dim
+    place = np.full(len(vectors), -1, np.int64)
+    place[take] = np.arange(n)
+    for a in range(0, len(vectors), PERMUTE_ROWS):
+        places = place[a:a + PERMUTE_ROWS]
+        wanted = np.flatnonzero(places >= 0)
+        if not len(wanted):
+            continue
+        wanted = wanted[np.argsort(places[wanted])]
+        chunk = read_ranges(vectors, [(a, a + len(places))])[wanted]
+        data = memoryview(np.ascontiguousarray((encode(chunk) if encode else chunk).astype(dtype)).tobytes())
+        at = places[wanted]
+        breaks = (np.flatnonzero(np.diff(at) != 1) + 1).tolist()
+        for s, e in zip([0, *breaks], [*breaks, len(at)]):
+            os.pwrite(f.fileno(), data[s * row_bytes:e * row_bytes], start + int(at[s]) * row_bytes)
+    f.seek(0, os.SEEK_END)
 
 
 def read_rows(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:

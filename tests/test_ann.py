@@ -156,9 +156,10 @@ def test_a_rebuild_after_adding_rows_reuses_the_centroids_and_keeps_its_recall(b
     def no_kmeans(*args: object) -> None:
         raise AssertionError("k-means ran")
     monkeypatch.setattr(ann, "_kmeans", no_kmeans)
-    scored: list[int] = []  # rows scored against every centroid
-    nearest = ann._nearest
-    monkeypatch.setattr(ann, "_nearest", lambda rows, centroids: scored.append(len(rows)) or nearest(rows, centroids))
+    scored: list[int] = []  # rows scored against the centroids
+    partition_of = ann.Training.partition_of
+    monkeypatch.setattr(ann.Training, "partition_of",
+                        lambda self, rows: scored.append(len(rows)) or partition_of(self, rows))
     vectors = np.array(snap.vectors)
     vectors[:50] = near(vectors, 50, seed=4)  # 50 files changed
     extra = near(vectors, ROWS // 100, seed=2)  # and 1% more rows, in the same clusters
@@ -178,14 +179,49 @@ def test_a_library_grown_or_shrunk_past_the_bound_is_trained_afresh(big, tmp_pat
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     snap, _ = big
     kmeans_runs: list[int] = []
-    kmeans = ann._kmeans
-    monkeypatch.setattr(ann, "_kmeans", lambda *args: kmeans_runs.append(len(args[0])) or kmeans(*args))
+    train = ann._train
+    monkeypatch.setattr(ann, "_train", lambda *args: kmeans_runs.append(len(args[0])) or train(*args))
     vectors = np.asarray(snap.vectors)
     vectors = np.concatenate([vectors, near(vectors, rows - ROWS, seed=2)]) if rows > ROWS else vectors[:rows]
     grown = republish(snap, vectors, tmp_path / "snap")
     ivf = approximate_index(grown, len(grown), 10)
     assert kmeans_runs == [len(grown)] and ivf is not None and ivf.trained_rows == len(grown)
     assert ivf.partitions == len(grown) // ROWS_PER_PARTITION
+
+
+def test_past_flat_max_partitions_the_build_is_two_level_and_never_scores_every_centroid(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(EXACT_MAX_ROWS_ENV, str(EXACT_MAX))
+    monkeypatch.setattr(ann, "FLAT_MAX_PARTITIONS", 16)  # 400 partitions: 20 coarse cells of ~20
+    widest: list[int] = []  # centroids scored per call, build and rebuild
+    for name in ("_nearest", "_top"):
+        scorer = getattr(ann, name)
+        monkeypatch.setattr(ann, name, lambda rows, centroids, *k, f=scorer: widest.append(len(centroids))
+                            or f(rows, centroids, *k))
+    vectors = clustered(ROWS, DIM)
+    zeros = np.zeros(ROWS, np.int64)
+    generation = write_snapshot(tmp_path / "snap", [path_of(i) for i in range(ROWS)], vectors, zeros, zeros, zeros,
+                                ["00"] * ROWS, {"bundle_id": "test"})
+    assert build_ivf(generation, rows_per_partition=ROWS_PER_PARTITION)
+    snap = read_snapshot(tmp_path / "snap")
+    assert snap is not None and snap.generation is not None
+    coarse, cells = (np.load(snap.generation / "ivf" / f"{name}.npy") for name in ("coarse", "cells"))
+    # Each cell gets its share of the 400 partitions, rounded: one more or less per cell at most.
+    assert len(coarse) == 20 and cells[0] == 0 and abs(cells[-1] - ROWS // ROWS_PER_PARTITION) <= 20
+    assert 0 < max(widest) < ROWS // ROWS_PER_PARTITION  # never a flat assignment over all 400
+    queries = near(vectors, 60, seed=1)
+    found = [[h.path for h in rank(snap, q, k=10)] for q in queries]
+    assert recall(found, [exact(snap, q, 10) for q in queries]) >= 0.95
+    # The next generation reuses both levels: its new rows are assigned through the coarse cells too.
+    previous = ann.live_training(tmp_path / "snap")
+    assert previous is not None and np.array_equal(previous.coarse, coarse)
+    extra = near(vectors, ROWS // 100, seed=2)
+    grown = republish(snap, np.concatenate([vectors, extra]), tmp_path / "snap")
+    assert grown.generation is not None
+    assert np.array_equal(np.load(grown.generation / "ivf" / "cells.npy"), cells)
+    queries = np.concatenate([queries, near(extra, 20, seed=3)])
+    found = [[h.path for h in rank(grown, q, k=10)] for q in queries]
+    assert recall(found, [exact(grown, q, 10) for q in queries]) >= 0.95
 
 
 def test_each_index_run_that_writes_reuses_the_previous_inverted_file(bundle, photos: Path,
