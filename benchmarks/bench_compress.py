@@ -28,11 +28,14 @@ otherwise. Progress goes to stderr.
 
 Usage (from the repository root; needs the ``convert`` extra)::
 
-    .venv/bin/python benchmarks/bench_compress.py [--out bench-out/compress] [--quick]
+    .venv/bin/python benchmarks/bench_compress.py [--out bench-out/compress] [--jobs N] [--quick]
 
-Each step resumes from its checkpoints and reuses finished outputs, so a second run only
-re-exports and re-evaluates; delete ``--out`` to train from scratch. ``--quick`` is a
-small, short run to check the plumbing (its figures mean nothing).
+The teacher trains alone on all threads; steps 3 and 4 are eight training runs, ``--jobs``
+(default: one per CPU) at a time in worker processes, each run as soon as the runs it starts
+from are done. Export and eval run alone at the end (they time the models). Each step
+resumes from its checkpoints and reuses finished outputs, so a second run only re-exports
+and re-evaluates; delete ``--out`` to train from scratch. ``--quick`` is a small, short run
+to check the plumbing (its figures mean nothing).
 """
 from __future__ import annotations
 
