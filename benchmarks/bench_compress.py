@@ -83,6 +83,11 @@ class Settings:
     threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     jobs: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))  # training runs at a time
 
+    @property
+    def job_threads(self) -> int:
+        """Torch threads of each training run: ``threads`` shared among the parallel runs."""
+        return max(1, self.threads // self.jobs)
+
 
 QUICK = Settings(images=240, unlabelled=120, val_fraction=0.25, teacher_epochs=2, stage1_epochs=1, stage2_epochs=1,
                  speed_repeats=2)
@@ -320,14 +325,14 @@ def train_models(out: Path, s: Settings, timings: dict[str, float], job_timings:
     """Data, teacher and every variant's student: the pairs file and each table row's checkpoint.
 
     The teacher trains alone on all threads; the students' runs then go ``s.jobs`` at a time,
-    each on ``s.threads // s.jobs`` threads (torch on these tiny models gains little from a
+    each on ``s.job_threads`` threads (torch on these tiny models gains little from a
     second thread, while a second process nearly doubles the work done). ``timings`` gets the
     wall seconds of each phase, ``job_timings`` those of each training run."""
     pairs, images, texts = timed(timings, "data", prepare_data, out, s)
     teacher = timed(timings, "teacher training", train_teacher, out, pairs, s)
-    jobs, threads = training_jobs(out, teacher, pairs, images, texts, s), max(1, s.threads // s.jobs)
-    note(f"{len(jobs)} training runs, {s.jobs} at a time, {threads} thread(s) each")
-    outputs = timed(timings, "stage 1 + 2", run_jobs, jobs, s.jobs, threads, job_timings)
+    jobs = training_jobs(out, teacher, pairs, images, texts, s)
+    note(f"{len(jobs)} training runs, {s.jobs} at a time, {s.job_threads} thread(s) each")
+    outputs = timed(timings, "stage 1 + 2", run_jobs, jobs, s.jobs, s.job_threads, job_timings)
     checkpoints = {"bench-teacher": teacher}
     for v in VARIANTS:
         checkpoints[f"bench-{v.name}"] = outputs[f"stage 1 t{v.text_blocks}" if v.stage2 is None else f"stage 2 {v.name}"]
@@ -440,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(teacher 64). Bundles: int8, timed through the runtime encoders (median of {s.speed_repeats}).")
     print("- Wall time of this run (steps finished earlier are reused): "
           + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f". Stage 1 + 2 ran {len(job_timings)} "
-          f"training runs in {s.jobs} parallel worker processes ({max(1, s.threads // s.jobs)} thread(s) each), "
+          f"training runs in {s.jobs} parallel worker processes ({s.job_threads} thread(s) each), "
           "each run once its inputs were ready: " + ", ".join(f"{k} {v:.0f} s" for k, v in job_timings.items())
           + ".\n")
     print(table(rows, labels))

@@ -41,7 +41,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, P
     job_timings: dict[str, float] = {}
     _, checkpoints = bench.train_models(out, replace(TINY, jobs=2), timings, job_timings)
     assert list(timings) == ["data", "teacher training", "stage 1 + 2"]
-    assert job_timings.keys() == {j.name for j in bench.training_jobs(out, out, out, out, out, TINY)}
+    assert job_timings.keys() == {"stage 1 t2", "stage 1 t4", "stage 1 t6", "stage 2 full", "stage 2 s2-no-kd",
+                                  "stage 2 s2-no-hn", "stage 2 full-t2", "stage 2 full-t6"}
     return out, checkpoints
 
 
