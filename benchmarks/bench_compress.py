@@ -28,19 +28,25 @@ otherwise. Progress goes to stderr.
 
 Usage (from the repository root; needs the ``convert`` extra)::
 
-    .venv/bin/python benchmarks/bench_compress.py [--out bench-out/compress] [--quick]
+    .venv/bin/python benchmarks/bench_compress.py [--out bench-out/compress] [--jobs N] [--quick]
 
-Each step resumes from its checkpoints and reuses finished outputs, so a second run only
-re-exports and re-evaluates; delete ``--out`` to train from scratch. ``--quick`` is a
-small, short run to check the plumbing (its figures mean nothing).
+The teacher trains alone on all threads; steps 3 and 4 are eight training runs, ``--jobs``
+(default: one per CPU) at a time in worker processes, each run as soon as the runs it starts
+from are done. Export and eval run alone at the end (they time the models). Each step
+resumes from its checkpoints and reuses finished outputs, so a second run only re-exports
+and re-evaluates; delete ``--out`` to train from scratch. ``--quick`` is a small, short run
+to check the plumbing (its figures mean nothing).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -75,6 +81,12 @@ class Settings:
     speed_repeats: int = 21
     seed: int = 0
     threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    jobs: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))  # training runs at a time
+
+    @property
+    def job_threads(self) -> int:
+        """Torch threads of each training run: ``threads`` shared among the parallel runs."""
+        return max(1, self.threads // self.jobs)
 
 
 QUICK = Settings(images=240, unlabelled=120, val_fraction=0.25, teacher_epochs=2, stage1_epochs=1, stage2_epochs=1,
@@ -210,6 +222,13 @@ def stage2(out: Path, teacher: Path, student: Path, pairs: Path, variant: Varian
     return stage.run(config, progress(f"stage 2 {variant.name}"))
 
 
+def stage2_text(out: Path, teacher: Path, image_from: Path, text_from: Path, pairs: Path, variant: Variant,
+                s: Settings) -> Path:
+    """Step 2b alone, on ``image_from``'s (stage-2) image tower grafted onto ``text_from``'s text tower."""
+    grafted = graft(image_from, text_from, out / f"graft-{variant.name}")
+    return stage2(out, teacher, grafted, pairs, variant, s, steps=("text",))
+
+
 def timed(timings: dict[str, float], key: str, fn: Any, *a: Any, **kw: Any) -> Any:
     """``fn(*a, **kw)``, adding its wall seconds to ``timings[key]``."""
     t0 = time.perf_counter()
@@ -219,25 +238,104 @@ def timed(timings: dict[str, float], key: str, fn: Any, *a: Any, **kw: Any) -> A
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
 
 
-def train_models(out: Path, s: Settings, timings: dict[str, float]) -> tuple[Path, dict[str, Path]]:
-    """Data, teacher and every variant's student: the pairs file and each table row's checkpoint.
+@dataclass(frozen=True)
+class After:
+    """A job argument that stands for the output of the job called ``job`` (and waits for it)."""
+
+    job: str
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run: ``fn(*args)``, each ``After`` argument replaced by that job's output."""
+
+    name: str
+    fn: Callable[..., Path]
+    args: tuple[Any, ...]
+
+    @property
+    def deps(self) -> set[str]:
+        return {a.job for a in self.args if isinstance(a, After)}
+
+
+def training_jobs(out: Path, teacher: Path, pairs: Path, images: Path, texts: Path, s: Settings) -> list[Job]:
+    """Every student's training after the teacher, in the order to start them when ready.
 
     Each piece of training runs once: the 4-block stage-1 run distils the image tower that
     the other text depths share, and the full stage-2 run's step 2a the image tower they share
-    in stage 2. ``timings`` gets the wall seconds per phase."""
+    in stage 2. Every stage 2 waits for the 4-block stage 1, so that goes first, and the full
+    run's 2a first among the stage-2 runs."""
+    depths = sorted({v.text_blocks for v in VARIANTS}, key=lambda k: k != MAIN_TEXT_BLOCKS)
+    jobs = [Job(f"stage 1 t{k}", stage1, (out, teacher, images, texts, k, s)) for k in depths]
+    for v in sorted((v for v in VARIANTS if v.stage2 is not None), key=lambda v: v.name != MAIN):
+        student = After(f"stage 1 t{v.text_blocks}")
+        if v.image_from is None:
+            jobs.append(Job(f"stage 2 {v.name}", stage2, (out, teacher, student, pairs, v, s)))
+        else:
+            image_from = After(f"stage 2 {v.image_from}")
+            jobs.append(Job(f"stage 2 {v.name}", stage2_text, (out, teacher, image_from, student, pairs, v, s)))
+    return jobs
+
+
+def run_jobs(jobs: list[Job], workers: int, threads: int, timings: dict[str, float]) -> dict[str, Path]:
+    """Run ``jobs`` in ``workers`` processes of ``threads`` torch threads each, every job once its
+    inputs exist; their outputs by job name. ``timings`` gets each job's wall seconds.
+
+    A failed job stops the others (they resume from their checkpoints on the next run) and
+    raises its error here."""
+    outputs: dict[str, Path] = {}
+    waiting = list(jobs)
+    running: dict[Future[tuple[Path, float]], Job] = {}
+    # spawn: a fresh interpreter per worker, not a fork of this one's torch thread pools
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_set_threads, initargs=(threads,)) as pool:
+        try:
+            while waiting or running:
+                for job in [j for j in waiting if j.deps <= outputs.keys()]:
+                    waiting.remove(job)
+                    args = [outputs[a.job] if isinstance(a, After) else a for a in job.args]
+                    running[pool.submit(_timed_call, job.fn, *args)] = job
+                if not running:
+                    raise ValueError(f"jobs wait for jobs that do not exist: {[j.name for j in waiting]}")
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    job = running.pop(future)
+                    outputs[job.name], timings[job.name] = future.result()  # raises the job's error
+        except BaseException:
+            for process in pool._processes.values():  # Python 3.14 has pool.terminate_workers()
+                process.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return outputs
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _timed_call(fn: Callable[..., Path], *args: Any) -> tuple[Path, float]:
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
+
+
+def train_models(out: Path, s: Settings, timings: dict[str, float], job_timings: dict[str, float]
+                 ) -> tuple[Path, dict[str, Path]]:
+    """Data, teacher and every variant's student: the pairs file and each table row's checkpoint.
+
+    The teacher trains alone on all threads; the students' runs then go ``s.jobs`` at a time,
+    each on ``s.job_threads`` threads (torch on these tiny models gains little from a
+    second thread, while a second process nearly doubles the work done). ``timings`` gets the
+    wall seconds of each phase, ``job_timings`` those of each training run."""
     pairs, images, texts = timed(timings, "data", prepare_data, out, s)
     teacher = timed(timings, "teacher training", train_teacher, out, pairs, s)
-    depths = sorted({v.text_blocks for v in VARIANTS}, key=lambda k: k != MAIN_TEXT_BLOCKS)  # main first
-    stage1_dirs = {k: timed(timings, "stage 1", stage1, out, teacher, images, texts, k, s) for k in depths}
+    jobs = training_jobs(out, teacher, pairs, images, texts, s)
+    note(f"{len(jobs)} training runs, {s.jobs} at a time, {s.job_threads} thread(s) each")
+    outputs = timed(timings, "stage 1 + 2", run_jobs, jobs, s.jobs, s.job_threads, job_timings)
     checkpoints = {"bench-teacher": teacher}
     for v in VARIANTS:
-        student = stage1_dirs[v.text_blocks]
-        if v.stage2 is not None and v.image_from is None:
-            student = timed(timings, "stage 2", stage2, out, teacher, student, pairs, v, s)
-        elif v.stage2 is not None:
-            grafted = graft(checkpoints[f"bench-{v.image_from}"], student, out / f"graft-{v.name}")
-            student = timed(timings, "stage 2", stage2, out, teacher, grafted, pairs, v, s, steps=("text",))
-        checkpoints[f"bench-{v.name}"] = student
+        checkpoints[f"bench-{v.name}"] = outputs[f"stage 1 t{v.text_blocks}" if v.stage2 is None else f"stage 2 {v.name}"]
     return pairs, checkpoints
 
 
@@ -304,10 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench-out" / "compress"), help="work directory (reused)")
     parser.add_argument("--quick", action="store_true", help="a tiny, short run that checks the plumbing")
     parser.add_argument("--threads", type=int, help="torch and onnxruntime threads (default: all CPUs)")
+    parser.add_argument("--jobs", type=int, help="students' training runs at a time, in worker processes that "
+                        "share the threads (default: all CPUs)")
     args = parser.parse_args(argv)
     s = QUICK if args.quick else Settings()
     if args.threads:
         s = replace(s, threads=args.threads)
+    if args.jobs:
+        s = replace(s, jobs=args.jobs)
     out = Path(args.out).expanduser().resolve() / ("quick" if args.quick else "full")
     out.mkdir(parents=True, exist_ok=True)
     os.environ["CLIPGREP_HOME"] = str(out / "home")  # bundles install here, not among the user's models
@@ -317,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(s.threads)
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    pairs, checkpoints = train_models(out, s, timings)
+    job_timings: dict[str, float] = {}
+    pairs, checkpoints = train_models(out, s, timings, job_timings)
     for name, checkpoint in checkpoints.items():
         timed(timings, "export", export, name, checkpoint)
     rows = timed(timings, "eval", evaluate, pairs, list(checkpoints), s)
@@ -325,8 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     labels = {"bench-teacher": "teacher (6-block ViT, 12-block text)",
               **{f"bench-{v.name}": v.label for v in VARIANTS}}
     checks = targets(by_name)
+    timings["total"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps({"settings": s.__dict__, "rows": rows, "timings_s": timings,
-                                                   "targets": checks}, indent=2) + "\n", encoding="utf-8")
+                                                   "job_timings_s": job_timings, "targets": checks}, indent=2) + "\n",
+                                      encoding="utf-8")
 
     teacher_meta = json.loads((checkpoints["bench-teacher"] / "config.json").read_text(encoding="utf-8"))
     val = rows[0]
@@ -338,8 +443,11 @@ def main(argv: list[str] | None = None) -> int:
           + (" by an earlier run (reused)." if reused else f" in {timings['teacher training']:.0f} s."))
     print(f"- Students: {IMAGE_BLOCKS} of the teacher's 6 image blocks, text towers of width {TEXT_WIDTH} "
           f"(teacher 64). Bundles: int8, timed through the runtime encoders (median of {s.speed_repeats}).")
-    print("- Wall time of this run (steps finished earlier are reused): " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-          + f"; total {time.perf_counter() - started:.0f} s.\n")
+    print("- Wall time of this run (steps finished earlier are reused): "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f". Stage 1 + 2 ran {len(job_timings)} "
+          f"training runs in {s.jobs} parallel worker processes ({s.job_threads} thread(s) each), "
+          "each run once its inputs were ready: " + ", ".join(f"{k} {v:.0f} s" for k, v in job_timings.items())
+          + ".\n")
     print(table(rows, labels))
     print()
     print(speed_table(rows, labels))

@@ -140,7 +140,7 @@ def cached_embeddings(teacher: Teacher, kind: Kind, items: Sequence[str | os.Pat
     """The teacher's float32 embeddings [N, D] of ``items`` (image paths or texts), computed once.
 
     Stored as ``<cache_dir>/teacher-<kind>-<key>.npy`` plus a ``.json`` of the key's
-    inputs, written atomically; any later call with the same teacher, preprocessing
+    inputs, written atomically under a ``.lock`` file (concurrent callers encode once); any later call with the same teacher, preprocessing
     and ordered items reads the file back (memory-mapped, read-only) instead of
     running the teacher. Changing, adding, removing, reordering or touching an image
     gives another key, so a stale cache is never read.
@@ -155,16 +155,30 @@ def cached_embeddings(teacher: Teacher, kind: Kind, items: Sequence[str | os.Pat
     key = _key_of(key_inputs)
     directory = Path(cache_dir).expanduser()
     path = directory / f"teacher-{kind}-{key}.npy"
-    if path.is_file():
-        cached = np.load(path, mmap_mode="r")
-        if cached.shape == (len(items), teacher.embed_dim) and cached.dtype == np.float32:
-            return cached
+    shape = (len(items), teacher.embed_dim)
+    if (cached := _load_cached(path, shape)) is not None:
+        return cached
+    from filelock import FileLock
+
     directory.mkdir(parents=True, exist_ok=True)
-    # Provenance only informs: the weights digest is the identity, wherever the file lives.
-    _write_json(path.with_suffix(".json"), {**key_inputs, "key": key, "provenance": teacher.provenance,
-                                            "shape": [len(items), teacher.embed_dim]})
-    _encode_to_file(teacher, kind, items, path, batch_size, on_progress)
+    # Runs sharing a cache_dir may start together (the proof benchmark's parallel jobs): the
+    # second waits for the first and reads its file instead of encoding everything again.
+    with FileLock(path.with_suffix(".lock")):
+        if (cached := _load_cached(path, shape)) is not None:
+            return cached
+        # Provenance only informs: the weights digest is the identity, wherever the file lives.
+        _write_json(path.with_suffix(".json"), {**key_inputs, "key": key, "provenance": teacher.provenance,
+                                                "shape": list(shape)})
+        _encode_to_file(teacher, kind, items, path, batch_size, on_progress)
     return np.load(path, mmap_mode="r")
+
+
+def _load_cached(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """The finished cache file at ``path`` (memory-mapped, read-only), or None."""
+    if not path.is_file():
+        return None
+    cached = np.load(path, mmap_mode="r")
+    return cached if cached.shape == shape and cached.dtype == np.float32 else None
 
 
 def cache_key(teacher: Teacher, kind: Kind, items: Sequence[str | os.PathLike[str]]) -> str:

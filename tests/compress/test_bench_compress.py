@@ -1,5 +1,6 @@
 """The proof benchmark's training plan (benchmarks/bench_compress.py) on a tiny run: every image tower
-is trained once, and the shared one is what the per-depth path would have trained."""
+is trained once, the shared one is what the per-depth path would have trained, and the runs go in
+parallel worker processes, each once its inputs exist."""
 from __future__ import annotations
 
 import json
@@ -37,9 +38,42 @@ def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
     out = tmp_path_factory.mktemp("bench")
     timings: dict[str, float] = {}
-    _, checkpoints = bench.train_models(out, TINY, timings)
-    assert {"data", "teacher training", "stage 1", "stage 2"} <= timings.keys()
+    job_timings: dict[str, float] = {}
+    _, checkpoints = bench.train_models(out, replace(TINY, jobs=2), timings, job_timings)
+    assert list(timings) == ["data", "teacher training", "stage 1 + 2"]
+    assert job_timings.keys() == {"stage 1 t2", "stage 1 t4", "stage 1 t6", "stage 2 full", "stage 2 s2-no-kd",
+                                  "stage 2 s2-no-hn", "stage 2 full-t2", "stage 2 full-t6"}
     return out, checkpoints
+
+
+def write_inputs(path: Path, *inputs: Path) -> Path:
+    """A job: writes the names of its inputs to ``path``; each input must exist already."""
+    assert all(p.is_file() for p in inputs)
+    path.write_text(" ".join(p.name for p in inputs), encoding="utf-8")
+    return path
+
+
+def fail(message: str) -> Path:
+    raise ValueError(message)
+
+
+def test_jobs_run_in_workers_once_their_inputs_exist(tmp_path: Path) -> None:
+    jobs = [bench.Job("c", write_inputs, (tmp_path / "c", bench.After("a"), bench.After("b"))),
+            bench.Job("b", write_inputs, (tmp_path / "b", bench.After("a"))),
+            bench.Job("a", write_inputs, (tmp_path / "a",)),
+            bench.Job("d", write_inputs, (tmp_path / "d",))]
+    timings: dict[str, float] = {}
+    outputs = bench.run_jobs(jobs, 2, 1, timings)
+    assert outputs == {name: tmp_path / name for name in "abcd"} and timings.keys() == set("abcd")
+    assert [(tmp_path / name).read_text() for name in "abcd"] == ["", "a", "a b", ""]
+
+
+def test_a_failed_job_fails_the_run_and_its_dependents_never_start(tmp_path: Path) -> None:
+    jobs = [bench.Job("bad", fail, ("no such teacher",)),
+            bench.Job("after", write_inputs, (tmp_path / "after", bench.After("bad")))]
+    with pytest.raises(ValueError, match="no such teacher"):
+        bench.run_jobs(jobs, 2, 1, {})
+    assert not (tmp_path / "after").exists()
 
 
 def test_each_image_tower_is_trained_once(trained: tuple[Path, dict[str, Path]]) -> None:

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -130,6 +133,33 @@ def test_cache_is_computed_once_and_keyed_by_items(teacher_dir: Path, data: Path
     cached_embeddings(teacher, "text", texts, tmp_path)
     assert teacher.encoded == 20
     assert cache_key(teacher, "text", texts) != cache_key(teacher, "text", texts[1:] + texts[:1])
+
+
+
+def test_concurrent_callers_encode_a_cache_once(teacher_dir: Path, data: Path, tmp_path: Path) -> None:
+    """Two runs sharing a cache_dir that ask for the same embeddings at once (the proof benchmark's
+    parallel jobs): the second waits for the first's file instead of encoding it all again."""
+    teacher = CountingTeacher(load_model(ModelSource.parse(str(teacher_dir))), teacher_model_cfg(teacher_dir))
+    texts = load_texts(data / "texts.txt")[:20]
+    first_encoding, second_started = threading.Event(), threading.Event()
+    encode_texts = teacher.encode_texts
+
+    def slow_encode(ids: Any) -> Any:
+        first_encoding.set()
+        second_started.wait(10)
+        time.sleep(0.5)  # lets the second caller reach the cache while this one is still encoding
+        return encode_texts(ids)
+
+    teacher.encode_texts = slow_encode  # type: ignore[method-assign]
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(cached_embeddings, teacher, "text", texts, tmp_path)
+        assert first_encoding.wait(10)
+        second = pool.submit(cached_embeddings, teacher, "text", texts, tmp_path)
+        second_started.set()
+        a, b = np.array(first.result()), np.array(second.result())
+    assert teacher.encoded == 20
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, encode_texts(teacher.tokenize(texts)).numpy(), atol=1e-6)
 
 
 # --- (b, e) training reduces the loss; the output is an open_clip local dir -------------------------
