@@ -219,6 +219,24 @@ def test_a_reader_shows_the_table_when_a_dead_writer_left_the_snapshot_behind(bu
     assert searched_paths(bundle) == [str(tmp_path / "a" / "blue.png")]
 
 
+def test_past_the_exact_bound_a_reader_refuses_instead_of_loading_the_whole_table(
+        bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipgrep.ann import EXACT_MAX_ROWS_ENV
+
+    age(write_image(tmp_path / "a" / "red.png", RED), write_image(tmp_path / "a" / "blue.png", BLUE),
+        write_image(tmp_path / "a" / "green.png", GREEN))
+    index(tmp_path / "a", bundle)
+    (tmp_path / "a" / "red.png").unlink()  # a run saw it gone, deleted its row and died before publishing
+    IndexStore(index_dir(), bundle.index_id, bundle.embed_dim).delete([str(tmp_path / "a" / "red.png")])
+    index_lock_file().write_text("999999999\n")
+    monkeypatch.setenv(EXACT_MAX_ROWS_ENV, "1")  # 2 rows left: "too many" to read into memory
+    with pytest.raises(ClipgrepError, match="interrupted `clipgrep index`.*run `clipgrep index`"):
+        searched_paths(bundle)
+    index([], bundle)  # any writer republishes first
+    assert sorted(searched_paths(bundle)) == sorted([str(tmp_path / "a" / "blue.png"),
+                                                     str(tmp_path / "a" / "green.png")])
+
+
 SEARCH_CALL = """
 import json, sys
 from clipgrep.ranking import search

@@ -15,6 +15,8 @@ costs ~1 s, which ``clipgrep search`` and a no-op ``clipgrep index`` must not pa
   load 20 (the import alone took up to 11 s there, ~1 s on a quiet one). Rebuilding instead
   would cost that plus the write (0.7 s and 13 s more), need the index lock and write access,
   and a reader must never block or fail a writer; the state lasts only until the next writer.
+  Past ``exact_max_rows()`` rows that read would hold every vector in memory (2 GB per 10^6
+  rows), so a reader refuses instead, saying to run ``clipgrep index``, whose first step republishes.
 """
 from __future__ import annotations
 
@@ -86,13 +88,21 @@ def current_snapshot(snapshot_dir: Path) -> Snapshot | None:
 
 
 def snapshot_from_table(index_id: str) -> Snapshot:
-    """The snapshot a writer would publish now, built in memory from the table (imports lancedb)."""
+    """The snapshot a writer would publish now, built in memory from the table (imports lancedb).
+
+    Raises ClipgrepError past ``exact_max_rows()`` rows (see the module's docstring)."""
+    from ..ann import exact_max_rows
+    from ..errors import ClipgrepError
     from ..paths import index_dir
     from ..snapshot import snapshot_in_memory
     from ..store import IndexStore
     from .roots import RootSet
 
     store = IndexStore.existing(index_dir(), index_id)
+    if (count := store.count()) > exact_max_rows():
+        raise ClipgrepError(f"the index of {count:,} images holds changes that an interrupted `clipgrep index` "
+                            "did not publish for search",
+                            "run `clipgrep index` (any directory, or none) to publish them, then search again")
     rows, skipped, version = store.export()
     meta = snapshot_meta(store.bundle_id, version, RootSet.load(index_dir()), skipped)
     return snapshot_in_memory(*rows, meta=meta)
