@@ -107,3 +107,31 @@ def test_the_shared_image_tower_is_the_one_each_depth_would_train(trained: tuple
     full_stage2 = stage2.Stage2Config.from_json((out / "stage2-full" / "config.json").read_text(encoding="utf-8"))
     s2 = stage2.run(replace(full_stage2, student=str(s1), out=str(tmp_path / "s2")))
     assert same(tower(s2, "image"), tower(checkpoints["bench-full-t2"], "image"))
+
+
+def test_recall_is_averaged_over_the_test_folds_and_speed_comes_from_the_first(monkeypatch: pytest.MonkeyPatch,
+                                                                             tmp_path: Path) -> None:
+    from clipgrep.compress import eval as compress_eval
+
+    def model(name: str, fold: int, r1: float) -> compress_eval.ModelEval:
+        return compress_eval.ModelEval(name=name, bundle_id=name, precision="int8", embed_dim=8, params_image=10,
+                                       params_text=10, bytes_image=1, bytes_text=1, n_images=100, n_captions=500,
+                                       recall={"t2i_R@1": r1, "i2t_R@1": r1 / 2}, image_ms_b1=1.0 + fold,
+                                       image_ms_b16=1.0, text_ms_b1=1.0, text_ms_b16=1.0)
+
+    recalls = {0: {"t": 0.30, "s": 0.27}, 1: {"t": 0.20, "s": 0.23}}  # fold -> model -> t2i R@1
+    repeats: list[int] = []
+
+    def run(config: compress_eval.EvalConfig, _: Any) -> list[compress_eval.ModelEval]:
+        fold = int(Path(config.pairs).parent.name)
+        repeats.append(config.speed_repeats)
+        return [model(name, fold, recalls[fold][name]) for name in config.models]
+
+    monkeypatch.setattr(compress_eval, "evaluate", run)
+    rows = bench.evaluate([tmp_path / "0" / "pairs.jsonl", tmp_path / "1" / "pairs.jsonl"], ["t", "s"],
+                          replace(TINY, speed_repeats=7))
+    teacher, student = rows
+    assert student["t2i_R@1"] == pytest.approx(0.25) and teacher["t2i_R@1"] == pytest.approx(0.25)
+    assert student["i2t_R@1"] == pytest.approx(0.125) and student["t2i_R@1_ratio"] == pytest.approx(1.0)
+    assert (student["n_images"], student["n_captions"]) == (200, 1000)
+    assert student["image_ms_b1"] == 1.0 and repeats == [7, 1]  # timed properly on the first fold only
