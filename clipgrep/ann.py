@@ -274,13 +274,15 @@ class Training:
         rows_by_cell = np.argsort(nearest_cells.ravel(), kind="stable")
         bounds = np.concatenate([[0], np.cumsum(np.bincount(nearest_cells.ravel(), minlength=len(self.coarse)))])
         for c in np.flatnonzero(np.diff(bounds)):
-            mine = rows_by_cell[bounds[c]:bounds[c + 1]] // nearest_cells.shape[1]
             first, last = int(self.cells[c]), int(self.cells[c + 1])
-            scores = np.asarray(vectors[mine], dtype=np.float32) @ self.centroids[first:last].T
-            top = np.argmax(scores, axis=1)
-            score = scores[np.arange(len(mine)), top]
-            better = score > best[mine]
-            best[mine[better]], labels[mine[better]] = score[better], first + top[better]
+            cell_rows = rows_by_cell[bounds[c]:bounds[c + 1]] // nearest_cells.shape[1]
+            for a in range(0, len(cell_rows), SCORE_ROWS):  # bounded: one cell may hold every partition
+                mine = cell_rows[a:a + SCORE_ROWS]
+                scores = np.asarray(vectors[mine], dtype=np.float32) @ self.centroids[first:last].T
+                top = np.argmax(scores, axis=1)
+                score = scores[np.arange(len(mine)), top]
+                better = score > best[mine]
+                best[mine[better]], labels[mine[better]] = score[better], first + top[better]
         return labels
 
 
