@@ -45,16 +45,22 @@ def path_of(i: int) -> str:
     return f"/lib/{folder}/{i:06d}.jpg"
 
 
+def built_snapshot(directory: Path) -> tuple[Snapshot, np.ndarray]:
+    """ROWS clustered rows written as a snapshot in ``directory`` with its inverted file, and their vectors."""
+    vectors = clustered(ROWS, DIM)
+    zeros = np.zeros(ROWS, np.int64)
+    generation = write_snapshot(directory, [path_of(i) for i in range(ROWS)], vectors, zeros, zeros, zeros,
+                                ["00"] * ROWS, {"bundle_id": "test"})
+    assert build_ivf(generation, rows_per_partition=ROWS_PER_PARTITION)
+    snap = read_snapshot(directory)
+    assert snap is not None and snap.generation is not None
+    return snap, vectors
+
+
 @pytest.fixture
 def big(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Snapshot, np.ndarray]:
     monkeypatch.setenv(EXACT_MAX_ROWS_ENV, str(EXACT_MAX))
-    vectors = clustered(ROWS, DIM)
-    zeros = np.zeros(ROWS, np.int64)
-    generation = write_snapshot(tmp_path / "snap", [path_of(i) for i in range(ROWS)], vectors, zeros, zeros, zeros,
-                                ["00"] * ROWS, {"bundle_id": "test"})
-    assert build_ivf(generation, rows_per_partition=ROWS_PER_PARTITION)
-    snap = read_snapshot(tmp_path / "snap")
-    assert snap is not None
+    snap, vectors = built_snapshot(tmp_path / "snap")
     rng = np.random.default_rng(1)  # queries near stored rows, as an image query or a good caption is
     queries = vectors[rng.choice(ROWS, 60)] + rng.standard_normal((60, DIM)).astype(np.float32) * (0.3 / np.sqrt(DIM))
     return snap, queries / np.linalg.norm(queries, axis=1, keepdims=True)
@@ -198,13 +204,8 @@ def test_past_flat_max_partitions_the_build_is_two_level_and_never_scores_every_
         scorer = getattr(ann, name)
         monkeypatch.setattr(ann, name, lambda rows, centroids, *k, f=scorer: widest.append(len(centroids))
                             or f(rows, centroids, *k))
-    vectors = clustered(ROWS, DIM)
-    zeros = np.zeros(ROWS, np.int64)
-    generation = write_snapshot(tmp_path / "snap", [path_of(i) for i in range(ROWS)], vectors, zeros, zeros, zeros,
-                                ["00"] * ROWS, {"bundle_id": "test"})
-    assert build_ivf(generation, rows_per_partition=ROWS_PER_PARTITION)
-    snap = read_snapshot(tmp_path / "snap")
-    assert snap is not None and snap.generation is not None
+    snap, vectors = built_snapshot(tmp_path / "snap")
+    assert snap.generation is not None
     coarse, cells = (np.load(snap.generation / "ivf" / f"{name}.npy") for name in ("coarse", "cells"))
     # Each cell gets its share of the 400 partitions, rounded: one more or less per cell at most.
     assert len(coarse) == 20 and cells[0] == 0 and abs(cells[-1] - ROWS // ROWS_PER_PARTITION) <= 20
