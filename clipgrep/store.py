@@ -330,7 +330,9 @@ class IndexStore:
         return True
 
     def maintain(self) -> None:
-        """Compact fragments and drop old versions.
+        """Compact fragments and drop old versions, of this table and of the small ``roots`` and
+        ``runs`` tables beside it (every index run commits to ``runs``: without this, a version
+        and a data file each).
 
         Dropping every old version would break a concurrent reader of an older one; index
         runs are the only writers and ``search`` reads the snapshot, so nobody is.
@@ -338,6 +340,11 @@ class IndexStore:
         """
         if self.exists():
             self._optimize(delete_unverified=False)
+        db = None
+        for name in (ROOTS_TABLE, RUNS_TABLE):
+            if _has_manifest(table_dir(self.directory, name)):
+                db = db or _import_lancedb().connect(str(self.directory))
+                _prune(db.open_table(name), delete_unverified=False)
 
     def cleanup_orphans(self) -> int:
         """Delete what killed writers left in the table; returns the bytes freed.
@@ -360,16 +367,7 @@ class IndexStore:
         return max(0, before - self.disk_bytes())
 
     def _optimize(self, delete_unverified: bool) -> None:
-        with warnings.catch_warnings():
-            # LanceDB warns that cleanup_older_than=0 breaks concurrent readers of old versions.
-            warnings.filterwarnings("ignore", message=_CLEANUP_WARNING, category=UserWarning)
-            table = self._open()
-            table.optimize(cleanup_older_than=datetime.timedelta(0), delete_unverified=delete_unverified)
-            # optimize prunes versions before it updates a vector index (tables indexed by older
-            # clipgreps have one), so an index update leaves one stale version behind; a second
-            # pass (~5 ms) prunes it.
-            if len(table.list_versions()) > 1:
-                table.optimize(cleanup_older_than=datetime.timedelta(0))
+        _prune(self._open(), delete_unverified)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -512,6 +510,19 @@ def drop_run(directory: Path, index_id: str) -> None:
 
 def _sql_text(value: str) -> str:
     return value.replace("'", "''")
+
+
+def _prune(table: Any, delete_unverified: bool) -> None:
+    """Compact ``table`` and drop every version but the latest."""
+    with warnings.catch_warnings():
+        # LanceDB warns that cleanup_older_than=0 breaks concurrent readers of old versions.
+        warnings.filterwarnings("ignore", message=_CLEANUP_WARNING, category=UserWarning)
+        table.optimize(cleanup_older_than=datetime.timedelta(0), delete_unverified=delete_unverified)
+        # optimize prunes versions before it updates a vector index (tables indexed by older
+        # clipgreps have one), so an index update leaves one stale version behind; a second
+        # pass (~5 ms) prunes it.
+        if len(table.list_versions()) > 1:
+            table.optimize(cleanup_older_than=datetime.timedelta(0))
 
 
 def _small_table(directory: Path, name: str, schema: pa.Schema) -> Any:

@@ -131,6 +131,37 @@ def test_maintain_prunes_versions_and_keeps_the_data(store: IndexStore) -> None:
     np.testing.assert_array_equal(store.vectors(["/p/3.jpg"])["/p/3.jpg"], unit_rows(1, seed=3)[0])
 
 
+def test_maintain_also_prunes_the_roots_and_runs_tables(store: IndexStore) -> None:
+    import lancedb
+
+    from clipgrep.index.freshness import table_version
+    from clipgrep.store import (
+        ROOTS_TABLE,
+        RUNS_TABLE,
+        Tracked,
+        last_run,
+        load_tracked,
+        record_run,
+        save_tracked,
+    )
+
+    store.upsert([stored("/p/a.jpg")], unit_rows(1))
+    for i in range(5):  # five index runs, each recording itself, the roots changing twice
+        record_run(store.directory, "b1", {"run": i})
+        if i < 2:
+            save_tracked(store.directory, {f"/r{i}": Tracked(f"/r{i}", (), None)}, {})
+    db = lancedb.connect(str(store.directory))
+    assert [len(db.open_table(t).list_versions()) > 1 for t in (ROOTS_TABLE, RUNS_TABLE)] == [True, True]
+    roots_version = table_version(store.directory / f"{ROOTS_TABLE}.lance")
+    store.maintain()
+    assert [len(db.open_table(t).list_versions()) for t in (ROOTS_TABLE, RUNS_TABLE)] == [1, 1]
+    # Overwritten whole on every save, the roots table has nothing to compact: its version, which
+    # the roots cache is stamped with, stays.
+    assert table_version(store.directory / f"{ROOTS_TABLE}.lance") == roots_version
+    assert last_run(store.directory, "b1") == {"run": 4}
+    assert load_tracked(store.directory)[0] == {"/r1": Tracked("/r1", (), None)}
+
+
 def test_cleanup_orphans_removes_temp_files_of_killed_writers(store: IndexStore) -> None:
     store.upsert([stored("/p/a.jpg")], unit_rows(1))
     orphan = store.table_dir / "data" / ".tmpXYZ123"
