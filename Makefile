@@ -11,11 +11,13 @@ export TORCH_INDEX_URL
 BASE_VENV ?= .venv-base
 LATEST_VENV ?= .venv-latest
 SIZE_VENV ?= .venv-size
-# What the base install may take on disk (MiB, all distributions in a fresh venv; 642.2 measured
+# What the base install may take on disk (MiB, all distributions in a fresh venv; 642.6 measured
 # with constraints.txt on Linux x86_64, Python 3.11): see check-size.
 BASE_BUDGET_MIB ?= 645
 
 RAY_VENV ?= .venv-ray
+# A variable, because commas written in a $(call) argument would split it.
+RAY_EXTRAS := test,ray,ray-test
 
 .PHONY: test lint check-wheel test-base test-latest check-size test-ray golden bench bench-ray bench-compress clean
 
@@ -57,14 +59,19 @@ check-wheel: $(VENV)/.installed
 test-base: $(BASE_VENV)/.installed
 	$(BASE_VENV)/bin/python -m pytest -q -m "not convert"
 
+# A fresh venv at $(1) with the install of extras $(2) and no torch ($(3) names it in the error).
+define venv_without_torch
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q -c constraints.txt -e '.[$(2)]'
+	$(1)/bin/python -m pip install -q -c constraints.txt --no-deps open_clip_torch
+	@if $(1)/bin/python -m pip list 2>/dev/null | grep -iE '^torch'; then \
+		echo "error: $(3) pulled in torch (above)" >&2; exit 1; fi
+	touch $(1)/.installed
+endef
+
 $(BASE_VENV)/.installed: pyproject.toml constraints.txt
-	rm -rf $(BASE_VENV)
-	$(PYTHON) -m venv $(BASE_VENV)
-	$(BASE_VENV)/bin/python -m pip install -q -c constraints.txt -e '.[test]'
-	$(BASE_VENV)/bin/python -m pip install -q -c constraints.txt --no-deps open_clip_torch
-	@if $(BASE_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^torch'; then \
-		echo "error: the base install pulled in torch (above)" >&2; exit 1; fi
-	touch $@
+	$(call venv_without_torch,$(BASE_VENV),test,the base install)
 
 # index --engine ray and search --table: the ray extra without torch (its own venv, so the other
 # runs keep showing that the ray tests skip cleanly without it), and only the tests marked ray.
@@ -72,13 +79,7 @@ test-ray: $(RAY_VENV)/.installed
 	$(RAY_VENV)/bin/python -m pytest -q -m ray
 
 $(RAY_VENV)/.installed: pyproject.toml constraints.txt
-	rm -rf $(RAY_VENV)
-	$(PYTHON) -m venv $(RAY_VENV)
-	$(RAY_VENV)/bin/python -m pip install -q -c constraints.txt -e '.[test,ray,ray-test]'
-	$(RAY_VENV)/bin/python -m pip install -q -c constraints.txt --no-deps open_clip_torch
-	@if $(RAY_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^torch'; then \
-		echo "error: the ray extra pulled in torch (above)" >&2; exit 1; fi
-	touch $@
+	$(call venv_without_torch,$(RAY_VENV),$(RAY_EXTRAS),the ray extra)
 
 # The newest versions pyproject.toml allows, without constraints.txt: what pipx and uv
 # users get. Always a fresh venv, so that new releases are picked up.
