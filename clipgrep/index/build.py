@@ -17,7 +17,7 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -117,17 +117,10 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
     >>> report.added, report.removed, len(report.skipped)            # doctest: +SKIP
     """
     from ..models import load_model
-    from .lock import index_lock
 
     bundle = bundle or load_model()
     started = time.time()
-    directory = index_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    # Signals are caught only once the lock is held: Ctrl-C while waiting for it just quits.
-    with index_lock(index_lock_file(), wait=options.wait_for_lock, on_wait=on_wait), \
-            stop_on_signals() as stop:
-        _check_still_installed(bundle)
-        recover(directory)
+    with index_writer(bundle, options.wait_for_lock, on_wait) as (directory, stop):
         tracked = RootSet.load(directory)
         args = [os.path.abspath(os.path.expanduser(os.fspath(r))) for r in roots]
         tracked.remove_excludes(options.remove_excludes, args)
@@ -149,6 +142,24 @@ def update_index(roots: Sequence[str | os.PathLike[str]] = (), *, bundle: Bundle
                 "added": report.added, "updated": report.updated, "removed": report.removed,
                 "reused": report.reused, "skipped": report.skipped_total}))
     return report
+
+
+@contextlib.contextmanager
+def index_writer(bundle: Bundle, wait: bool, on_wait: Callable[[], None] | None
+                 ) -> Iterator[tuple[Path, StopRequest]]:
+    """The index directory and the run's stop request, for a run that writes ``bundle``'s index:
+    under the index lock, the model checked still installed, what a killed writer left recovered.
+
+    Signals are caught only once the lock is held: Ctrl-C while waiting for it just quits.
+    """
+    from .lock import index_lock
+
+    directory = index_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    with index_lock(index_lock_file(), wait=wait, on_wait=on_wait), stop_on_signals() as stop:
+        _check_still_installed(bundle)
+        recover(directory)
+        yield directory, stop
 
 
 def _check_still_installed(bundle: Bundle) -> None:

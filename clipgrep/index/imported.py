@@ -37,12 +37,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import ClipgrepError
-from ..paths import index_dir, index_lock_file
 from ..ranking import is_url
-from .build import _check_still_installed
-from .interrupt import IndexInterrupted, StopRequest, stop_on_signals
+from .build import index_writer
+from .interrupt import IndexInterrupted, StopRequest
 from .plan import IMPORTED_FINGERPRINT
-from .protocol import commit, finish, recover
+from .protocol import commit, finish
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
@@ -174,18 +173,12 @@ def import_embeddings(source: str | os.PathLike[str], *, bundle: Bundle | None =
     """
     from ..models import load_model
     from ..store import IndexStore
-    from .lock import index_lock
 
     bundle = bundle or load_model()
     on_progress = on_progress or (lambda _: None)
     started = time.time()
     folder = Path(os.path.abspath(os.path.expanduser(os.fspath(source))))
-    directory = index_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    with index_lock(index_lock_file(), wait=options.wait_for_lock, on_wait=on_wait), \
-            stop_on_signals() as stop:
-        recover(directory)
-        _check_still_installed(bundle)
+    with index_writer(bundle, options.wait_for_lock, on_wait) as (directory, stop):
         progress = ImportProgress()
         on_progress(progress)
         shards, problems = find_shards(folder, bundle.embed_dim)
