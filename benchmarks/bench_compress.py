@@ -327,8 +327,8 @@ def _timed_call(fn: Callable[..., Path], *args: Any) -> tuple[Path, float]:
 
 
 def train_models(out: Path, s: Settings, timings: dict[str, float], job_timings: dict[str, float]
-                 ) -> tuple[Path, dict[str, Path]]:
-    """Data, teacher and every variant's student: the pairs file and each table row's checkpoint.
+                 ) -> dict[str, Path]:
+    """Data, teacher and every variant's student: each table row's checkpoint.
 
     The teacher trains alone on all threads; the students' runs then go ``s.jobs`` at a time,
     each on ``s.job_threads`` threads (torch on these tiny models gains little from a
@@ -342,7 +342,7 @@ def train_models(out: Path, s: Settings, timings: dict[str, float], job_timings:
     checkpoints = {"bench-teacher": teacher}
     for v in VARIANTS:
         checkpoints[f"bench-{v.name}"] = outputs[f"stage 1 t{v.text_blocks}" if v.stage2 is None else f"stage 2 {v.name}"]
-    return pairs, checkpoints
+    return checkpoints
 
 
 def export(name: str, checkpoint: Path) -> None:
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     job_timings: dict[str, float] = {}
-    _, checkpoints = train_models(out, s, timings, job_timings)
+    checkpoints = train_models(out, s, timings, job_timings)
     for name, checkpoint in checkpoints.items():
         timed(timings, "export", export, name, checkpoint)
     folds = timed(timings, "test data", test_folds, out, s)

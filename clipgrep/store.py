@@ -339,7 +339,7 @@ class IndexStore:
         Takes ~1 ms when there is nothing to do.
         """
         if self.exists():
-            self._optimize(delete_unverified=False)
+            _prune(self._open(), delete_unverified=False)
         db = None
         for name in (ROOTS_TABLE, RUNS_TABLE):
             if _has_manifest(table_dir(self.directory, name)):
@@ -363,11 +363,8 @@ class IndexStore:
             if orphan.is_file() and not orphan.is_symlink():
                 orphan.unlink(missing_ok=True)
         if self.exists():
-            self._optimize(delete_unverified=True)
+            _prune(self._open(), delete_unverified=True)
         return max(0, before - self.disk_bytes())
-
-    def _optimize(self, delete_unverified: bool) -> None:
-        _prune(self._open(), delete_unverified)
 
     # -- internals -------------------------------------------------------------------------
 

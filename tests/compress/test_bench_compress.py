@@ -39,7 +39,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, P
     out = tmp_path_factory.mktemp("bench")
     timings: dict[str, float] = {}
     job_timings: dict[str, float] = {}
-    _, checkpoints = bench.train_models(out, replace(TINY, jobs=2), timings, job_timings)
+    checkpoints = bench.train_models(out, replace(TINY, jobs=2), timings, job_timings)
     assert list(timings) == ["data", "teacher training", "stage 1 + 2"]
     assert job_timings.keys() == {"stage 1 t2", "stage 1 t4", "stage 1 t6", "stage 2 full", "stage 2 s2-no-kd",
                                   "stage 2 s2-no-hn", "stage 2 full-t2", "stage 2 full-t6"}
