@@ -140,6 +140,15 @@ def test_the_page_end_to_end(server, browser, tmp_path: Path) -> None:
     browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_RIGHT)
     wait(browser, lambda d: "cherry.png" in text(d, "#viewer .path"))
 
+    # The large view's buttons do not move when its picture loads (a click aimed at them before
+    # the load would otherwise land elsewhere): the same place with the picture as without.
+    where = "const r = document.getElementById('more-like').getBoundingClientRect(); return [r.x, r.y];"
+    wait(browser, lambda d: d.execute_script(
+        "const i = document.querySelector('#viewer img'); return i && i.complete && i.naturalWidth > 0"))
+    loaded = browser.execute_script(where)
+    browser.execute_script("document.querySelector('#viewer img').removeAttribute('src')")
+    assert browser.execute_script(where) == loaded
+
     # More like this: a search by the picture's stored vector.
     browser.find_element(By.ID, "more-like").click()
     wait(browser, lambda d: "like=" in d.current_url and names(d) and names(d)[0] == "cherry.png")
