@@ -7,8 +7,9 @@ as a safetensors checkpoint, then in a fresh CLIPGREP_HOME:
 1. times `add_model(from_source=DIR)` (int8: read, quantise, gate) and the
    conversion `add_model(arch=ViT-B-32, checkpoint=...)` of the same weights;
 2. measures both int8 bundles: image encode throughput at batch 16 on
-   preprocessed arrays (img/s; the imported towers are batch-1 graphs run row by
-   row), text latency per short query (ms, tokenisation included), sizes;
+   preprocessed arrays (img/s; the import gives the batch-1 image graph a batch
+   axis, or runs it row by row where it cannot), text latency per short query
+   (ms, tokenisation included), sizes;
 3. the speed ratio imported / converted, paired within each of --repeats
    interleaved repeats (so machine load hits both): image at batch 16 and row by
    row (the shape both can run), text per query; and the int8 node counts of

@@ -95,6 +95,43 @@ def test_immich_export_embeds_like_open_clip(tiny_export: dict[str, Any], precis
     assert parity["image"]["min_cos"] >= THRESHOLD[precision] and parity["text"]["min_cos"] >= THRESHOLD[precision]
     assert bundle.manifest["encoders"]["text"] == {"file": "text.onnx", "input": "text", "output": "embedding",
                                                    "input_dtype": "int32", "batch": 1}
+    # The export's image graph is traced at batch 1; the bundle's takes a batch again (the images
+    # above were encoded in one run of it), rewritten and checked at import.
+    assert "batch" not in bundle.manifest["encoders"]["image"]
+    assert bundle.manifest["provenance"]["image_batch"].startswith("dynamic")
+    assert not list(bundle.path.glob("image-batched*"))
+
+
+def test_an_image_graph_that_cannot_take_a_batch_runs_row_by_row(tiny_export: dict[str, Any],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipgrep.imports import batching
+    from clipgrep.models import add_model
+
+    monkeypatch.setattr(batching, "TOLERANCE", -1.0)  # no rewrite passes its check
+    bundle = add_model("rows", from_source=str(tiny_export["root"]))
+    assert bundle.manifest["encoders"]["image"]["batch"] == 1
+    assert bundle.manifest["provenance"]["image_batch"].startswith("batch 1: ")
+    image_ref, _, _ = _open_clip_embeddings(tiny_export["model"], tiny_export["cfg"], ["x"])
+    images = bundle.image_encoder(draft=False).encode_files(io.BytesIO(d) for d in sample_images().values())
+    assert _cos(images, image_ref).min() >= THRESHOLD["int8"]
+
+
+def test_an_export_with_external_weights_gets_its_batch_axis(tiny_export: dict[str, Any], tmp_path: Path) -> None:
+    import onnx
+
+    from clipgrep.models import add_model
+
+    root = tmp_path / "external"
+    shutil.copytree(tiny_export["root"], root)
+    visual = root / "visual" / "model.onnx"
+    onnx.save_model(onnx.load(str(visual)), str(visual), save_as_external_data=True, location="model.onnx_data",
+                    size_threshold=0)
+    bundle = add_model("ext", from_source=str(root), precision="fp32")
+    assert "batch" not in bundle.manifest["encoders"]["image"]
+    assert sorted(p.name for p in bundle.path.glob("image*")) == ["image.onnx", "image.onnx.data"]
+    image_ref, _, _ = _open_clip_embeddings(tiny_export["model"], tiny_export["cfg"], ["x"])
+    images = bundle.image_encoder(draft=False).encode_files(io.BytesIO(d) for d in sample_images().values())
+    assert _cos(images, image_ref).min() >= THRESHOLD["fp32"]
 
 
 def test_clip_tokenizer_json_that_disagrees_runs_through_tokenizers(tiny_export: dict[str, Any],

@@ -195,8 +195,8 @@ class _LazySession:
     """One encoder's session, created on first use, fed as its ``EncoderSpec`` says.
 
     Imported exports may take int32 inputs, an attention mask, or a batch
-    dimension fixed at 1 (Immich's exports: they are traced without dynamic
-    axes); those run row by row.
+    dimension fixed at 1 (Immich's text graphs, and image graphs the import
+    could not give a batch axis: clipgrep.imports.batching); those run row by row.
     """
 
     def __init__(self, path: Path, spec: EncoderSpec, threads: int | None, cache_key: str | None = None) -> None:

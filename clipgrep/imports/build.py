@@ -32,17 +32,22 @@ def build_bundle(export: PublishedExport, staging: Path, *, name: str, precision
     """Write a gated bundle of ``export`` into the empty directory ``staging``."""
     step = on_progress or (lambda _: None)
     staging.mkdir(parents=True, exist_ok=True)
+    image, batching = export.image, "dynamic in the export"
+    if image.batch is not None:
+        step("batch axis")
+        image, batching = batched_image_tower(export, staging)
     fields: dict[str, Any] = {
         "name": name,
         "embed_dim": export.embed_dim,
         "precision": precision,
         "preprocess": export.preprocess.to_dict(),
         "tokenizer": install_tokenizer(export, staging),
-        "encoders": {"image": export.image.encoder_spec("image.onnx"),
+        "encoders": {"image": image.encoder_spec("image.onnx"),
                      "text": export.text.encoder_spec("text.onnx")},
         "provenance": {
             **provenance,
             "layout": export.layout,
+            "image_batch": batching,
             "source_files": source_hashes(export.root),
             "clipgrep_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -50,11 +55,14 @@ def build_bundle(export: PublishedExport, staging: Path, *, name: str, precision
     }
     if precision == "int8":
         step("quantize")
-        fields["quantization"] = _quantize(export, staging, shared_image_tower(export, fields))
+        fields["quantization"] = _quantize(export, image, staging, shared_image_tower(export, fields))
     else:
         # write_manifest finds and hashes external weights itself (bundle.py).
-        _copy_fp32(export.image.path, staging / "image.onnx")
+        _copy_fp32(image.path, staging / "image.onnx")
         _copy_fp32(export.text.path, staging / "text.onnx")
+    if image is not export.image:
+        for path in (image.path, image.path.with_name(image.path.name + ".data")):
+            path.unlink(missing_ok=True)
     write_manifest(staging, fields)
     step("check parity")
     figures = measure_parity(export, staging)
@@ -102,17 +110,55 @@ def source_hashes(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in files if p.is_file()}
 
 
+# A graph is rewritten in memory, and protobuf cannot serialise a message of 2 GiB or more.
+_REWRITE_MAX_BYTES = 1_800_000_000
+
+
+def batched_image_tower(export: PublishedExport, staging: Path) -> tuple[TowerGraph, str]:
+    """The export's batch-1 image graph with a dynamic batch axis (clipgrep.imports.batching), written
+    to ``staging``, and what was done; or the graph as it is, and why."""
+    from dataclasses import replace
+
+    from ..convert.dynamic_int8 import read_model
+    from ..onnx_proto import TensorProto
+    from .batching import BATCH_DIM, make_batch_dynamic
+
+    graph = export.image
+    size = sum(p.stat().st_size for p in graph.path.parent.iterdir() if p.is_file())
+    if size > _REWRITE_MAX_BYTES:
+        return graph, f"batch {graph.batch}: the graph is too large to rewrite ({size / 1e9:.1f} GB)"
+    external = {t.name for t in read_model(graph.path, with_weights=False).graph.initializer
+                if t.data_location == TensorProto.EXTERNAL}
+    model = read_model(graph.path)
+    result = make_batch_dynamic(model, _timing_feeds(graph, export))
+    if result.model is None:
+        return graph, f"batch {graph.batch}: {result.reason}"
+    path = staging / "image-batched.onnx"
+    _save_fp32(result.model, path, external)
+    return replace(graph, path=path, batch=None, shape=(BATCH_DIM, *graph.shape[1:])), \
+        f"dynamic (rewritten from batch {graph.batch}, checked against it)"
+
+
 def _copy_fp32(src: Path, dst: Path) -> None:
     """Copy an fp32 graph; one with external weights is re-saved with them beside its new name."""
     from ..convert.dynamic_int8 import read_model
-    from ..onnx_proto import StringStringEntryProto, TensorProto
+    from ..onnx_proto import TensorProto
 
     model = read_model(src, with_weights=False)
     external = {t.name for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
     if not external:
         shutil.copyfile(src, dst)
         return
-    model = read_model(src)  # resolves the external weights next to src
+    _save_fp32(read_model(src), dst, external)  # read_model resolves the external weights next to src
+
+
+def _save_fp32(model: Any, dst: Path, external: set[str]) -> None:
+    """Write ``model`` (weights loaded) to ``dst``, the ``external`` tensors in ``dst``'s .data file."""
+    from ..onnx_proto import StringStringEntryProto, TensorProto
+
+    if not external:
+        dst.write_bytes(model.SerializeToString())
+        return
     location, offset = dst.name + ".data", 0
     with open(dst.parent / location, "wb") as data:
         for tensor in (t for t in model.graph.initializer if t.name in external):
@@ -129,7 +175,7 @@ def _copy_fp32(src: Path, dst: Path) -> None:
 def _timing_feeds(graph: TowerGraph, export: PublishedExport) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     batch = graph.batch or 4
-    if graph is export.image:
+    if graph.input_dtype.startswith("float"):  # the image tower
         return {graph.input: rng.standard_normal((batch, 3, *export.preprocess.size), dtype=np.float32)}
     length = export.tokenizer["context_length"]
     ids = np.ones((batch, length), np.dtype(graph.input_dtype))
@@ -163,14 +209,14 @@ def shared_image_tower(export: PublishedExport, fields: dict[str, Any]) -> Any:
     return None
 
 
-def _quantize(export: PublishedExport, staging: Path, shared: Any) -> dict[str, Any]:
+def _quantize(export: PublishedExport, image_graph: TowerGraph, staging: Path, shared: Any) -> dict[str, Any]:
     from ..convert.quantize import quantize_tower
 
     if shared is not None:
         shutil.copyfile(shared.file(shared.image.file), staging / "image.onnx")
         image = {**shared.manifest["quantization"]["image"], "reused_from": shared.name}
     else:
-        image = quantize_tower(export.image.path, staging / "image.onnx", _timing_feeds(export.image, export))
+        image = quantize_tower(image_graph.path, staging / "image.onnx", _timing_feeds(image_graph, export))
     return {"image": image,
             "text": quantize_tower(export.text.path, staging / "text.onnx", _timing_feeds(export.text, export))}
 

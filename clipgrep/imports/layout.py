@@ -19,11 +19,13 @@ one Hugging Face repo per model (``immich-app/ViT-B-32__openai``...)::
 
 Both graphs are traced with batch 1 and *no* dynamic axes (``dynamic_axes`` is
 commented out in the exporter) and their outputs are already L2-normalised.
-The tracer bakes that batch size into Reshape/Expand constants: marking the
-input's batch axis symbolic was tried and onnxruntime then fails in the class
-embedding Add and the attention Reshapes, so such graphs run row by row.
-Tensor names, dtypes and batch dims are read from the graphs themselves, not
-assumed, so a re-export with dynamic axes is run batched.
+The tracer bakes that batch size into Reshape/Expand constants (marking the
+input's batch axis symbolic alone makes onnxruntime fail in the class embedding
+and the attention Reshapes). The import gives the image graph a batch axis again
+(clipgrep.imports.batching, checked against the batch-1 graph); a graph it cannot
+rewrite, and the text graphs (a query is one row), run row by row. Tensor names,
+dtypes and batch dims are read from the graphs themselves, not assumed, so a
+re-export with dynamic axes is run batched as it is.
 """
 from __future__ import annotations
 
