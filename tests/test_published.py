@@ -102,6 +102,45 @@ def test_immich_export_embeds_like_open_clip(tiny_export: dict[str, Any], precis
     assert not list(bundle.path.glob("image-batched*"))
 
 
+# Other open_clip image towers Immich publishes: ModifiedResNet (RN50...: attention pooling through
+# F.multi_head_attention_forward) and ViTs with an attentional pooler or average pooling.
+OTHER_TOWERS = {
+    "rn": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16},
+    "vit-attn-pool": {"image_size": 64, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32,
+                      "attentional_pool": True, "attn_pooler_queries": 4, "attn_pooler_heads": 2},
+    "vit-avg-pool": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32,
+                     "no_ln_pre": True, "pool_type": "avg", "final_ln_after_pool": True},
+}
+
+
+@pytest.mark.parametrize("tower", sorted(OTHER_TOWERS))
+def test_other_traced_image_towers_get_a_batch_axis(tower: str, tmp_path: Path) -> None:
+    import onnxruntime as ort
+    import torch
+
+    from clipgrep.convert.dynamic_int8 import read_model
+    from clipgrep.imports.batching import make_batch_dynamic
+
+    from .convert_support import register_arch
+    from .export_support import write_visual
+
+    open_clip = require_open_clip()
+    name = register_arch(f"clipgrep-tiny-{tower}", {**TINY_CONFIG, "vision_cfg": OTHER_TOWERS[tower]}, tmp_path)
+    torch.manual_seed(0)
+    model = open_clip.create_model(name, pretrained=None).eval()
+    write_visual(model, _default_cfg(model), tmp_path / "export")
+    path = tmp_path / "export" / "visual" / "model.onnx"
+    pixels = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
+
+    result = make_batch_dynamic(read_model(path), {"image": pixels[:1]})
+
+    assert result.reason == "dynamic"
+    original = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rows = np.concatenate([original.run(None, {"image": pixels[i:i + 1]})[0] for i in range(4)])
+    batched = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(batched.run(None, {"image": pixels})[0], rows, rtol=1e-4, atol=1e-5)
+
+
 def test_an_image_graph_that_cannot_take_a_batch_runs_row_by_row(tiny_export: dict[str, Any],
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from clipgrep.imports import batching
