@@ -1,4 +1,5 @@
-"""Published export -> clipgrep bundle, without torch: quantise, gate against the fp32 export, write.
+"""Published export -> clipgrep bundle, without torch: give a batch-1 image graph its batch axis back
+(batching.py), quantise, gate against the fp32 export, write.
 
 The gate is the conversion gate's, with the fp32 export as the reference
 (there is no open_clip model here): the bundle runs the real runtime path
