@@ -103,3 +103,16 @@ def test_a_rewrite_that_does_not_give_the_same_rows_is_not_kept(tmp_path, monkey
     result = make_batch_dynamic(read_model(path), {"x": np.ones((1, L, E), np.float32)})
 
     assert result.model is None and "outputs" in result.reason
+
+
+def test_a_graph_of_token_ids_is_not_rewritten(tmp_path) -> None:
+    # Random rows of token ids are no text the graph expects, so the check could prove nothing.
+    nodes = [helper.make_node("Cast", ["ids"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "ids", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "ids.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+    result = make_batch_dynamic(read_model(path), {"ids": np.ones((1, 4), np.int64)})
+
+    assert result.model is None and "float" in result.reason

@@ -35,7 +35,7 @@ def build_bundle(export: PublishedExport, staging: Path, *, name: str, precision
     staging.mkdir(parents=True, exist_ok=True)
     image, batching = export.image, "dynamic in the export"
     if image.batch is not None:
-        step("batch axis")
+        step("add a batch axis")
         image, batching = batched_image_tower(export, staging)
     fields: dict[str, Any] = {
         "name": name,
