@@ -156,13 +156,17 @@ def _matches(candidate: Any, rows: dict[str, np.ndarray], reference: np.ndarray)
 
 def _record(model: Any, feeds: dict[str, np.ndarray]) -> tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
     """The shape of every tensor in one batch-1 run, and the values of the small integer ones."""
-    probe = pb.ModelProto()
-    probe.CopyFrom(model)
-    declared = {o.name for o in probe.graph.output}
-    names = [o for node in probe.graph.node for o in node.output if o]
-    probe.graph.output.extend(pb.ValueInfoProto(name=n) for n in names if n not in declared)
-    session = _session(probe, optimize=False)  # every tensor as written
-    del probe
+    # Every tensor a graph output for this one session; added in place and taken out again (a copy
+    # of the model would hold its weights twice).
+    outputs = model.graph.output
+    kept = len(outputs)
+    declared = {o.name for o in outputs}
+    names = [o for node in model.graph.node for o in node.output if o]
+    outputs.extend(pb.ValueInfoProto(name=n) for n in names if n not in declared)
+    try:
+        session = _session(model, optimize=False)  # every tensor as written
+    finally:
+        del outputs[kept:]
     shapes: dict[str, tuple[int, ...]] = {n: tuple(v.shape) for n, v in feeds.items()}
     values: dict[str, np.ndarray] = {}
     for start in range(0, len(names), _RECORD_CHUNK):
