@@ -116,3 +116,17 @@ def test_a_graph_of_token_ids_is_not_rewritten(tmp_path) -> None:
     result = make_batch_dynamic(read_model(path), {"ids": np.ones((1, 4), np.int64)})
 
     assert result.model is None and "float" in result.reason
+
+
+def test_an_old_opset_softmax_that_spans_the_batch_is_seen(tmp_path) -> None:
+    # Before opset 13 Softmax normalises over every axis from `axis` (default 1) on: here [L, B, C].
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]), helper.make_node("Softmax", ["t"], ["s"]),
+             helper.make_node("Transpose", ["s"], ["y"], perm=[1, 0, 2])]
+    graph = helper.make_graph(nodes, "softmax", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3])])
+    path = tmp_path / "softmax.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), str(path))
+
+    result = make_batch_dynamic(read_model(path), {"x": np.ones((1, 4, 3), np.float32)})
+
+    assert result.model is None and "Softmax" in result.reason

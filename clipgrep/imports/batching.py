@@ -113,7 +113,7 @@ def make_batch_dynamic(model: Any, feeds: dict[str, np.ndarray]) -> Result:
     while queue and checks < MAX_TRIES and plans < MAX_PLANS:
         choices = queue.pop(0)
         plans += 1
-        tracker = _Tracker(graph, shapes, values, set(feeds), choices)
+        tracker = _Tracker(model, shapes, values, set(feeds), choices)
         try:
             plan: Plan | None = tracker.run()
         except Unbatchable as e:
@@ -280,11 +280,12 @@ def _attribute(node: Any, name: str, default: Any = None) -> Any:
 class _Tracker:
     """One pass over the graph: where the batch lies in each tensor, and the edits that keep it there."""
 
-    def __init__(self, graph: Any, shapes: dict[str, tuple[int, ...]], values: dict[str, np.ndarray],
+    def __init__(self, model: Any, shapes: dict[str, tuple[int, ...]], values: dict[str, np.ndarray],
                  inputs: set[str], choices: dict[tuple[Any, ...], int]) -> None:
-        self.graph, self.shapes, self.values, self.choices = graph, shapes, values, choices
+        self.graph, self.shapes, self.values, self.choices = model.graph, shapes, values, choices
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self.batch: dict[str, BatchAt] = {name: BatchAt(0) for name in inputs}
-        self.const: set[str] = {t.name for t in graph.initializer}
+        self.const: set[str] = {t.name for t in model.graph.initializer}
         self.plan = Plan()
 
     def run(self) -> Plan:
@@ -348,8 +349,10 @@ class _Tracker:
         if op in _UNARY:
             return at
         if op in ("Softmax", "LogSoftmax", "Hardmax", "LayerNormalization"):
-            axis = _attribute(node, "axis", -1) % rank
-            if (at.axis >= axis) if op == "LayerNormalization" else (at.axis == axis):
+            # Before opset 13 the softmaxes normalise over every axis from `axis` (default 1) on.
+            flattening = op == "LayerNormalization" or self.opset < 13
+            axis = _attribute(node, "axis", -1 if op == "LayerNormalization" or self.opset >= 13 else 1) % rank
+            if (at.axis >= axis) if flattening else (at.axis == axis):
                 raise Unbatchable(f"{op} {node.name} normalises over the batch's axis")
             return at
         if op in _BATCH_FIRST:
