@@ -36,10 +36,20 @@ def read_model(path: Path, *, with_weights: bool = True) -> Any:
     """The ModelProto at ``path``; with ``with_weights``, external weights are read into it."""
     model = pb.ModelProto.FromString(Path(path).read_bytes())
     if with_weights:
-        for tensor in model.graph.initializer:
-            if tensor.data_location == pb.TensorProto.EXTERNAL:
-                _load_external(tensor, Path(path).parent)
+        load_external_weights(model, Path(path).parent)
     return model
+
+
+def external_tensors(model: Any) -> set[str]:
+    """The names of the initializers whose data lies in a file beside the model (not yet loaded)."""
+    return {t.name for t in model.graph.initializer if t.data_location == pb.TensorProto.EXTERNAL}
+
+
+def load_external_weights(model: Any, base: Path) -> None:
+    """Read the external initializers of ``model`` (read without weights) from ``base`` into it."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location == pb.TensorProto.EXTERNAL:
+            _load_external(tensor, base)
 
 
 def _load_external(tensor: Any, base: Path) -> None:

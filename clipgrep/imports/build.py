@@ -62,7 +62,7 @@ def build_bundle(export: PublishedExport, staging: Path, *, name: str, precision
         _copy_fp32(image.path, staging / "image.onnx")
         _copy_fp32(export.text.path, staging / "text.onnx")
     if image is not export.image:
-        for path in (image.path, image.path.with_name(image.path.name + ".data")):
+        for path in (image.path, _weights_file(image.path)):
             path.unlink(missing_ok=True)
     write_manifest(staging, fields)
     step("check parity")
@@ -120,17 +120,16 @@ def batched_image_tower(export: PublishedExport, staging: Path) -> tuple[TowerGr
     to ``staging``, and what was done; or the graph as it is, and why."""
     from dataclasses import replace
 
-    from ..convert.dynamic_int8 import read_model
-    from ..onnx_proto import TensorProto
+    from ..convert.dynamic_int8 import external_tensors, load_external_weights, read_model
     from .batching import BATCH_DIM, make_batch_dynamic
 
     graph = export.image
     size = sum(p.stat().st_size for p in graph.path.parent.iterdir() if p.is_file())
     if size > _REWRITE_MAX_BYTES:
         return graph, f"batch {graph.batch}: the graph is too large to rewrite ({size / 1e9:.1f} GB)"
-    external = {t.name for t in read_model(graph.path, with_weights=False).graph.initializer
-                if t.data_location == TensorProto.EXTERNAL}
-    model = read_model(graph.path)
+    model = read_model(graph.path, with_weights=False)
+    external = external_tensors(model)  # the rewrite keeps them in a file beside it
+    load_external_weights(model, graph.path.parent)
     result = make_batch_dynamic(model, _timing_feeds(graph, export))
     if result.model is None:
         return graph, f"batch {graph.batch}: {result.reason}"
@@ -142,25 +141,29 @@ def batched_image_tower(export: PublishedExport, staging: Path) -> tuple[TowerGr
 
 def _copy_fp32(src: Path, dst: Path) -> None:
     """Copy an fp32 graph; one with external weights is re-saved with them beside its new name."""
-    from ..convert.dynamic_int8 import read_model
-    from ..onnx_proto import TensorProto
+    from ..convert.dynamic_int8 import external_tensors, load_external_weights, read_model
 
     model = read_model(src, with_weights=False)
-    external = {t.name for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    external = external_tensors(model)
     if not external:
         shutil.copyfile(src, dst)
         return
-    _save_fp32(read_model(src), dst, external)  # read_model resolves the external weights next to src
+    load_external_weights(model, src.parent)
+    _save_fp32(model, dst, external)
+
+
+def _weights_file(model_file: Path) -> Path:
+    return model_file.with_name(model_file.name + ".data")
 
 
 def _save_fp32(model: Any, dst: Path, external: set[str]) -> None:
-    """Write ``model`` (weights loaded) to ``dst``, the ``external`` tensors in ``dst``'s .data file."""
+    """Write ``model`` (weights loaded) to ``dst``, the ``external`` tensors in ``_weights_file(dst)``."""
     from ..onnx_proto import StringStringEntryProto, TensorProto
 
     if not external:
         dst.write_bytes(model.SerializeToString())
         return
-    location, offset = dst.name + ".data", 0
+    location, offset = _weights_file(dst).name, 0
     with open(dst.parent / location, "wb") as data:
         for tensor in (t for t in model.graph.initializer if t.name in external):
             data.write(tensor.raw_data)
