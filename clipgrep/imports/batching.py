@@ -24,6 +24,7 @@ row, on a batch of 3; otherwise the batch-1 graph stays: slower, never wrong.
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from math import prod
@@ -93,25 +94,21 @@ def make_batch_dynamic(model: Any, feeds: dict[str, np.ndarray]) -> Result:
     if any(value.dtype.kind != "f" for value in feeds.values()):
         # The check needs rows that differ; random token ids would not be a text the graph expects.
         return Result(None, "only graphs of float inputs (images) are rewritten")
-    try:
-        shapes, values = _record(model, feeds)
-    except Exception as e:  # noqa: BLE001 - any onnxruntime failure means: keep the graph as it is
-        return Result(None, f"the batch-1 run failed: {e}")
     rng = np.random.default_rng(0)
     rows = {name: rng.standard_normal((CHECK_BATCH, *value.shape[1:])).astype(value.dtype)
             for name, value in feeds.items()}
-    original = _session(model)
-    reference = np.concatenate([original.run(None, {k: v[i:i + 1] for k, v in rows.items()})[0]
-                                for i in range(CHECK_BATCH)])
-    del original
+    try:
+        shapes, values, reference = _run_batch_1(model, feeds, rows)
+    except Exception as e:  # noqa: BLE001 - any onnxruntime failure means: keep the graph as it is
+        return Result(None, f"the batch-1 run failed: {e}")
 
     # Breadth first from the preferred choices: each plan (or its failure) names the ambiguous
     # Reshapes it met, and every single change of one of them is queued.
-    queue: list[dict[tuple[Any, ...], int]] = [{}]
+    queue: deque[dict[tuple[Any, ...], int]] = deque([{}])
     queued: set[frozenset[tuple[tuple[Any, ...], int]]] = {frozenset()}
     reason, checks, plans = "", 0, 0
     while queue and checks < MAX_TRIES and plans < MAX_PLANS:
-        choices = queue.pop(0)
+        choices = queue.popleft()
         plans += 1
         tracker = _Tracker(model, shapes, values, set(feeds), choices)
         try:
@@ -154,12 +151,16 @@ def _matches(candidate: Any, rows: dict[str, np.ndarray], reference: np.ndarray)
     return bool(np.abs(out - reference).max() <= TOLERANCE * scale)
 
 
-def _record(model: Any, feeds: dict[str, np.ndarray]) -> tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
-    """The shape of every tensor in one batch-1 run, and the values of the small integer ones."""
+def _run_batch_1(model: Any, feeds: dict[str, np.ndarray], rows: dict[str, np.ndarray]
+                 ) -> tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray], np.ndarray]:
+    """From one session of the batch-1 graph: the shape of every tensor in a run of ``feeds``, the
+    values of the small integer ones, and the graph's output for each of ``rows`` run one by one
+    (the reference a rewrite must give)."""
     # Every tensor a graph output for this one session; added in place and taken out again (a copy
     # of the model would hold its weights twice).
     outputs = model.graph.output
     kept = len(outputs)
+    output = outputs[0].name
     declared = {o.name for o in outputs}
     names = [o for node in model.graph.node for o in node.output if o]
     outputs.extend(pb.ValueInfoProto(name=n) for n in names if n not in declared)
@@ -180,7 +181,9 @@ def _record(model: Any, feeds: dict[str, np.ndarray]) -> tuple[dict[str, tuple[i
         shapes[tensor.name] = tuple(tensor.dims)
         if tensor.data_type in (6, 7) and prod(tensor.dims) <= _SMALL:  # int32, int64
             values[tensor.name] = _int_array(tensor)
-    return shapes, values
+    reference = np.concatenate([session.run([output], {k: v[i:i + 1] for k, v in rows.items()})[0]
+                                for i in range(CHECK_BATCH)])
+    return shapes, values, reference
 
 
 def _int_array(tensor: Any) -> np.ndarray:
