@@ -140,9 +140,9 @@ def cached_embeddings(teacher: Teacher, kind: Kind, items: Sequence[str | os.Pat
     """The teacher's float32 embeddings [N, D] of ``items`` (image paths or texts), computed once.
 
     Stored as ``<cache_dir>/teacher-<kind>-<key>.npy`` plus a ``.json`` of the key's
-    inputs, written atomically under a ``.lock`` file (concurrent callers encode once); any later call with the same teacher, preprocessing
-    and ordered items reads the file back (memory-mapped, read-only) instead of
-    running the teacher. Changing, adding, removing, reordering or touching an image
+    inputs, written atomically under a ``.lock`` file (concurrent callers encode once);
+    any later call with the same teacher, preprocessing and ordered items reads the file
+    back (memory-mapped, read-only) instead of running the teacher. Changing, adding, removing, reordering or touching an image
     gives another key, so a stale cache is never read.
 
     >>> emb = cached_embeddings(teacher, "text", load_texts("texts.txt"), "runs/s1/cache")  # doctest: +SKIP
